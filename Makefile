@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+# Each sets up .venv (torch, dependencies) and builds the C++ extension first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: all setup build test test-fast demo bench compare clean
+
+all: test
+
+$(VENV)/.deps: requirements-test.txt requirements-nodeps.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, on its own: a CPU wheel is on disk here; never let another package pull a CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -r requirements-test.txt
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	touch $@
+
+setup: $(VENV)/.deps
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q -ra tests
+
+demo: build
+	$(PY) -m fastvq demo --out demo_out
+
+bench: build
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+compare: build
+	$(PY) benchmarks/compare_quantize.py
+	$(PY) benchmarks/report.py
+
+clean:
+	rm -rf build *.egg-info fastvq/_C*.so $(VENV)

@@ -1,0 +1,106 @@
+"""Backend discovery and the dispatch rule shared by every op.
+
+Backends: "torch" (the reference, always there), "cpp" (fastvq._C, CPU tensors) and "triton" (CUDA
+tensors, or CPU tensors when TRITON_INTERPRET=1, which is how the Triton kernels are tested without
+a GPU). "auto" picks triton for CUDA tensors, cpp for CPU tensors, torch otherwise. An explicit
+choice (the backend= keyword, else FASTVQ_BACKEND) that cannot run raises; it never falls back.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("torch", "cpp", "triton")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why it is unavailable, or what it runs on
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'yes' if self.available else 'no'} ({self.reason})"
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_error() -> str | None:
+    try:
+        import fastvq._C  # noqa: F401
+    except ImportError as e:
+        return f"the C++ extension fastvq._C is not built or does not load ({e}); build it with `pip install --no-build-isolation -e .`"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (`pip install triton`)"
+    return None
+
+
+def cpp_ops():
+    """The extension's ops namespace (torch.ops.fastvq); raises if the extension is missing."""
+    err = _cpp_error()
+    if err:
+        raise RuntimeError(err)
+    return torch.ops.fastvq
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Which backends work on this machine and, for the others, why not."""
+    out = {"torch": BackendStatus("torch", True, "reference implementation, any device")}
+    err = _cpp_error()
+    out["cpp"] = BackendStatus("cpp", err is None, err or "C++ kernels for CPU tensors")
+    err = _triton_error()
+    if err is None and not torch.cuda.is_available() and not triton_interpret():
+        err = "no CUDA device; set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors (slow, for testing)"
+    if err is None:
+        what = "CUDA tensors" if torch.cuda.is_available() else "CPU tensors through the Triton interpreter"
+    out["triton"] = BackendStatus("triton", err is None, err or what)
+    return out
+
+
+def _unavailable_on(name: str, device: torch.device) -> str | None:
+    """Why backend `name` cannot run on tensors of `device`, or None if it can."""
+    if name == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got tensors on {device}"
+        return _cpp_error()
+    if name == "triton":
+        err = _triton_error()
+        if err:
+            return err
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return f"the triton backend runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
+    return None
+
+
+def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
+    """Apply the dispatch rule for one call of `op` on tensors living on `device`."""
+    requested = backend if backend is not None else os.environ.get("FASTVQ_BACKEND", "auto")
+    requested = requested.lower()
+    if requested == "auto":
+        if device.type == "cuda" and _unavailable_on("triton", device) is None:
+            return "triton"
+        if device.type == "cpu" and _unavailable_on("cpp", device) is None:
+            return "cpp"
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
+    why = _unavailable_on(requested, device)
+    if why:
+        raise RuntimeError(f"{op}: backend {requested!r} was requested but is unavailable: {why}")
+    return requested

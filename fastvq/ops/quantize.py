@@ -1,0 +1,163 @@
+"""The VQ op: nearest-codebook search, and quantization with a straight-through gradient.
+
+Public:
+  nearest_code(x, codebook, *, metric="l2", backend=None) -> (indices int64 (N,), distances fp32 (N,))
+  vector_quantize(z, codebook, *, commitment_weight, codebook_weight, backend=None) -> (z_q, loss, indices)
+
+`nearest_code_reference` is the oracle every backend is tested against. The backends compute the
+same thing without ever holding an N x K distance matrix: codebook tiles stream past each block of
+rows while a running (min, argmin) is kept. Ties go to the lowest index, as torch.argmin does.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._backend import cpp_ops, resolve_backend
+
+METRICS = ("l2", "cosine")
+_EPS = 1e-12  # floor on norms for the cosine metric, so zero vectors give distance 1, not NaN
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def _check_search_inputs(x: torch.Tensor, codebook: torch.Tensor, metric: str, op: str = "nearest_code") -> None:
+    for name, t in (("x", x), ("codebook", codebook)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D ({'N' if name == 'x' else 'K'}, D), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if codebook.shape[0] == 0:
+        raise ValueError(f"{op}: codebook must have at least one entry, got shape {tuple(codebook.shape)}")
+    if x.shape[1] != codebook.shape[1]:
+        raise ValueError(f"{op}: x has D={x.shape[1]} but codebook has D={codebook.shape[1]}; they must match")
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: the vector dimension D must be at least 1, got shapes {tuple(x.shape)} and {tuple(codebook.shape)}")
+    if x.device != codebook.device:
+        raise ValueError(f"{op}: x is on {x.device} but codebook is on {codebook.device}; they must be on the same device")
+    if metric not in METRICS:
+        raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", chunk_elems: int = 1 << 24):
+    """Chunked, simple and exact in fp32 (fp64 stays fp64): the oracle for the fast backends."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, cf = x.to(acc), codebook.to(acc)
+    rows = max(1, chunk_elems // cf.shape[0])
+    idx = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    if metric == "l2":
+        c_sq = cf.pow(2).sum(1)
+    else:
+        c_inv = 1.0 / cf.norm(dim=1).clamp_min(_EPS)
+    for s in range(0, x.shape[0], rows):
+        xb = xf[s:s + rows]
+        dots = xb @ cf.t()
+        if metric == "l2":
+            d = (xb.pow(2).sum(1, keepdim=True) - 2 * dots + c_sq).clamp_min_(0)
+        else:
+            d = 1 - dots * c_inv / xb.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        best, arg = d.min(dim=1)  # torch.min returns the lowest index among ties
+        idx[s:s + rows] = arg
+        dist[s:s + rows] = best.clamp_min(0).to(torch.float32)
+    return idx, dist
+
+
+def _search_torch(x, codebook, metric):
+    return nearest_code_reference(x, codebook, metric)
+
+
+def _search_cpp(x, codebook, metric):
+    return cpp_ops().nearest_code(x, codebook, metric == "cosine")
+
+
+def _search_triton(x, codebook, metric):
+    from fastvq.kernels.quantize import nearest_code as triton_nearest_code
+
+    return triton_nearest_code(x, codebook, metric == "cosine")
+
+
+_SEARCH = {"torch": _search_torch, "cpp": _search_cpp, "triton": _search_triton}
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", backend: str | None = None):
+    """Index and distance of the nearest codebook entry for every row of x.
+
+    x (N, D) and codebook (K, D), float32/float16/bfloat16 (accumulation is always fp32, no TF32).
+    Returns indices int64 (N,) and distances float32 (N,): the squared L2 distance, or for
+    metric="cosine" one minus the cosine similarity. Ties go to the lowest index. Distances are
+    clamped at 0. No N x K matrix is allocated by the cpp and triton backends.
+    """
+    _check_search_inputs(x, codebook, metric)
+    name = resolve_backend(backend, x.device, "nearest_code")
+    if x.shape[0] == 0:
+        return (torch.empty(0, dtype=torch.int64, device=x.device), torch.empty(0, dtype=torch.float32, device=x.device))
+    return _SEARCH[name](x, codebook, metric)
+
+
+# ----------------------------------------------------------------------------- fused quantize + loss + straight-through
+
+class VectorQuantizeFunction(torch.autograd.Function):
+    """Search, gather, loss and straight-through in one node.
+
+    Forward:  k = nearest(z), z_q = codebook[k]
+              loss = (w_commit + w_code) * mean((z_q - z)^2)
+              out  = z + (z_q - z)      (the value of taming's z + (z_q - z).detach())
+    Backward: d out / d z = identity (straight-through)
+              d loss / d z = -2 w_commit (z_q - z) / numel
+              d loss / d codebook[k] += 2 w_code (z_q - z) / numel, a scatter-add by index
+    Only z, the codebook and the indices are saved; z_q - z is recomputed (an O(N D) gather).
+    No one-hot and no N x K matrix appear in either direction.
+    """
+
+    @staticmethod
+    def forward(ctx, z, codebook, commitment_weight, codebook_weight, backend):
+        idx, _ = _SEARCH[backend](z.detach(), codebook.detach(), "l2")
+        z_q = codebook.detach().index_select(0, idx).to(z.dtype)
+        diff = z_q - z.detach()
+        loss = (commitment_weight + codebook_weight) * diff.float().pow(2).mean()
+        ctx.save_for_backward(z, codebook, idx)
+        ctx.weights = (commitment_weight, codebook_weight)
+        ctx.mark_non_differentiable(idx)
+        return z.detach() + diff, loss, idx
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_loss, _grad_idx):
+        z, codebook, idx = ctx.saved_tensors
+        w_commit, w_code = ctx.weights
+        grad_z = grad_codebook = None
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=torch.float32, device=z.device)
+        # 2 (z_q - z) / numel, scaled by the incoming gradient of the loss; fp32 for the reduction.
+        g = (codebook.detach().index_select(0, idx).float() - z.detach().float()) * (2.0 * grad_loss.float() / z.numel())
+        if ctx.needs_input_grad[0]:
+            grad_z = -w_commit * g
+            if grad_out is not None:
+                grad_z = grad_z + grad_out.float()
+            grad_z = grad_z.to(z.dtype)
+        if ctx.needs_input_grad[1]:
+            # index_put_ with accumulate is the segmented scatter-add; under
+            # torch.use_deterministic_algorithms(True) torch runs it in a fixed order on CUDA.
+            grad_codebook = torch.zeros(codebook.shape, dtype=torch.float32, device=codebook.device)
+            grad_codebook.index_put_((idx,), w_code * g, accumulate=True)
+            grad_codebook = grad_codebook.to(codebook.dtype)
+        return grad_z, grad_codebook, None, None, None
+
+
+def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, *, commitment_weight: float = 0.25,
+                    codebook_weight: float = 1.0, backend: str | None = None):
+    """Quantize rows of z (N, D) to their nearest codebook rows with a straight-through gradient.
+
+    Returns (z_q, loss, indices): z_q has z's value path replaced by the codes in the forward and
+    passes its gradient to z unchanged; loss = commitment_weight * ||z - sg[z_q]||^2 +
+    codebook_weight * ||sg[z] - z_q||^2, both as means over all elements. taming's
+    VectorQuantizer2(legacy=True) is commitment_weight=1, codebook_weight=beta.
+    """
+    _check_search_inputs(z, codebook, "l2", op="vector_quantize")
+    name = resolve_backend(backend, z.device, "vector_quantize")
+    if z.shape[0] == 0:
+        raise ValueError("vector_quantize: z must have at least one row (the loss is a mean over z)")
+    return VectorQuantizeFunction.apply(z, codebook, float(commitment_weight), float(codebook_weight), name)

@@ -1,0 +1,50 @@
+"""Builds fastvq and its C++ extension fastvq._C.
+
+The CPU kernels in csrc/*.cpp are always built. CUDA sources (csrc/*.cu), when there are any, are
+compiled only where torch was built with CUDA and nvcc is present; FASTVQ_CUDA=0 turns that off.
+FASTVQ_NATIVE=0 drops -march=native (for wheels meant to run on other CPUs).
+
+Install with the torch that will run it: `pip install --no-build-isolation -e .`
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _flag(name, default="1"):
+    return os.environ.get(name, default) not in ("0", "", "false", "False")
+
+
+def _extension():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-funroll-loops"]
+    if _flag("FASTVQ_NATIVE"):
+        cxx.append("-march=native")
+    with_cuda = bool(cuda_sources) and _flag("FASTVQ_CUDA") and torch.version.cuda is not None and CUDA_HOME
+    if with_cuda:
+        return CUDAExtension(
+            "fastvq._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx + ["-DFASTVQ_WITH_CUDA"], "nvcc": ["-O3", "--use_fast_math"]},
+        )
+    return CppExtension("fastvq._C", cpp_sources, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="fastvq",
+    version="0.1.0",
+    description="Fused kernels for VQGAN-style discrete image models: codebook search, windowed attention, cached sampling",
+    packages=["fastvq", "fastvq.ops", "fastvq.nn", "fastvq.kernels"],
+    package_dir={"fastvq.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={"triton": ["triton>=3.2"]},
+    entry_points={"console_scripts": ["fastvq=fastvq.cli:main"]},
+)
