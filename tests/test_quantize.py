@@ -1,0 +1,234 @@
+"""nearest_code and vector_quantize: every backend against the torch reference."""
+import pytest
+import torch
+
+import fastvq
+from fastvq._backend import available_backends, resolve_backend
+from fastvq.ops.quantize import nearest_code_reference, vector_quantize
+
+BACKENDS = [name for name, st in available_backends().items() if st.available]
+FAST_BACKENDS = [b for b in BACKENDS if b != "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (N, K, D): none a multiple of a block size, plus the degenerate ones (K = 1, D = 1).
+SHAPES = [(1, 1, 1), (7, 1, 3), (33, 17, 5), (100, 257, 8), (65, 31, 64), (50, 40, 300), (19, 9, 1024)]
+TRITON_SHAPES = [(1, 1, 1), (7, 1, 3), (33, 17, 5), (70, 45, 8), (37, 33, 64), (21, 18, 130)]
+
+
+def shapes_for(backend):
+    return TRITON_SHAPES if backend == "triton" else SHAPES
+
+
+def exact_sq_dist(x, codebook, idx):
+    """||x_i - c_idx_i||^2 in float64: what the chosen code really costs."""
+    return (x.double() - codebook.double()[idx]).pow(2).sum(1)
+
+
+def assert_nearest(x, codebook, idx, dist, metric="l2"):
+    """The chosen code is a nearest one (up to fp32 rounding of the expanded form) and the
+    returned distance is the distance to it."""
+    xd, cd = x.double(), codebook.double()
+    if metric == "l2":
+        all_d = torch.cdist(xd, cd).pow(2)
+        chosen = exact_sq_dist(x, codebook, idx)
+        scale = xd.pow(2).sum(1) + cd.pow(2).sum(1).max()
+    else:
+        xn = xd / xd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cn = cd / cd.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        all_d = 1 - xn @ cn.t()
+        chosen = all_d.gather(1, idx[:, None]).squeeze(1)
+        scale = torch.full_like(chosen, 2.0)
+    tol = 1e-5 * scale + 1e-6
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert ((chosen - all_d.min(1).values) <= tol).all(), "a chosen code is not the nearest"
+    assert (dist >= 0).all()
+    assert torch.allclose(dist.double(), chosen.clamp_min(0), atol=0, rtol=0) or ((dist.double() - chosen).abs() <= 2 * tol).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_matches_reference_fp32(backend, metric):
+    g = torch.Generator().manual_seed(0)
+    for n, k, d in shapes_for(backend):
+        x = torch.randn(n, d, generator=g)
+        cb = torch.randn(k, d, generator=g)
+        idx, dist = fastvq.nearest_code(x, cb, metric=metric, backend=backend)
+        ref_idx, ref_dist = nearest_code_reference(x, cb, metric)
+        assert idx.shape == (n,) and dist.shape == (n,)
+        assert_nearest(x, cb, idx, dist, metric)
+        # Random data has no near-ties at these sizes: indices agree exactly.
+        assert (idx == ref_idx).float().mean() > 0.99, (n, k, d)
+        torch.testing.assert_close(dist, ref_dist, atol=1e-4 * (1 + d), rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_fp32(backend, dtype):
+    g = torch.Generator().manual_seed(1)
+    for n, k, d in shapes_for(backend):
+        x = torch.randn(n, d, generator=g).to(dtype)
+        cb = torch.randn(k, d, generator=g).to(dtype)
+        idx, dist = fastvq.nearest_code(x, cb, backend=backend)
+        # The oracle sees the same rounded inputs, upcast: only accumulation order may differ.
+        assert_nearest(x.float(), cb.float(), idx, dist)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_lowest_index(backend):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(5, 24, generator=g)
+    # Codes 0..4, then the same five again, then again: every nearest code has two copies above it.
+    cb = torch.cat([base, base, base, torch.randn(4, 24, generator=g) * 10])
+    x = torch.cat([base, base + 0.01 * torch.randn(5, 24, generator=g)])
+    idx, dist = fastvq.nearest_code(x, cb, backend=backend)
+    assert idx.tolist() == list(range(5)) * 2
+    assert (dist[:5] <= 1e-4).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tie_across_codebook_tiles(backend):
+    # The duplicate sits far beyond any tile size, so the running min must keep the first one.
+    d = 16
+    cb = torch.randn(300, d, generator=torch.Generator().manual_seed(3)) * 5
+    cb[297] = cb[3]
+    x = cb[3:4].clone()
+    idx, _ = fastvq.nearest_code(x, cb, backend=backend)
+    assert idx.item() == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 2 * 37, generator=g)[:, ::2]        # strided rows
+    cb = torch.randn(37, 23, generator=g).t()               # transposed: (23, 37), column-major
+    assert not x.is_contiguous() and not cb.is_contiguous()
+    idx, dist = fastvq.nearest_code(x, cb, backend=backend)
+    ref_idx, ref_dist = nearest_code_reference(x.contiguous(), cb.contiguous())
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distances_clamped_at_zero(backend):
+    # A point equal to a large code: the expanded form cancels to about +-1e-2, must come back as >= 0.
+    cb = torch.randn(8, 32, generator=torch.Generator().manual_seed(5)) * 100
+    idx, dist = fastvq.nearest_code(cb.clone(), cb, backend=backend)
+    assert idx.tolist() == list(range(8))
+    assert (dist >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_rows(backend):
+    idx, dist = fastvq.nearest_code(torch.empty(0, 6), torch.randn(4, 6), backend=backend)
+    assert idx.shape == (0,) and idx.dtype == torch.int64
+    assert dist.shape == (0,) and dist.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "x, cb, exc, words",
+    [
+        (torch.randn(4), torch.randn(3, 4), ValueError, "x must be 2-D"),
+        (torch.randn(4, 5), torch.randn(3, 4), ValueError, "D=5"),
+        (torch.randn(4, 4), torch.randn(3, 4, 1), ValueError, "codebook must be 2-D"),
+        (torch.arange(8).view(2, 4), torch.randn(3, 4), TypeError, "x must be float"),
+        (torch.randn(2, 4), torch.ones(3, 4, dtype=torch.int32), TypeError, "codebook must be float"),
+        (torch.randn(2, 4), torch.randn(0, 4), ValueError, "at least one entry"),
+        (torch.randn(2, 4), torch.randn(3, 4, device="meta"), ValueError, "same device"),
+        ([[1.0, 2.0]], torch.randn(3, 2), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_is_refused_clearly(x, cb, exc, words):
+    with pytest.raises(exc, match=words):
+        fastvq.nearest_code(x, cb)
+
+
+def test_bad_metric_and_backend():
+    x, cb = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        fastvq.nearest_code(x, cb, metric="l1")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastvq.nearest_code(x, cb, backend="cuda")
+
+
+def test_explicit_backend_never_falls_back(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="triton.*unavailable"):
+        resolve_backend("triton", torch.device("cpu"), "nearest_code")
+    monkeypatch.setenv("FASTVQ_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        fastvq.nearest_code(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_auto_dispatch_rule(monkeypatch):
+    monkeypatch.delenv("FASTVQ_BACKEND", raising=False)
+    expected = "cpp" if available_backends()["cpp"].available else "torch"
+    assert resolve_backend(None, torch.device("cpu"), "op") == expected
+    monkeypatch.setenv("FASTVQ_BACKEND", "torch")
+    assert resolve_backend(None, torch.device("cpu"), "op") == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), "op") == expected
+
+
+def test_available_backends_says_why():
+    status = available_backends()
+    assert set(status) == {"torch", "cpp", "triton"}
+    assert status["torch"].available
+    for st in status.values():
+        assert st.reason  # what it runs on, or why not
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_cpp_allocates_no_n_by_k_matrix():
+    from torch.profiler import ProfilerActivity, profile
+
+    n, k, d = 4096, 2048, 32
+    x, cb = torch.randn(n, d), torch.randn(k, d)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fastvq.nearest_code(x, cb, backend="cpp")
+    peak = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert peak < 0.05 * n * k * 4, f"peak allocation {peak} bytes"
+
+
+# ----------------------------------------------------------------------------- vector_quantize
+
+def vq_by_autograd(z, cb, w_commit, w_code):
+    """The textbook composition the fused Function must equal (values and gradients)."""
+    idx, _ = nearest_code_reference(z.detach(), cb.detach())
+    z_q = cb[idx]
+    loss = w_commit * (z_q.detach() - z).pow(2).mean() + w_code * (z_q - z.detach()).pow(2).mean()
+    return z + (z_q - z).detach(), loss, idx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights", [(1.0, 0.25), (0.25, 1.0), (0.25, 0.0)])
+def test_vector_quantize_forward_backward(backend, weights):
+    g = torch.Generator().manual_seed(6)
+    n, k, d = (45, 19, 13) if backend == "triton" else (301, 67, 37)
+    z0, cb0 = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    grad_out = torch.randn(n, d, generator=g)
+    results = []
+    for fn in (lambda z, cb: vector_quantize(z, cb, commitment_weight=weights[0], codebook_weight=weights[1], backend=backend),
+               lambda z, cb: vq_by_autograd(z, cb, *weights)):
+        z, cb = z0.clone().requires_grad_(), cb0.clone().requires_grad_()
+        z_q, loss, idx = fn(z, cb)
+        ((z_q * grad_out).sum() + 3.0 * loss).backward()
+        results.append((z_q.detach(), loss.detach(), idx, z.grad, cb.grad))
+    (zq, loss, idx, gz, gc), (zq_r, loss_r, idx_r, gz_r, gc_r) = results
+    assert torch.equal(idx, idx_r)
+    torch.testing.assert_close(zq, zq_r)
+    torch.testing.assert_close(loss, loss_r)
+    torch.testing.assert_close(gz, gz_r)
+    torch.testing.assert_close(gc, gc_r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_vector_quantize_low_precision(dtype):
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(64, 24, generator=g).to(dtype).requires_grad_()
+    cb = torch.randn(33, 24, generator=g).to(dtype).requires_grad_()
+    z_q, loss, idx = vector_quantize(z, cb, commitment_weight=1.0, codebook_weight=0.25)
+    assert z_q.dtype == dtype and loss.dtype == torch.float32
+    ref = (cb.detach().float()[idx] - z.detach().float()).pow(2).mean() * 1.25
+    torch.testing.assert_close(loss.detach(), ref, rtol=2e-3, atol=1e-3)
+    loss.backward()
+    assert z.grad.dtype == dtype and cb.grad.dtype == dtype
+    assert torch.isfinite(z.grad.float()).all() and cb.grad.abs().sum() > 0
