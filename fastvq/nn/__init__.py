@@ -1,0 +1,3 @@
+from .quantize import VectorQuantizer
+
+__all__ = ["VectorQuantizer"]
