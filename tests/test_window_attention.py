@@ -1,0 +1,337 @@
+"""sliding_window_attention and sliding_window_decode: every backend against a dense float64 oracle."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvq
+from fastvq._backend import available_backends
+from fastvq.ops import window_attention as wa
+from fastvq.ops.window_attention import sliding_window_attention, sliding_window_decode
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _backends():
+    names = [name for name, st in available_backends().items() if st.available]
+    if "cpp" in names and wa._cpp_op("sliding_window_attention_fwd") is None:
+        names.remove("cpp")  # the C++ kernel for this op is not in fastvq._C yet
+    if importlib.util.find_spec("fastvq.kernels.window_attention") is None:  # TEMP until the kernels land
+        names.remove("triton")
+    return names
+
+
+BACKENDS = _backends()
+
+# (B, H, H_kv, T, Dh, window): odd T, windows of 1, small, T - 1, T and beyond, GQA, Dh not a
+# power of two. The interpreter is slow, so triton gets small shapes that still span several blocks.
+SHAPES = [
+    (1, 1, 1, 1, 16, 1), (2, 2, 1, 7, 16, 3), (1, 4, 2, 33, 32, 32), (2, 3, 3, 70, 64, 5),
+    (1, 2, 2, 70, 40, 70), (1, 6, 2, 129, 24, 200), (1, 2, 1, 300, 64, 37), (1, 1, 1, 40, 256, 9),
+]
+TRITON_SHAPES = [
+    (1, 1, 1, 1, 16, 1), (2, 2, 1, 7, 16, 3), (1, 4, 2, 33, 32, 32), (1, 2, 2, 70, 24, 5),
+    (1, 2, 1, 45, 40, 45), (1, 1, 1, 37, 64, 100),
+]
+
+
+def shapes_for(backend):
+    return TRITON_SHAPES if backend == "triton" else SHAPES
+
+
+def make_inputs(b, h, hk, t, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, t, d, generator=g).to(dtype) for n in (h, hk, hk))
+    return q, k, v
+
+
+def dense_oracle(q, k, v, window, scale=None):
+    """The textbook masked softmax attention in float64 (differentiable through autograd)."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    t = q.shape[2]
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill((j > i) | (j <= i - window), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def same_in_dtype(q, k, v, window):
+    """The same dense computation done by torch entirely in the inputs' dtype: the error yardstick."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    t = q.shape[2]
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    s = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill((j > i) | (j <= i - window), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def with_grads(fn, inputs, grad_out):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+def max_err(got, want):
+    return (got.double() - want.double()).abs().max().item()
+
+
+def assert_close_for_dtype(got, want, yardstick, dtype, what):
+    """fp32: tight absolute bound. fp16/bf16: at most 2x the error of torch doing it in that dtype
+    (the project's rule), plus a couple of ulps of the output for the final rounding."""
+    scale = max(want.abs().max().item(), 1.0)
+    if dtype == torch.float32:
+        tol = 2e-5 * scale
+    else:
+        tol = 2 * max_err(yardstick, want) + 2 * torch.finfo(dtype).eps * scale
+    err = max_err(got, want)
+    assert err <= tol, f"{what}: max error {err:.3g} > tolerance {tol:.3g}"
+
+
+# ----------------------------------------------------------------------------- forward and backward
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_dense_oracle(backend, dtype):
+    for b, h, hk, t, d, window in shapes_for(backend):
+        q, k, v = make_inputs(b, h, hk, t, d, dtype)
+        out = sliding_window_attention(q, k, v, window, backend=backend)
+        assert out.shape == q.shape and out.dtype == dtype
+        yardstick = same_in_dtype(q, k, v, window) if dtype != torch.float32 else None
+        assert_close_for_dtype(out, dense_oracle(q, k, v, window), yardstick, dtype, (t, d, window))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_dense_oracle(backend, dtype):
+    for b, h, hk, t, d, window in shapes_for(backend):
+        q, k, v = make_inputs(b, h, hk, t, d, dtype, seed=1)
+        grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+        got = with_grads(lambda *x: sliding_window_attention(*x, window, backend=backend), (q, k, v), grad_out)
+        want = with_grads(lambda *x: dense_oracle(*x, window), (q, k, v), grad_out)
+        yard = with_grads(lambda *x: same_in_dtype(*x, window), (q, k, v), grad_out) if dtype != torch.float32 else [None] * 4
+        for name, g, w, y in zip(("out", "dq", "dk", "dv"), got, want, yard):
+            assert g.dtype == dtype and g.shape == w.shape
+            assert_close_for_dtype(g, w, y, dtype, f"{name} {(t, d, window)}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    # The usual layout: projections give (B, T, H, Dh), attention wants (B, H, T, Dh).
+    b, t, h, hk, d, window = 2, 29, 4, 2, 32, 6
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, t, h, d, generator=g).transpose(1, 2)
+    kv = torch.randn(b, t, 2, hk, d, generator=g)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    grad_out = torch.randn(b, t, h, d, generator=g).transpose(1, 2)  # a non-contiguous gradient too
+    got = with_grads(lambda *x: sliding_window_attention(*x, window, backend=backend), (q, k, v), grad_out)
+    want = with_grads(lambda *x: dense_oracle(*x, window), (q, k, v), grad_out)
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_.double(), w.double(), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_one_returns_own_value(backend):
+    q, k, v = make_inputs(1, 4, 2, 19, 16)
+    out = sliding_window_attention(q, k, v, 1, backend=backend)
+    torch.testing.assert_close(out, v.repeat_interleave(2, 1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [23, 24, 1000])
+def test_window_at_least_t_is_causal_sdpa(backend, window):
+    q, k, v = make_inputs(2, 2, 2, 23, 32, seed=4)
+    out = sliding_window_attention(q, k, v, window, backend=backend)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_scale(backend):
+    q, k, v = make_inputs(1, 2, 1, 17, 16, seed=5)
+    out = sliding_window_attention(q, k, v, 4, scale=0.7, backend=backend)
+    torch.testing.assert_close(out.double(), dense_oracle(q, k, v, 4, scale=0.7), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_never_nan_with_huge_scores(backend, dtype):
+    # Scores of order 1e4: a naive exp overflows, and a row whose window holds only masked
+    # padding columns would give 0/0. Every row must stay finite, gradients too.
+    q, k, v = make_inputs(1, 1, 1, 21, 16, seed=6)
+    q, k, v = (q * 100).to(dtype), (k * 100).to(dtype), v.to(dtype)
+    q.requires_grad_()
+    out = sliding_window_attention(q, k, v, 2, backend=backend)
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all() and torch.isfinite(q.grad.float()).all()
+
+
+def test_forward_saves_only_row_lse():
+    # Besides the inputs and output, autograd may keep O(B*H*T) floats: never a T x T or T x window matrix.
+    b, h, t, d, window = 1, 2, 64, 16, 48
+    q, k, v = (x.requires_grad_() for x in make_inputs(b, h, h, t, d))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        sliding_window_attention(q, k, v, window, backend="torch")
+    assert saved and max(torch.Size(s).numel() for s in saved) <= b * h * t * d
+    assert all(torch.Size(s).numel() < b * h * t * window for s in saved if len(s) == 3)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 1000])
+def test_torch_reference_chunking_is_exact(chunk):
+    q, k, v = make_inputs(1, 2, 1, 50, 16, seed=7)
+    window = 13
+    out, lse = wa.attention_forward_torch(q, k, v, window, 0.25, chunk=chunk)
+    dense_out, dense_lse = wa.attention_forward_torch(q, k, v, window, 0.25, chunk=50)
+    torch.testing.assert_close(out, dense_out)
+    torch.testing.assert_close(lse, dense_lse)
+    go = torch.randn_like(out)
+    grads = wa.attention_backward_torch(go, q, k, v, out, lse, window, 0.25, chunk=chunk)
+    dense = wa.attention_backward_torch(go, q, k, v, dense_out, dense_lse, window, 0.25, chunk=50)
+    for a, b in zip(grads, dense):
+        torch.testing.assert_close(a, b)
+
+
+def test_empty_sequence():
+    q, k, v = make_inputs(2, 2, 1, 0, 16)
+    q.requires_grad_()
+    out = sliding_window_attention(q, k, v, 3)
+    out.sum().backward()
+    assert out.shape == (2, 2, 0, 16) and q.grad.shape == q.shape
+
+
+# ----------------------------------------------------------------------------- decode on a ring buffer
+
+def write_ring(cache, values, start):
+    """Store values (B, Hkv, n, Dh) of absolute positions start.. into slot position % slots."""
+    slots = cache.shape[2]
+    for i in range(values.shape[2]):
+        cache[:, :, (start + i) % slots] = values[:, :, i]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_by_step_equals_full(backend, dtype):
+    b, h, hk, t, d, window = 2, 4, 2, 23, 24, 6  # sequence well past the window: the ring wraps
+    q, k, v = make_inputs(b, h, hk, t, d, dtype, seed=8)
+    full = sliding_window_attention(q, k, v, window, backend="torch")
+    k_cache, v_cache = torch.zeros(b, hk, window, d, dtype=dtype), torch.zeros(b, hk, window, d, dtype=dtype)
+    for p in range(t):
+        write_ring(k_cache, k[:, :, p:p + 1], p)
+        write_ring(v_cache, v[:, :, p:p + 1], p)
+        pos = p if p % 2 else torch.tensor(p)  # both kinds of pos
+        step = sliding_window_decode(q[:, :, p:p + 1], k_cache, v_cache, pos, window, backend=backend)
+        atol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(step, full[:, :, p:p + 1], atol=atol, rtol=0, msg=f"position {p}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, extra_slots", [(3, 0), (4, 5)])
+def test_decode_chunks_of_queries(backend, n, extra_slots):
+    # n queries at once need window + n - 1 slots; a larger ring works the same.
+    b, h, hk, t, d, window = 1, 2, 1, 26, 16, 5
+    q, k, v = make_inputs(b, h, hk, t, d, seed=9)
+    full = sliding_window_attention(q, k, v, window, backend="torch")
+    slots = window + n - 1 + extra_slots
+    k_cache, v_cache = torch.zeros(b, hk, slots, d), torch.zeros(b, hk, slots, d)
+    for p in range(0, t, n):
+        m = min(n, t - p)
+        write_ring(k_cache, k[:, :, p:p + m], p)
+        write_ring(v_cache, v[:, :, p:p + m], p)
+        out = sliding_window_decode(q[:, :, p:p + m], k_cache, v_cache, torch.tensor(p), window, backend=backend)
+        torch.testing.assert_close(out, full[:, :, p:p + m], atol=1e-5, rtol=0, msg=f"chunk at {p}")
+
+
+def test_decode_ring_too_small_is_refused():
+    q, k, v = make_inputs(1, 1, 1, 3, 16)
+    cache = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(ValueError, match=r"window \+ n - 1 = 6"):
+        sliding_window_decode(q, cache, cache, 10, 4)
+
+
+def test_decode_torch_backend_is_differentiable():
+    q, k, v = make_inputs(1, 2, 1, 1, 16, seed=10)
+    cache_k, cache_v = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16)
+    q.requires_grad_()
+    sliding_window_decode(q, cache_k, cache_v, 9, 4, backend="torch").sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# ----------------------------------------------------------------------------- bad input and dispatch
+
+def _qkv(**changes):
+    t = dict(q=torch.randn(1, 4, 5, 16), k=torch.randn(1, 2, 5, 16), v=torch.randn(1, 2, 5, 16))
+    t.update(changes)
+    return t
+
+
+@pytest.mark.parametrize(
+    "inputs, window, exc, words",
+    [
+        (_qkv(), 0, ValueError, "window must be an int >= 1"),
+        (_qkv(), 2.0, TypeError, "window must be an int"),
+        (_qkv(), True, TypeError, "window must be an int"),
+        (_qkv(q=torch.randn(4, 5, 16)), 2, ValueError, "q must be 4-D"),
+        (_qkv(v=torch.randn(1, 2, 5, 8)), 2, ValueError, "v has shape"),
+        (_qkv(k=torch.randn(1, 2, 6, 16), v=torch.randn(1, 2, 6, 16)), 2, ValueError, "q has 5 positions but k has 6"),
+        (_qkv(k=torch.randn(1, 3, 5, 16), v=torch.randn(1, 3, 5, 16)), 2, ValueError, "multiple of the 3 heads of k"),
+        (_qkv(k=torch.randn(2, 2, 5, 16), v=torch.randn(2, 2, 5, 16)), 2, ValueError, "batch"),
+        (_qkv(k=torch.randn(1, 2, 5, 8), v=torch.randn(1, 2, 5, 8)), 2, ValueError, "head_dim 16 but k has head_dim 8"),
+        (_qkv(q=torch.ones(1, 4, 5, 16, dtype=torch.int32)), 2, TypeError, "q must be float32"),
+        (_qkv(q=torch.randn(1, 4, 5, 16, dtype=torch.float64)), 2, TypeError, "q must be float32"),
+        (_qkv(k=torch.randn(1, 2, 5, 16).half()), 2, TypeError, "k is torch.float16 but q is torch.float32"),
+        (_qkv(v=torch.randn(1, 2, 5, 16, device="meta")), 2, ValueError, "same device"),
+        (_qkv(k=[[1.0]]), 2, TypeError, "k must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_is_refused_clearly(inputs, window, exc, words):
+    with pytest.raises(exc, match=words):
+        sliding_window_attention(inputs["q"], inputs["k"], inputs["v"], window)
+
+
+@pytest.mark.parametrize(
+    "pos, exc, words",
+    [(-1, ValueError, "pos .* must be >= 0"), (1.5, TypeError, "pos must be an int"),
+     (torch.tensor([3]), TypeError, "0-dim"), (torch.tensor(3.0), TypeError, "integer tensor")],
+)
+def test_decode_bad_pos_is_refused(pos, exc, words):
+    q, cache = torch.randn(1, 2, 1, 16), torch.zeros(1, 1, 4, 16)
+    with pytest.raises(exc, match=words):
+        sliding_window_decode(q, cache, cache, pos, 4)
+
+
+def test_decode_bad_cache_is_refused():
+    q = torch.randn(1, 2, 1, 16)
+    with pytest.raises(ValueError, match="v_cache has shape"):
+        sliding_window_decode(q, torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 5, 16), 0, 4)
+    with pytest.raises(ValueError, match="k_cache must be 4-D"):
+        sliding_window_decode(q, torch.zeros(4, 16), torch.zeros(4, 16), 0, 4)
+
+
+def test_bad_scale_and_backend():
+    t = _qkv()
+    with pytest.raises(TypeError, match="scale must be a float"):
+        sliding_window_attention(t["q"], t["k"], t["v"], 2, scale="big")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sliding_window_attention(t["q"], t["k"], t["v"], 2, backend="cuda")
+
+
+def test_cpp_dispatch_until_the_kernel_exists(monkeypatch):
+    # auto on CPU may use the reference while fastvq._C lacks the op; an explicit cpp must raise.
+    monkeypatch.delenv("FASTVQ_BACKEND", raising=False)
+    monkeypatch.setattr(wa, "_cpp_op", lambda name: None)
+    monkeypatch.setattr(wa, "resolve_backend", lambda backend, device, op: "cpp" if backend in (None, "auto", "cpp") else backend)
+    assert wa._resolve(None, torch.device("cpu"), "op", "sliding_window_attention_fwd") == "torch"
+    with pytest.raises(RuntimeError, match="not built yet"):
+        wa._resolve("cpp", torch.device("cpu"), "op", "sliding_window_attention_fwd")
+    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="not built yet"):
+        wa._resolve(None, torch.device("cpu"), "op", "sliding_window_attention_fwd")
+
+
+def test_public_api():
+    assert fastvq.sliding_window_attention is sliding_window_attention
+    assert fastvq.sliding_window_decode is sliding_window_decode
