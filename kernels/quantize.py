@@ -26,9 +26,11 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
 _EPS = 1e-12  # same norm floor as fastvq.ops.quantize.nearest_code_reference: zero vectors get distance 1
-# Up to this D a row block's x tile stays loaded for the whole codebook sweep (the flash-attention
-# pattern), so the codebook loads are the only loop-carried traffic and the pipeliner can prefetch them.
-_RESIDENT_MAX_D = 256
+# Up to this many elements per row (by element size), a row block's x tile stays loaded for the
+# whole codebook sweep (the flash-attention pattern): codebook tiles are then the only loop traffic
+# and the pipeliner can prefetch them. fp32/fp64 dots run on FMA units with operands in registers,
+# so their resident tile is kept smaller.
+_RESIDENT_MAX_D = {2: 256, 4: 64, 8: 32}
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
 
@@ -146,7 +148,13 @@ def _nearest_code_kernel(x_ptr, c_ptr, term_ptr, dist_ptr, idx_ptr,
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages). The first is the big-tile shape that keeps the tensor
 # cores busy for D >= 64; the others cover large D (shared memory) and few rows.
-_GPU_CONFIGS = ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2))
+_GPU_CONFIGS = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3),
+                (64, 64, 4, 3), (64, 32, 4, 2))
+# Below this much work (N*K*D multiply-adds; about a second of autotuning per new (K, D) would dwarf
+# the search itself) one modest config is launched directly. This also keeps small-shape test
+# suites on GPU at one compiled kernel per dtype and metric instead of one per config.
+_AUTOTUNE_MIN_WORK = 1 << 30
+_SMALL_CONFIG = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
 # The interpreter runs numpy per program and per tile: few, large tiles are fastest there.
 _INTERPRET_BLOCKS = {"BLOCK_N": 64, "BLOCK_K": 64}
 _NOMINAL_BLOCK_N = 128  # for choosing the codebook split before the autotuner has picked a config
@@ -155,7 +163,7 @@ _MIN_CODES_PER_SPLIT = 512  # below this the x-tile load and per-row epilogue st
 
 def _block_d(D: int, elem_size: int) -> tuple[int, bool]:
     """(BLOCK_D, x tile resident). tl.dot wants every tile dimension >= 16."""
-    if D <= _RESIDENT_MAX_D:
+    if D <= _RESIDENT_MAX_D[elem_size]:
         return max(16, triton.next_power_of_2(D)), True
     return 128 // elem_size, False  # 128-byte rows per chunk: full cache lines, bounded shared memory
 
@@ -217,10 +225,10 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, cosine: bool, *, split
     K = codebook.shape[0]
     dot_dtype = torch.promote_types(x.dtype, codebook.dtype)
     acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
+    elem_size = dot_dtype.itemsize
+    block_d, resident = _block_d(D, elem_size)
     if _INTERPRET and dot_dtype in (torch.float16, torch.bfloat16):
         dot_dtype = torch.float32  # the interpreter's bf16 arithmetic is wrong; fp32 is exact for these products
-    elem_size = max(x.element_size(), codebook.element_size())
-    block_d, resident = _block_d(D, elem_size)
 
     if splits is None:
         splits = _codebook_splits(triton.cdiv(N, _NOMINAL_BLOCK_N), K, x.device)
@@ -235,6 +243,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, cosine: bool, *, split
     if _INTERPRET:
         grid = (triton.cdiv(N, _INTERPRET_BLOCKS["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRET_BLOCKS)
+    elif N * K * D < _AUTOTUNE_MIN_WORK:
+        _nearest_code_kernel[(triton.cdiv(N, _SMALL_CONFIG["BLOCK_N"]), splits)](*args, **meta, **_SMALL_CONFIG)
     else:
         kernel = _tuned_kernel(block_d, resident, elem_size, _smem_budget(x.device))
         kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), splits)](*args, **meta)
