@@ -1,0 +1,132 @@
+"""Shared by the benchmark scripts: the machine description, timing, and peak-memory measurement."""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+MIB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- machine description
+
+def _first_match(path: str, pattern: str) -> str | None:
+    try:
+        m = re.search(pattern, Path(path).read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return m.group(1).strip() if m else None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine_info(threads: int) -> dict:
+    """What ran the benchmark: enough to tell two result files apart and to judge them."""
+    import torch
+
+    flags = (_first_match("/proc/cpuinfo", r"^flags\s*:(.*)$") or "").split()
+    mem_kib = _first_match("/proc/meminfo", r"^MemTotal:\s+(\d+)")
+    info = {
+        "cpu": _first_match("/proc/cpuinfo", r"^model name\s*:(.*)$") or platform.processor() or "unknown",
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "simd": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags],
+        "memory_gib": round(int(mem_kib) / MIB, 1) if mem_kib else None,
+        "threads": threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        # Other work in the tree (an uncommitted kernel) changes what was measured; say so.
+        "git_dirty_paths": [line[3:] for line in (_git("status", "--porcelain", "--", "csrc", "fastvq", "kernels") or "").splitlines()],
+    }
+    try:
+        import faiss
+
+        info["faiss"] = faiss.__version__
+    except ImportError:
+        info["faiss"] = None
+    for dist in ("taming-transformers-rom1504", "vector-quantize-pytorch"):
+        try:
+            from importlib.metadata import version
+
+            info[dist] = version(dist)
+        except Exception:  # noqa: BLE001 - absent anchors are recorded as None, not fatal
+            info[dist] = None
+    return info
+
+
+# ----------------------------------------------------------------------------- timing
+
+def time_call(fn, *, min_runs: int = 5, slow_runs: int = 3, slow_s: float = 2.0, target_s: float = 1.0,
+              max_runs: int = 50) -> dict:
+    """One warm-up call, then the median of several timed calls.
+
+    At least `min_runs` runs (more for fast calls, up to about `target_s` seconds in all); calls whose
+    warm-up took over `slow_s` seconds get `slow_runs` runs instead.
+    """
+    t0 = time.perf_counter()
+    fn()
+    warmup = time.perf_counter() - t0
+    runs = slow_runs if warmup > slow_s else max(min_runs, min(max_runs, int(target_s / max(warmup, 1e-9))))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": runs, "warmup_s": warmup, "times_s": times}
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+PEAK_MEMORY_METHOD = (
+    "peak extra resident memory of one call (outputs included), in a fresh process per case, after "
+    "warm-up and timing: glibc is set (mallopt M_MMAP_THRESHOLD=64 KiB) to map every large block with "
+    "mmap so that freed memory leaves the resident set, malloc_trim(0), the high-water mark is reset "
+    "by writing 5 to /proc/self/clear_refs, and the result is VmHWM after the call minus VmRSS before it"
+)
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _status_kib(field: str) -> int:
+    return int(_first_match("/proc/self/status", rf"^{field}:\s+(\d+)"))
+
+
+def peak_extra_bytes(fn) -> int | None:
+    """Peak resident memory the call adds (see PEAK_MEMORY_METHOD); None where /proc cannot tell.
+
+    It switches glibc to mmap for large blocks for the rest of the process, which slows allocation:
+    time first, then call this.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+        gc.collect()
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+    except (OSError, TypeError, AttributeError):
+        return None
+    out = fn()
+    peak = _status_kib("VmHWM")
+    del out
+    return max(0, peak - before) * 1024
