@@ -197,9 +197,7 @@ def reference_forward(module, z):
     """What the extras mean, in plain differentiable torch: project, normalise, fp64 argmin,
     taming's loss and straight-through, project back."""
     b, c, h, w = z.shape
-    x = flat(z)
-    if module.codebook_dim != c or not isinstance(module.project_in, torch.nn.Identity):
-        x = module.project_in(x)
+    x = module.project_in(flat(z))  # an Identity without codebook_dim
     codebook = module.embedding.weight
     if module.metric == "cosine":
         x, codebook = F.normalize(x, dim=1), F.normalize(codebook, dim=1)

@@ -163,7 +163,7 @@ class VectorQuantizer(nn.Module):
             raise TypeError(f"VectorQuantizer: z must be a torch.Tensor of shape (batch, {self.e_dim}, height, width), "
                             f"got {type(z).__name__}")
         if not z.is_floating_point():
-            raise TypeError(f"VectorQuantizer: z must be a floating-point tensor (float32, float16, bfloat16), got {z.dtype}")
+            raise TypeError(f"VectorQuantizer: z must be a floating-point tensor (float32, bfloat16, float16, float64), got {z.dtype}")
         if z.dim() != 4 or z.shape[1] != self.e_dim:
             raise ValueError(f"VectorQuantizer: z must have shape (batch, e_dim={self.e_dim}, height, width), "
                              f"got {tuple(z.shape)}")
