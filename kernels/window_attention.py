@@ -268,7 +268,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr,
 
 def _check_supported(q: torch.Tensor) -> None:
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"sliding_window_attention: the triton backend supports head_dim up to {MAX_HEAD_DIM}, "
+        raise ValueError(f"the triton window-attention kernels support head_dim up to {MAX_HEAD_DIM}, "
                          f"got {q.shape[-1]}; use backend='torch'")
 
 

@@ -165,13 +165,14 @@ def test_rows_never_nan_with_huge_scores(backend, dtype):
     assert torch.isfinite(out.float()).all() and torch.isfinite(q.grad.float()).all()
 
 
-def test_forward_saves_only_row_lse():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_saves_only_row_lse(backend):
     # Besides the inputs and output, autograd may keep O(B*H*T) floats: never a T x T or T x window matrix.
     b, h, t, d, window = 1, 2, 64, 16, 48
     q, k, v = (x.requires_grad_() for x in make_inputs(b, h, h, t, d))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
-        sliding_window_attention(q, k, v, window, backend="torch")
+        sliding_window_attention(q, k, v, window, backend=backend)
     assert saved and max(torch.Size(s).numel() for s in saved) <= b * h * t * d
     assert all(torch.Size(s).numel() < b * h * t * window for s in saved if len(s) == 3)
 
@@ -226,10 +227,11 @@ def test_decode_step_by_step_equals_full(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n, extra_slots", [(3, 0), (4, 5)])
-def test_decode_chunks_of_queries(backend, n, extra_slots):
-    # n queries at once need window + n - 1 slots; a larger ring works the same.
-    b, h, hk, t, d, window = 1, 2, 1, 26, 16, 5
+@pytest.mark.parametrize("n, extra_slots, window, heads", [(3, 0, 5, 2), (4, 5, 5, 2), (3, 0, 20, 8)])
+def test_decode_chunks_of_queries(backend, n, extra_slots, window, heads):
+    # n queries at once need window + n - 1 slots; a larger ring works the same. The last case
+    # has more (head, query) rows and more slots than one tile holds.
+    b, h, hk, t, d = 1, heads, 1, 26, 16
     q, k, v = make_inputs(b, h, hk, t, d, seed=9)
     full = sliding_window_attention(q, k, v, window, backend="torch")
     slots = window + n - 1 + extra_slots
@@ -327,6 +329,13 @@ def test_cpp_dispatch_until_the_kernel_exists(monkeypatch):
     monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
     with pytest.raises(RuntimeError, match="not built yet"):
         wa._resolve(None, torch.device("cpu"), "op", "sliding_window_attention_fwd")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+def test_triton_refuses_head_dim_over_256():
+    q, k, v = make_inputs(1, 1, 1, 3, 264)
+    with pytest.raises(ValueError, match="head_dim up to 256"):
+        sliding_window_attention(q, k, v, 2, backend="triton")
 
 
 def test_public_api():

@@ -13,6 +13,8 @@ Backend contract (torch here, triton in fastvq.kernels.window_attention, cpp as
 torch.ops.fastvq.sliding_window_attention_fwd/bwd once it is built):
   fwd(q, k, v, window, scale) -> (out in q's dtype, lse fp32 (B, H, T))
   bwd(grad_out, q, k, v, out, lse, window, scale) -> (dq, dk, dv) in the inputs' dtypes
+  decode(q, k_cache, v_cache, pos, window, scale) -> out, pos a 0-dim int64 tensor
+  (torch.ops.fastvq.sliding_window_decode for cpp); inputs may have any strides.
 lse is the natural-log log-sum-exp of each row's scaled scores: the only thing the forward saves
 besides its inputs and output, so backward recomputes the probabilities block by block and no
 T x T (or T x window) matrix outlives a call.
@@ -294,7 +296,7 @@ def sliding_window_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
             raise RuntimeError(f"{op}: the triton backend has no backward; use backend='torch' for gradients")
         return _triton_kernels().decode(q, k_cache, v_cache, pos, window, scale)
-    return _cpp_op("sliding_window_decode")(q, k_cache, v_cache, pos, window, scale)
+    return _cpp_op("sliding_window_decode")(q, k_cache, v_cache, torch.as_tensor(pos, dtype=torch.int64), window, scale)
 
 
 def _check_pos(pos, device: torch.device, op: str):
