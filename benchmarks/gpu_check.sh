@@ -64,6 +64,7 @@ if ! timeout 60 python3 -c "import fastvq._C, fastvq.kernels.quantize" >/dev/nul
     echo "--- fastvq not importable after install; building in place" | tee -a "$LOG"
     run_step - python3 setup.py build_ext --inplace || STATUS=1
     [ -e fastvq/kernels ] || ln -s ../kernels fastvq/kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # for scripts, whose own folder shadows the cwd
 fi
 if ! timeout 60 python3 -c "import pytest, pytest_benchmark" >/dev/null 2>&1; then
     pip_install pytest pytest-benchmark || echo "--- pytest / pytest-benchmark unavailable; continuing" | tee -a "$LOG"
