@@ -52,6 +52,9 @@ def machine_info(threads: int) -> dict:
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # Other processes on the same cores distort the timings (2-thread OpenMP stalls for whole
+        # scheduler slices); the load average at the start says how quiet the machine was.
+        "load_average_1_5_15min_at_start": [round(v, 2) for v in os.getloadavg()],
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         # Other work in the tree (an uncommitted kernel) changes what was measured; say so.
         "git_dirty_paths": [line[3:] for line in (_git("status", "--porcelain", "--", "csrc", "fastvq", "kernels") or "").splitlines()],

@@ -239,12 +239,17 @@ def main(argv=None) -> int:
     }
     todo = cases(sizes)
     start = time.perf_counter()
-    print(f"{len(todo)} cases, {args.threads} threads, writing {out}", flush=True)
+    load = os.getloadavg()[0]
+    print(f"{len(todo)} cases, {args.threads} threads, writing {out}; load average {load:.2f}", flush=True)
+    if load > 0.5:
+        print(f"warning: the machine is not quiet (load average {load:.2f}); timings will be noisy", flush=True)
     for i, case in enumerate(todo, 1):
         r = run_case(case, args.threads, args.timeout)
         doc["results"].append(r)
         out.write_text(json.dumps(doc, indent=1) + "\n")  # after every case: a crash keeps what was measured
         print(f"[{i:>2}/{len(todo)}] {describe(case)} {outcome(r)}", flush=True)
+    doc["machine"]["load_average_1_5_15min_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"done in {time.perf_counter() - start:.0f} s; wrote {out}; plot and table: python benchmarks/report.py", flush=True)
     return 0
 

@@ -34,8 +34,12 @@ SUITE_TITLES = {
 def load(paths: list[Path]) -> list[tuple[Path, dict]]:
     docs = []
     for path in paths:
-        doc = json.loads(path.read_text())
-        if doc.get("benchmark") == "quantize":
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"skipping {path}: {e}", file=sys.stderr)
+            continue
+        if doc.get("benchmark") == "quantize":  # other files (quantize_gpu, ...) have their own schema
             docs.append((path, doc))
     return docs
 
@@ -102,7 +106,9 @@ def markdown(path: Path, doc: dict, plot: Path | None) -> str:
         f"**{m['cpu']}**, {m['threads']} threads, torch {m['torch']}, faiss {m.get('faiss')}, "
         f"taming-transformers-rom1504 {m.get('taming-transformers-rom1504')}, vector-quantize-pytorch "
         f"{m.get('vector-quantize-pytorch')}; {m['date_utc'][:10]}, commit {m.get('git_commit')}"
-        + (" (quick sizes)" if doc.get("quick") else "") + ".",
+        + (" (quick sizes)" if doc.get("quick") else "")
+        + "".join(f"; load average {m[k][0]:.2f} at {k.rsplit('_', 1)[-1]}" for k in
+                  ("load_average_1_5_15min_at_start", "load_average_1_5_15min_at_end") if k in m) + ".",
         "",
         "Times are medians of several runs after warm-up; speedup = anchor time / fastvq time (above 1: fastvq "
         "is faster); mem = peak extra resident memory of one call, outputs included, and in brackets as a "
