@@ -249,12 +249,11 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, cosine: bool, *, split
         kernel = _tuned_kernel(block_d, resident, elem_size, _smem_budget(x.device))
         kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), splits)](*args, **meta)
 
-    best_dist, best_idx = dist[0], idx[0]
-    for s in range(1, splits):  # split order is index order, so strict < keeps the lowest index on ties
-        better = dist[s] < best_dist
-        best_dist = torch.where(better, dist[s], best_dist)
-        best_idx = torch.where(better, idx[s], best_idx)
-    return best_idx, best_dist.to(torch.float32)
+    if splits == 1:
+        return idx[0], dist[0]
+    # Split order is index order, and argmin returns the first minimum: ties keep the lowest index.
+    winner = dist.argmin(0, keepdim=True)
+    return idx.gather(0, winner)[0], dist.gather(0, winner)[0].to(torch.float32)
 
 
 def chosen_configs() -> dict[str, str]:
