@@ -50,11 +50,36 @@ def _visible(q_pos, k_pos, T, WINDOW):
 
 
 @triton.jit
-def _key_blocks(m0, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi): the BLOCK_N-aligned key range that query rows m0 .. m0 + BLOCK_M - 1 reach."""
+def _split(lo, hi, full_lo, full_hi):
+    """Cut [lo, hi) at the aligned range [full_lo, full_hi) of fully visible tiles (possibly empty),
+    so the loops on either side mask and the one between does not. Returns lo <= mid_lo <= mid_hi <= hi."""
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
+    return mid_lo, mid_hi
+
+
+@triton.jit
+def _key_ranges(m0, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks met by query rows m0 .. m0 + BLOCK_M - 1: [lo, hi), of which [mid_lo, mid_hi)
+    are seen whole by every row (last key <= first query, last query - first key < window)."""
     lo = (tl.maximum(m0 - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(m0 + BLOCK_M, T)
-    return lo, hi
+    full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - WINDOW, 0), BLOCK_N) * BLOCK_N
+    full_hi = ((m0 + 1) // BLOCK_N) * BLOCK_N
+    mid_lo, mid_hi = _split(lo, hi, full_lo, full_hi)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _query_ranges(n0, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The same from a key block's side: query blocks whose rows see keys n0 .. n0 + BLOCK_N - 1,
+    and the middle ones that see all of them with no padding row."""
+    lo = (n0 // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(n0 + BLOCK_N - 1 + WINDOW, T)
+    full_lo = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    full_hi = (tl.minimum(n0 + WINDOW, T) // BLOCK_M) * BLOCK_M
+    mid_lo, mid_hi = _split(lo, hi, full_lo, full_hi)
+    return lo, mid_lo, mid_hi, hi
 
 
 @triton.jit
@@ -72,12 +97,11 @@ def _store_rows(base, tile, offs_t, offs_d, stride_t, stride_d, n_rows, D):
 
 
 @triton.jit
-def _online_softmax_step(s, visible, v, m_i, l_i, acc, DOT: tl.constexpr):
-    """Fold one tile of base-2 scores into the running (max, sum, weighted values).
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT: tl.constexpr):
+    """Fold one tile of base-2 scores (-inf where not visible) into the running (max, sum, values).
 
     A row that has seen no visible key yet keeps m = -inf; its exponent is taken against 0 instead,
     so the tile contributes exact zeros rather than exp2(-inf - -inf) = NaN."""
-    s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_ref[:, None])
@@ -97,6 +121,21 @@ def _finish_rows(m_i, l_i, acc):
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
+def _forward_tiles(q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW, qk_scale,
+                   start, stop, m_i, l_i, acc,
+                   MASKED: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, offs_d, sk_t, sk_d, T, D, DOT)
+        v = _load_rows(v_base, offs_n, offs_d, sv_t, sv_d, T, D, DOT)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        if MASKED:
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, WINDOW), s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
                     sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
@@ -105,7 +144,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    hk = (h // GROUP).to(tl.int64)
+    hk = h // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_m, offs_d, sq_t, sq_d, T, D, DOT)
@@ -115,13 +154,11 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_blocks(m0, T, WINDOW, BLOCK_M, BLOCK_N)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, sk_t, sk_d, T, D, DOT)
-        v = _load_rows(v_base, offs_n, offs_d, sv_t, sv_d, T, D, DOT)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        m_i, l_i, acc = _online_softmax_step(s, _visible(offs_m[:, None], offs_n[None, :], T, WINDOW), v, m_i, l_i, acc, DOT)
+    lo, mid_lo, mid_hi, hi = _key_ranges(m0, T, WINDOW, BLOCK_M, BLOCK_N)
+    args = (q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW, qk_scale)
+    m_i, l_i, acc = _forward_tiles(*args, lo, mid_lo, m_i, l_i, acc, True, DOT, BLOCK_N)
+    m_i, l_i, acc = _forward_tiles(*args, mid_lo, mid_hi, m_i, l_i, acc, False, DOT, BLOCK_N)
+    m_i, l_i, acc = _forward_tiles(*args, mid_hi, hi, m_i, l_i, acc, True, DOT, BLOCK_N)
 
     out, lse2 = _finish_rows(m_i, l_i, acc)
     _store_rows(o_ptr + b * so_b + h * so_h, out, offs_m, offs_d, so_t, so_d, T, D)
@@ -143,6 +180,28 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_t, so_d, sg_b, sg_h, 
 
 
 @triton.jit
+def _dkdv_tiles(k, v, q_base, do_base, row_stats, sq_t, sq_d, sg_t, sg_d, lse_ptr, delta_ptr,
+                offs_n, offs_d, T, D, WINDOW, qk_scale, start, stop, dk, dv,
+                MASKED: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate one query head's contribution to a key block's dK, dV over query blocks
+    [start, stop). Tiles are transposed (keys x queries) so both come out of the dots directly."""
+    for m0 in range(start, stop, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, offs_m, offs_d, sq_t, sq_d, T, D, DOT)
+        do = _load_rows(do_base, offs_m, offs_d, sg_t, sg_d, T, D, DOT)
+        lse2 = tl.load(lse_ptr + row_stats + offs_m, mask=offs_m < T, other=0.0) * LOG2E
+        delta = tl.load(delta_ptr + row_stats + offs_m, mask=offs_m < T, other=0.0)
+        z_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale - lse2[None, :]
+        if MASKED:
+            z_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], T, WINDOW), z_t, float("-inf"))
+        p_t = tl.exp2(z_t)
+        dv += tl.dot(p_t.to(DOT), do, input_precision="ieee")
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        dk += tl.dot((p_t * (dp_t - delta[None, :])).to(DOT), q, input_precision="ieee")
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                  sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
                  sg_b, sg_h, sg_t, sg_d, sdk_b, sdk_h, sdk_t, sdk_d,
@@ -158,32 +217,36 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
     v = _load_rows(v_ptr + b * sv_b + hk * sv_h, offs_n, offs_d, sv_t, sv_d, T, D, DOT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # Queries n0 .. n0 + BLOCK_N + window - 2 see some key of this block.
-    lo = (n0 // BLOCK_M) * BLOCK_M
-    hi = tl.minimum(n0 + BLOCK_N - 1 + WINDOW, T)
+    lo, mid_lo, mid_hi, hi = _query_ranges(n0, T, WINDOW, BLOCK_M, BLOCK_N)
+    # Every query head of the GQA group adds to this key/value head: looping over them here makes
+    # this program the only writer of its dK, dV tile, with no atomics and no reduction pass.
     for g in range(group):
         h = hk * group + g
-        row = (b * H + h) * T  # lse and delta are contiguous (B, H, T)
-        q_base = q_ptr + b * sq_b + h * sq_h
-        do_base = do_ptr + b * sg_b + h * sg_h
-        for m0 in range(lo, hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_base, offs_m, offs_d, sq_t, sq_d, T, D, DOT)
-            do = _load_rows(do_base, offs_m, offs_d, sg_t, sg_d, T, D, DOT)
-            lse2 = tl.load(lse_ptr + row + offs_m, mask=offs_m < T, other=0.0) * LOG2E
-            delta = tl.load(delta_ptr + row + offs_m, mask=offs_m < T, other=0.0)
-            # Transposed tiles (keys x queries) so dK and dV come out of the dots without a transpose.
-            s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
-            p_t = tl.exp2(tl.where(_visible(offs_m[None, :], offs_n[:, None], T, WINDOW), s_t - lse2[None, :], float("-inf")))
-            dv += tl.dot(p_t.to(DOT), do, input_precision="ieee")
-            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(DOT), q, input_precision="ieee")
+        args = (k, v, q_ptr + b * sq_b + h * sq_h, do_ptr + b * sg_b + h * sg_h, (b * H + h) * T,
+                sq_t, sq_d, sg_t, sg_d, lse_ptr, delta_ptr, offs_n, offs_d, T, D, WINDOW, qk_scale)
+        dk, dv = _dkdv_tiles(*args, lo, mid_lo, dk, dv, True, DOT, BLOCK_M)
+        dk, dv = _dkdv_tiles(*args, mid_lo, mid_hi, dk, dv, False, DOT, BLOCK_M)
+        dk, dv = _dkdv_tiles(*args, mid_hi, hi, dk, dv, True, DOT, BLOCK_M)
 
     out_base = b * sdk_b + hk * sdk_h
     _store_rows(dk_ptr + out_base, dk * scale, offs_n, offs_d, sdk_t, sdk_d, T, D)
     _store_rows(dv_ptr + out_base, dv, offs_n, offs_d, sdk_t, sdk_d, T, D)
+
+
+@triton.jit
+def _dq_tiles(q, do, lse2, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW,
+              qk_scale, start, stop, dq, MASKED: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, offs_d, sk_t, sk_d, T, D, DOT)
+        v = _load_rows(v_base, offs_n, offs_d, sv_t, sv_d, T, D, DOT)
+        z = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse2[:, None]
+        if MASKED:
+            z = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, WINDOW), z, float("-inf"))
+        p = tl.exp2(z)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dq += tl.dot((p * (dp - delta[:, None])).to(DOT), k, input_precision="ieee")
+    return dq
 
 
 @triton.jit
@@ -195,27 +258,22 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    hk = (h // GROUP).to(tl.int64)
+    hk = h // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_m, offs_d, sq_t, sq_d, T, D, DOT)
     do = _load_rows(do_ptr + b * sg_b + h * sg_h, offs_m, offs_d, sg_t, sg_d, T, D, DOT)
-    row = bh.to(tl.int64) * T
-    lse2 = tl.load(lse_ptr + row + offs_m, mask=offs_m < T, other=0.0) * LOG2E
-    delta = tl.load(delta_ptr + row + offs_m, mask=offs_m < T, other=0.0)
-    k_base = k_ptr + b * sk_b + hk * sk_h
-    v_base = v_ptr + b * sv_b + hk * sv_h
+    row_stats = bh.to(tl.int64) * T
+    lse2 = tl.load(lse_ptr + row_stats + offs_m, mask=offs_m < T, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + row_stats + offs_m, mask=offs_m < T, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_blocks(m0, T, WINDOW, BLOCK_M, BLOCK_N)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, sk_t, sk_d, T, D, DOT)
-        v = _load_rows(v_base, offs_n, offs_d, sv_t, sv_d, T, D, DOT)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        p = tl.exp2(tl.where(_visible(offs_m[:, None], offs_n[None, :], T, WINDOW), s - lse2[:, None], float("-inf")))
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        dq += tl.dot((p * (dp - delta[:, None])).to(DOT), k, input_precision="ieee")
+    lo, mid_lo, mid_hi, hi = _key_ranges(m0, T, WINDOW, BLOCK_M, BLOCK_N)
+    args = (q, do, lse2, delta, k_ptr + b * sk_b + hk * sk_h, v_ptr + b * sv_b + hk * sv_h,
+            sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW, qk_scale)
+    dq = _dq_tiles(*args, lo, mid_lo, dq, True, DOT, BLOCK_N)
+    dq = _dq_tiles(*args, mid_lo, mid_hi, dq, False, DOT, BLOCK_N)
+    dq = _dq_tiles(*args, mid_hi, hi, dq, True, DOT, BLOCK_N)
     _store_rows(dq_ptr + b * sdq_b + h * sdq_h, dq * scale, offs_m, offs_d, sdq_t, sdq_d, T, D)
 
 
@@ -257,7 +315,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr,
         v = _load_rows(v_base, slot, offs_d, sv_t, sv_d, SLOTS, D, DOT)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         visible = _in_window(q_pos[:, None], k_pos[None, :], WINDOW) & ((k_pos >= 0) & (slot < SLOTS))[None, :]
-        m_i, l_i, acc = _online_softmax_step(s, visible, v, m_i, l_i, acc, DOT)
+        m_i, l_i, acc = _online_softmax_step(tl.where(visible, s, float("-inf")), v, m_i, l_i, acc, DOT)
 
     out, _ = _finish_rows(m_i, l_i, acc)
     tl.store(o_ptr + b * so_b + h[:, None] * so_h + i[:, None] * so_t + offs_d[None, :] * so_d,
