@@ -251,12 +251,18 @@ def test_decode_ring_too_small_is_refused():
         sliding_window_decode(q, cache, cache, 10, 4)
 
 
-def test_decode_torch_backend_is_differentiable():
+def test_decode_gradients_come_from_the_torch_backend(monkeypatch):
     q, k, v = make_inputs(1, 2, 1, 1, 16, seed=10)
     cache_k, cache_v = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16)
     q.requires_grad_()
-    sliding_window_decode(q, cache_k, cache_v, 9, 4, backend="torch").sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    monkeypatch.delenv("FASTVQ_BACKEND", raising=False)
+    for backend in ("torch", None):  # auto must pick a backend that can differentiate
+        q.grad = None
+        sliding_window_decode(q, cache_k, cache_v, 9, 4, backend=backend).sum().backward()
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+    if "triton" in BACKENDS:
+        with pytest.raises(RuntimeError, match="no backward"):
+            sliding_window_decode(q, cache_k, cache_v, 9, 4, backend="triton")
 
 
 # ----------------------------------------------------------------------------- bad input and dispatch

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .._backend import _cpp_error, resolve_backend
+from .._backend import cpp_ops, resolve_backend
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _CHUNK = 256  # query rows per step of the torch reference: memory O(chunk * (chunk + window))
@@ -63,7 +63,7 @@ def _check_tensors(op: str, **tensors) -> None:
 
 
 def _check_heads(op: str, q, k, v, k_name: str, v_name: str) -> None:
-    (b, h, _, d), (bk, hk, tk, dk) = q.shape, k.shape
+    (b, h, _, d), (bk, hk, _, dk) = q.shape, k.shape
     if v.shape != k.shape:
         raise ValueError(f"{op}: {v_name} has shape {tuple(v.shape)} but {k_name} has {tuple(k.shape)}; they must match")
     if bk != b:
@@ -181,9 +181,14 @@ def decode_torch(q, k_cache, v_cache, pos, window: int, scale: float):
 
 def _cpp_op(name: str):
     """torch.ops.fastvq.<name> if the extension is built and has it, else None."""
-    if _cpp_error() is not None:
+    try:
+        return getattr(cpp_ops(), name, None)
+    except RuntimeError:  # no extension at all: resolve_backend has already said why
         return None
-    return getattr(torch.ops.fastvq, name, None)
+
+
+def _is_auto(backend: str | None) -> bool:
+    return (backend if backend is not None else os.environ.get("FASTVQ_BACKEND", "auto")).lower() == "auto"
 
 
 def _resolve(backend: str | None, device: torch.device, op: str, cpp_name: str) -> str:
@@ -192,8 +197,7 @@ def _resolve(backend: str | None, device: torch.device, op: str, cpp_name: str) 
     name = resolve_backend(backend, device, op)
     if name != "cpp" or _cpp_op(cpp_name) is not None:
         return name
-    requested = (backend if backend is not None else os.environ.get("FASTVQ_BACKEND", "auto")).lower()
-    if requested == "auto":
+    if _is_auto(backend):
         return "torch"
     raise RuntimeError(f"{op}: backend 'cpp' was requested but is unavailable: fastvq._C is built without "
                        f"torch.ops.fastvq.{cpp_name} (the C++ window-attention kernel is not built yet)")
@@ -274,8 +278,8 @@ def sliding_window_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     needs n - 1 more. This is the rule that keeps each call a single pass over the cache with no
     roll, no copy and no separate buffer for the new keys. pos is a Python int or a 0-dim integer
     tensor on q's device (read only on the device, so a step can be captured in a CUDA graph; a
-    tensor pos is trusted to be >= 0). Returns (B, H, n, Dh) in q's dtype. The torch backend is
-    differentiable; the triton backend is for inference and refuses inputs that require grad.
+    tensor pos is trusted to be >= 0). Returns (B, H, n, Dh) in q's dtype. Only the torch backend
+    is differentiable: when gradients are needed, "auto" uses it and an explicit triton/cpp raises.
     """
     op = "sliding_window_decode"
     _check_tensors(op, q=q, k_cache=k_cache, v_cache=v_cache)
@@ -288,13 +292,15 @@ def sliding_window_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                          f"window + n - 1 = {window + num_new - 1} (the earliest query's window must still be in the ring)")
     pos = _check_pos(pos, q.device, op)
     name = _resolve(backend, q.device, op, "sliding_window_decode")
-    if q.numel() == 0:
-        return q.new_zeros(q.shape)
-    if name == "torch":
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
+    if name != "torch" and needs_grad:
+        if not _is_auto(backend):
+            raise RuntimeError(f"{op}: the {name} backend has no backward; use backend='torch' for gradients "
+                               f"(or run the step under torch.no_grad())")
+        name = "torch"
+    if name == "torch" or q.numel() == 0:
         return decode_torch(q, k_cache, v_cache, pos, window, scale)
     if name == "triton":
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-            raise RuntimeError(f"{op}: the triton backend has no backward; use backend='torch' for gradients")
         return _triton_kernels().decode(q, k_cache, v_cache, pos, window, scale)
     return _cpp_op("sliding_window_decode")(q, k_cache, v_cache, torch.as_tensor(pos, dtype=torch.int64), window, scale)
 
