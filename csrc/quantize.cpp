@@ -25,8 +25,8 @@ using nq::vf;
 using nq::W;
 
 constexpr float kEps = 1e-12f;            // floor on norms for cosine, as in the reference
-constexpr int64_t kChunkFloats = 1 << 16;  // 256 KiB of packed codes: stays in L2 beside an x block
-constexpr int64_t kBlockFloats = 1 << 15;  // 128 KiB of packed x per block
+constexpr int64_t kChunkFloats = 1 << 16;  // 256 KiB of packed codes: stays in L2 while x panels pass
+constexpr int64_t kBlockFloats = 1 << 18;  // 1 MiB of packed x per block: fewer passes over the codebook
 constexpr int64_t kMaxBlockRows = 256;
 
 template <typename T>
@@ -35,19 +35,24 @@ void pack_codebook(const at::Tensor& cb, bool cosine, float* out) {
   const T* src = cb.data_ptr<T>();
   const int64_t groups = (K + NR - 1) / NR, gs = nq::group_stride(D);
   const float pad = cosine ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  const float scale = cosine ? 1.f : -2.f;
   at::parallel_for(0, groups, 16, [&](int64_t gb, int64_t ge) {
     for (int64_t g = gb; g < ge; ++g) {
       float* dst = out + g * gs;
-      for (int j = 0; j < NR; ++j) {
-        const int64_t k = g * NR + j;
-        const float scale = cosine ? 1.f : -2.f;
+      const int64_t live = std::min<int64_t>(NR, K - g * NR);
+      const T* codes = src + g * NR * s0;
+      // d outer so the writes are sequential: a stride-NR write per element costs more than reading
+      // NR source rows side by side.
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = 0; j < NR; ++j)
+          dst[d * NR + j] = j < live ? scale * static_cast<float>(codes[j * s0 + d * s1]) : 0.f;
+      for (int64_t j = 0; j < NR; ++j) {
         float sq = 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float v = k < K ? static_cast<float>(src[k * s0 + d * s1]) : 0.f;
+        for (int64_t d = 0; d < D && j < live; ++d) {
+          const float v = static_cast<float>(codes[j * s0 + d * s1]);
           sq += v * v;
-          dst[d * NR + j] = scale * v;
         }
-        dst[D * NR + j] = k >= K ? pad : cosine ? -1.f / std::max(std::sqrt(sq), kEps) : sq;
+        dst[D * NR + j] = j >= live ? pad : cosine ? -1.f / std::max(std::sqrt(sq), kEps) : sq;
       }
     }
   });
