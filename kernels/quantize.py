@@ -150,6 +150,9 @@ def _nearest_code_kernel(x_ptr, c_ptr, term_ptr, dist_ptr, idx_ptr,
 # cores busy for D >= 64; the others cover large D (shared memory) and few rows.
 _GPU_CONFIGS = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3),
                 (64, 64, 4, 3), (64, 32, 4, 2))
+# fp32/fp64 dots run on the FMA units with both operands in registers: 128 x 128 tiles spill there
+# (checked with ptxas for sm_90), so only the shapes that stay in registers are tried.
+_FMA_CONFIGS = ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2))
 # Below this much work (N*K*D multiply-adds; about a second of autotuning per new (K, D) would dwarf
 # the search itself) one modest config is launched directly. This also keeps small-shape test
 # suites on GPU at one compiled kernel per dtype and metric instead of one per config.
@@ -185,11 +188,12 @@ def _tuned_kernel(block_d: int, resident: bool, elem_size: int, smem: int):
     key = (block_d, resident, elem_size, smem)
     if key in _TUNED:
         return _TUNED[key]
+    candidates = _GPU_CONFIGS if elem_size == 2 else _FMA_CONFIGS
     configs = []
-    for bn, bk, warps, stages in _GPU_CONFIGS:
+    for bn, bk, warps, stages in candidates:
         per_stage = bk * block_d * elem_size + (0 if resident else bn * block_d * elem_size)
         fixed = bn * block_d * elem_size if resident else 0
-        if stages * per_stage + fixed <= smem * 0.9 or (bn, bk) == _GPU_CONFIGS[-1][:2]:
+        if stages * per_stage + fixed <= smem * 0.9 or (bn, bk) == candidates[-1][:2]:
             configs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
     _TUNED[key] = triton.autotune(configs=configs, key=["K", "D"])(_nearest_code_kernel)
     return _TUNED[key]
