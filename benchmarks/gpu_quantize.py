@@ -41,6 +41,14 @@ GPU_CASES += [(65536, 16384, 64, "bfloat16", "cosine"), (4096, 16384, 256, "bflo
 DRY_CASES = [(70, k, d, dt, "l2") for dt in ("bfloat16", "float32") for d in (16, 40) for k in (33, 64)]
 DRY_CASES += [(70, 64, 16, "bfloat16", "cosine")]
 SQUARE = 8192  # the matmul-throughput probe: large enough to be compute-bound on any current GPU
+# Correctness on the device before timing (the test suite may not reach CUDA tensors): odd shapes
+# for every dtype and metric on the small-problem config, then shapes large enough to be autotuned,
+# the first with rows few enough to split the codebook. (N, K, D); the tuned ones share their
+# compiled kernels with the timed cases (same divisibility by 16), which keeps compile time down.
+CHECK_SHAPES = [(1, 1, 1), (300, 257, 64), (129, 1000, 130), (70, 33, 300)]
+CHECK_TUNED = [(1024, 6144, 256), (20480, 4096, 64)]
+DRY_CHECK_SHAPES = [(1, 1, 1), (37, 45, 3), (70, 33, 300)]
+DRY_CHECK_TUNED = [(90, 130, 64)]
 
 
 def device_description(device: torch.device) -> dict:
@@ -107,6 +115,47 @@ def matmul_probe(dtype: torch.dtype, device: torch.device, warmup: int, runs: in
     return r
 
 
+def check_nearest(x, cb, metric, idx, dist) -> dict:
+    """Is every chosen code a nearest one, in float64, and is its distance the one returned?"""
+    xd, cd = x.double(), cb.double()
+    if metric == "l2":
+        all_d = torch.cdist(xd, cd).pow(2)
+        scale = xd.pow(2).sum(1) + cd.pow(2).sum(1).max()
+    else:
+        all_d = 1 - (xd / xd.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (cd / cd.norm(dim=1, keepdim=True).clamp_min(1e-12)).t()
+        scale = torch.full((x.shape[0],), 2.0, dtype=torch.float64, device=x.device)
+    tol = 1e-5 * scale + 1e-6
+    chosen = all_d.gather(1, idx[:, None]).squeeze(1)
+    ref_idx, _ = nearest_code_reference(x, cb, metric)
+    return {"nearest": bool(((chosen - all_d.min(1).values) <= tol).all()),
+            "distance": bool(((dist.double() - chosen.clamp_min(0)).abs() <= 2 * tol).all()),
+            "agree_with_reference": (idx == ref_idx).double().mean().item()}
+
+
+def correctness_sweep(device: torch.device) -> list[dict]:
+    out = []
+    g = torch.Generator(device=device).manual_seed(1)
+    shapes = DRY_CHECK_SHAPES if DRY_RUN else CHECK_SHAPES
+    tuned = DRY_CHECK_TUNED if DRY_RUN else CHECK_TUNED
+    plan = [(s, dt, m) for s in shapes for dt in ("float32", "float16", "bfloat16") for m in ("l2", "cosine")]
+    plan += [(s, dt, "l2") for s in tuned for dt in ("bfloat16", "float32")]
+    for (n, k, d), dtype_name, metric in plan:
+        dtype = getattr(torch, dtype_name)
+        x = torch.randn(n, 2 * d, device=device, dtype=dtype, generator=g)[:, ::2]  # strided rows and columns
+        half = (k + 1) // 2
+        base = torch.randn(half, d, device=device, dtype=dtype, generator=g)
+        cb = torch.cat([base, base])[:k]  # every code past `half` duplicates one below it
+        idx, dist = fastvq.nearest_code(x, cb, metric=metric, backend="triton")
+        r = {"N": n, "K": k, "D": d, "dtype": dtype_name, "metric": metric, **check_nearest(x, cb, metric, idx, dist),
+             "lowest_index_on_duplicates": bool((idx < half).all())}
+        r["ok"] = r["nearest"] and r["distance"] and r["lowest_index_on_duplicates"]
+        out.append(r)
+        if not r["ok"]:
+            print(f"CHECK FAILED: {r}", flush=True)
+    print(f"correctness: {sum(r['ok'] for r in out)}/{len(out)} cases ok", flush=True)
+    return out
+
+
 def run_case(n, k, d, dtype_name, metric, device, warmup, runs, probe) -> dict:
     dtype = getattr(torch, dtype_name)
     g = torch.Generator(device=device).manual_seed(0)
@@ -167,6 +216,8 @@ def main() -> int:
         doc["elapsed_s"] = time.perf_counter() - t_start
         out_path.write_text(json.dumps(doc, indent=1))
 
+    doc["correctness"] = correctness_sweep(device)
+    save()
     for dtype_name in sorted({c[3] for c in cases}):
         doc["matmul_probe"][dtype_name] = matmul_probe(getattr(torch, dtype_name), device, args.warmup, args.runs)
         print(f"matmul probe {dtype_name}: {doc['matmul_probe'][dtype_name]['tflops']:.1f} TFLOP/s", flush=True)
@@ -200,7 +251,7 @@ def main() -> int:
     save()
     print(f"wrote {out_path} ({len(doc['cases'])} cases, {len(doc['errors'])} errors, {len(doc['skipped'])} skipped, "
           f"{doc['elapsed_s']:.0f} s)", flush=True)
-    return 1 if doc["errors"] else 0
+    return 1 if doc["errors"] or not all(r["ok"] for r in doc["correctness"]) else 0
 
 
 if __name__ == "__main__":
