@@ -145,10 +145,13 @@ def correctness_sweep(device: torch.device) -> list[dict]:
         half = (k + 1) // 2
         base = torch.randn(half, d, device=device, dtype=dtype, generator=g)
         cb = torch.cat([base, base])[:k]  # every code past `half` duplicates one below it
-        idx, dist = fastvq.nearest_code(x, cb, metric=metric, backend="triton")
-        r = {"N": n, "K": k, "D": d, "dtype": dtype_name, "metric": metric, **check_nearest(x, cb, metric, idx, dist),
-             "lowest_index_on_duplicates": bool((idx < half).all())}
-        r["ok"] = r["nearest"] and r["distance"] and r["lowest_index_on_duplicates"]
+        r = {"N": n, "K": k, "D": d, "dtype": dtype_name, "metric": metric}
+        try:
+            idx, dist = fastvq.nearest_code(x, cb, metric=metric, backend="triton")
+            r.update(check_nearest(x, cb, metric, idx, dist), lowest_index_on_duplicates=bool((idx < half).all()))
+            r["ok"] = r["nearest"] and r["distance"] and r["lowest_index_on_duplicates"]
+        except Exception as e:  # noqa: BLE001 - a compile or launch failure is a finding, not the end of the run
+            r.update(ok=False, error=repr(e))
         out.append(r)
         if not r["ok"]:
             print(f"CHECK FAILED: {r}", flush=True)
