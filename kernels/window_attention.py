@@ -155,10 +155,13 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_ranges(m0, T, WINDOW, BLOCK_M, BLOCK_N)
-    args = (q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW, qk_scale)
-    m_i, l_i, acc = _forward_tiles(*args, lo, mid_lo, m_i, l_i, acc, True, DOT, BLOCK_N)
-    m_i, l_i, acc = _forward_tiles(*args, mid_lo, mid_hi, m_i, l_i, acc, False, DOT, BLOCK_N)
-    m_i, l_i, acc = _forward_tiles(*args, mid_hi, hi, m_i, l_i, acc, True, DOT, BLOCK_N)
+    # (Argument lists are spelled out: Triton 3.2 cannot compile *args.)
+    m_i, l_i, acc = _forward_tiles(q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW,
+                                   qk_scale, lo, mid_lo, m_i, l_i, acc, True, DOT, BLOCK_N)
+    m_i, l_i, acc = _forward_tiles(q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW,
+                                   qk_scale, mid_lo, mid_hi, m_i, l_i, acc, False, DOT, BLOCK_N)
+    m_i, l_i, acc = _forward_tiles(q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW,
+                                   qk_scale, mid_hi, hi, m_i, l_i, acc, True, DOT, BLOCK_N)
 
     out, lse2 = _finish_rows(m_i, l_i, acc)
     _store_rows(o_ptr + b * so_b + h * so_h, out, offs_m, offs_d, so_t, so_d, T, D)
@@ -222,11 +225,15 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
     # this program the only writer of its dK, dV tile, with no atomics and no reduction pass.
     for g in range(group):
         h = hk * group + g
-        args = (k, v, q_ptr + b * sq_b + h * sq_h, do_ptr + b * sg_b + h * sg_h, (b * H + h) * T,
-                sq_t, sq_d, sg_t, sg_d, lse_ptr, delta_ptr, offs_n, offs_d, T, D, WINDOW, qk_scale)
-        dk, dv = _dkdv_tiles(*args, lo, mid_lo, dk, dv, True, DOT, BLOCK_M)
-        dk, dv = _dkdv_tiles(*args, mid_lo, mid_hi, dk, dv, False, DOT, BLOCK_M)
-        dk, dv = _dkdv_tiles(*args, mid_hi, hi, dk, dv, True, DOT, BLOCK_M)
+        q_base = q_ptr + b * sq_b + h * sq_h
+        do_base = do_ptr + b * sg_b + h * sg_h
+        row_stats = (b * H + h) * T
+        dk, dv = _dkdv_tiles(k, v, q_base, do_base, row_stats, sq_t, sq_d, sg_t, sg_d, lse_ptr, delta_ptr,
+                             offs_n, offs_d, T, D, WINDOW, qk_scale, lo, mid_lo, dk, dv, True, DOT, BLOCK_M)
+        dk, dv = _dkdv_tiles(k, v, q_base, do_base, row_stats, sq_t, sq_d, sg_t, sg_d, lse_ptr, delta_ptr,
+                             offs_n, offs_d, T, D, WINDOW, qk_scale, mid_lo, mid_hi, dk, dv, False, DOT, BLOCK_M)
+        dk, dv = _dkdv_tiles(k, v, q_base, do_base, row_stats, sq_t, sq_d, sg_t, sg_d, lse_ptr, delta_ptr,
+                             offs_n, offs_d, T, D, WINDOW, qk_scale, mid_hi, hi, dk, dv, True, DOT, BLOCK_M)
 
     out_base = b * sdk_b + hk * sdk_h
     _store_rows(dk_ptr + out_base, dk * scale, offs_n, offs_d, sdk_t, sdk_d, T, D)
@@ -269,11 +276,14 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_ranges(m0, T, WINDOW, BLOCK_M, BLOCK_N)
-    args = (q, do, lse2, delta, k_ptr + b * sk_b + hk * sk_h, v_ptr + b * sv_b + hk * sv_h,
-            sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW, qk_scale)
-    dq = _dq_tiles(*args, lo, mid_lo, dq, True, DOT, BLOCK_N)
-    dq = _dq_tiles(*args, mid_lo, mid_hi, dq, False, DOT, BLOCK_N)
-    dq = _dq_tiles(*args, mid_hi, hi, dq, True, DOT, BLOCK_N)
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    dq = _dq_tiles(q, do, lse2, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW,
+                   qk_scale, lo, mid_lo, dq, True, DOT, BLOCK_N)
+    dq = _dq_tiles(q, do, lse2, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW,
+                   qk_scale, mid_lo, mid_hi, dq, False, DOT, BLOCK_N)
+    dq = _dq_tiles(q, do, lse2, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_m, offs_d, T, D, WINDOW,
+                   qk_scale, mid_hi, hi, dq, True, DOT, BLOCK_N)
     _store_rows(dq_ptr + b * sdq_b + h * sdq_h, dq * scale, offs_m, offs_d, sdq_t, sdq_d, T, D)
 
 
