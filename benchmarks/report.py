@@ -58,7 +58,8 @@ def fmt_mem(r: dict | None) -> str:
     if r is None or r.get("peak_extra_bytes") is None:
         return "–"
     b = r["peak_extra_bytes"]
-    size = f"{b / MIB:.3g} MiB" if b >= MIB else f"{b / 1024:.3g} KiB"
+    size = (f"{b / 1024 / MIB:.3g} GiB" if b >= 1024 * MIB else f"{b / MIB:.3g} MiB" if b >= MIB
+            else f"{b / 1024:.3g} KiB")
     return f"{size} ({r['peak_ratio_to_nk_fp32']:.2g}×)"
 
 
@@ -98,6 +99,12 @@ def suite_table(doc: dict, suite: str) -> str:
     return "\n".join(lines)
 
 
+def _load_text(machine: dict) -> str:
+    loads = [f"{machine[f'load_average_1_5_15min_at_{when}'][0]:.2f} at {when}" for when in ("start", "end")
+             if f"load_average_1_5_15min_at_{when}" in machine]
+    return f"; load average {', '.join(loads)}" if loads else ""
+
+
 def markdown(path: Path, doc: dict, plot: Path | None) -> str:
     m = doc["machine"]
     rel = lambda p: p.resolve().relative_to(REPO) if p.resolve().is_relative_to(REPO) else p  # noqa: E731
@@ -107,8 +114,7 @@ def markdown(path: Path, doc: dict, plot: Path | None) -> str:
         f"taming-transformers-rom1504 {m.get('taming-transformers-rom1504')}, vector-quantize-pytorch "
         f"{m.get('vector-quantize-pytorch')}; {m['date_utc'][:10]}, commit {m.get('git_commit')}"
         + (" (quick sizes)" if doc.get("quick") else "")
-        + "".join(f"; load average {m[k][0]:.2f} at {k.rsplit('_', 1)[-1]}" for k in
-                  ("load_average_1_5_15min_at_start", "load_average_1_5_15min_at_end") if k in m) + ".",
+        + _load_text(m) + ".",
         "",
         "Times are medians of several runs after warm-up; speedup = anchor time / fastvq time (above 1: fastvq "
         "is faster); mem = peak extra resident memory of one call, outputs included, and in brackets as a "
