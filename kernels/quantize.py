@@ -223,8 +223,15 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, cosine: bool, *, split
     """Index (int64) and distance (fp32) of the nearest codebook row for every row of x.
 
     Inputs are validated by fastvq.ops.quantize.nearest_code. `splits` forces the number of codebook
-    ranges searched in parallel (chosen from the GPU's size when None); tests use it to exercise the merge.
+    ranges searched in parallel (chosen from the GPU's size when None), for testing their merge.
     """
+    if x.device.type == "cuda":
+        with torch.cuda.device(x.device):  # Triton launches on the current device, not the tensors'
+            return _nearest_code(x, codebook, cosine, splits)
+    return _nearest_code(x, codebook, cosine, splits)
+
+
+def _nearest_code(x, codebook, cosine, splits):
     N, D = x.shape
     K = codebook.shape[0]
     dot_dtype = torch.promote_types(x.dtype, codebook.dtype)
