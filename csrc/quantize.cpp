@@ -26,8 +26,11 @@ using nq::W;
 
 constexpr float kEps = 1e-12f;            // floor on norms for cosine, as in the reference
 constexpr int64_t kChunkFloats = 1 << 16;  // 256 KiB of packed codes: stays in L2 while x panels pass
-constexpr int64_t kBlockFloats = 1 << 18;  // 1 MiB of packed x per block: fewer passes over the codebook
-constexpr int64_t kMaxBlockRows = 256;
+// Rows of x per block: each block makes one pass over the whole codebook, so blocks must be large
+// enough that this pass (from L3, or DRAM for big codebooks) is cheap next to the FMAs, and small
+// enough that a block (128 x D fp32 per thread) stays a minor share of the call's memory.
+constexpr int64_t kBlockRows = 128;
+static_assert(kBlockRows % MR == 0, "blocks hold whole panels");
 
 template <typename T>
 void pack_codebook(const at::Tensor& cb, bool cosine, float* out) {
@@ -118,13 +121,11 @@ void search_rows(const at::Tensor& x, const nq::Codes& cb, bool cosine, int64_t 
   });
 }
 
-// Rows per block: enough to amortise streaming the codebook from L3, few enough that both
-// threads get work when N is small.
-int64_t block_rows_for(int64_t N, int64_t D) {
-  const int64_t by_cache = std::min(kMaxBlockRows, kBlockFloats / D) / MR * MR;
+// Fewer rows per block when N is small, so that both threads get work.
+int64_t block_rows_for(int64_t N) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_thread = ((N + threads - 1) / threads + MR - 1) / MR * MR;
-  return std::max<int64_t>(MR, std::min(by_cache, per_thread));
+  return std::min(kBlockRows, per_thread);
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::Tensor& cb, bool cosine) {
@@ -144,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cb.scalar_type(), "nearest_code_pack",
                                   [&] { pack_codebook<scalar_t>(cb, cosine, packed.data_ptr<float>()); });
   const nq::Codes codes{packed.data_ptr<float>(), groups, D, std::max<int64_t>(1, kChunkFloats / (D * NR))};
-  const int64_t block_rows = block_rows_for(N, D);
+  const int64_t block_rows = block_rows_for(N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nearest_code_search", [&] {
     search_rows<scalar_t>(x, codes, cosine, block_rows, idx.data_ptr<int64_t>(), dist.data_ptr<float>());
   });
