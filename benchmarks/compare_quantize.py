@@ -55,6 +55,9 @@ MODULE_NOTES = {
 }
 
 
+SUITES = ("nearest_code", "module_forward", "module_forward_backward")
+
+
 def cases(sizes: dict) -> list[dict]:
     out = []
     for K, D in itertools.product(sizes["K"], sizes["D"]):
@@ -202,6 +205,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, to check the script (written under build/bench/ by default)")
     p.add_argument("--out", type=Path, help="where to write the JSON (default benchmarks/results/quantize_cpu.json)")
+    p.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES), help="which suites to run (default all)")
     p.add_argument("--threads", type=int, default=2, help="torch and faiss threads (default 2)")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per case (default 900)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -237,7 +241,7 @@ def main(argv=None) -> int:
         "labels": {**NEAREST_IMPLS, **MODULE_IMPLS},
         "results": [],
     }
-    todo = cases(sizes)
+    todo = [c for c in cases(sizes) if c["suite"] in args.suites]
     start = time.perf_counter()
     load = os.getloadavg()[0]
     print(f"{len(todo)} cases, {args.threads} threads, writing {out}; load average {load:.2f}", flush=True)
