@@ -244,6 +244,26 @@ def test_decode_chunks_of_queries(backend, n, extra_slots, window, heads):
         torch.testing.assert_close(out, full[:, :, p:p + m], atol=1e-5, rtol=0, msg=f"chunk at {p}")
 
 
+def test_decode_step_is_one_graph_for_every_pos():
+    # A tensor pos must not be read on the host: torch.compile traces the step once, with no graph
+    # break and no recompile as the position advances (the precondition for CUDA-graph capture).
+    torch._dynamo.reset()
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    q, k, v = make_inputs(1, 4, 2, 1, 16, seed=12)
+    k_cache, v_cache = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    step = torch.compile(lambda q, pos: sliding_window_decode(q, k_cache, v_cache, pos, 8, backend="torch"),
+                         fullgraph=True, backend=count_graphs)
+    for p in (3, 4, 11, 30):
+        want = sliding_window_decode(q, k_cache, v_cache, p, 8, backend="torch")
+        torch.testing.assert_close(step(q, torch.tensor(p)), want)
+    assert len(graphs) == 1
+
+
 def test_decode_ring_too_small_is_refused():
     q, k, v = make_inputs(1, 1, 1, 3, 16)
     cache = torch.zeros(1, 1, 4, 16)
