@@ -2,7 +2,9 @@
 
 Query i sees key j iff 0 <= i - j < window. A block of BLOCK_M queries starting at m0 therefore
 meets only the keys m0 - window + 1 .. m0 + BLOCK_M - 1, and every loop below walks exactly the
-key (or query) blocks that band touches: the work is O(T * window), not O(T^2).
+key (or query) blocks that band touches: the work is O(T * window), not O(T^2). Each walk is cut
+in three: the edge tiles that straddle the band's borders are masked, the interior tiles that every
+row sees whole (usually most of them when the window spans several blocks) skip the mask.
 
 Forward (one program per query block and head): the flash-attention-2 online softmax. Scores are
 kept in base 2 (scale * log2 e folded into one multiply, exp2 in the loop) and only the row
@@ -16,9 +18,15 @@ Backward, atomics-free, three launches:
   3. one program per query block and head computes dQ over the same key range as the forward.
 P is recomputed from the saved log-sum-exp in both (2) and (3): the price of never storing it.
 
+Decode: one program per key/value head and tile of (query head of the group, new query) rows, a
+single online-softmax pass over the ring, each slot's absolute position derived from pos on the
+device.
+
 Precision: tl.dot takes fp16/bf16 operands as they are (fp32 accumulation) and fp32 operands in
-IEEE mode, never TF32. Under TRITON_INTERPRET=1 bf16 arithmetic is wrong, so every tile is widened
-to fp32 on load there, and one fixed block configuration is used (no autotuning without a driver).
+IEEE mode, never TF32. Block sizes come from a small table by head size (no autotuning, which the
+interpreter cannot run). Under TRITON_INTERPRET=1 bf16 arithmetic is wrong and fp32 -> bf16 stores
+truncate, so there every tile is widened to fp32 on load and bf16 results are rounded by torch.
+Everything here compiles with Triton 3.2 (hence no *args in kernel calls, no tl.range options).
 """
 from __future__ import annotations
 
