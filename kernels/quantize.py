@@ -28,9 +28,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
 _EPS = 1e-12  # same norm floor as fastvq.ops.quantize.nearest_code_reference: zero vectors get distance 1
 # Up to this many elements per row (by element size), a row block's x tile stays loaded for the
 # whole codebook sweep (the flash-attention pattern): codebook tiles are then the only loop traffic
-# and the pipeliner can prefetch them. fp32/fp64 dots run on FMA units with operands in registers,
-# so their resident tile is kept smaller.
-_RESIDENT_MAX_D = {2: 256, 4: 64, 8: 32}
+# and the pipeliner can prefetch them. fp32 dots run on FMA units with operands in registers, so
+# their resident tile is kept smaller; fp64 takes the outer-product path, which streams x.
+_RESIDENT_MAX_D = {2: 256, 4: 64, 8: 0}
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
 
@@ -81,7 +81,7 @@ def _merge_tile(dots, term_ptr, offs_k, k_mask, floor, best, best_idx, COSINE: t
 def _nearest_code_kernel(x_ptr, c_ptr, term_ptr, dist_ptr, idx_ptr,
                          N, K, D, stride_xn, stride_xd, stride_ck, stride_cd,
                          COSINE: tl.constexpr, EPS: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-                         X_RESIDENT: tl.constexpr, BLOCK_D: tl.constexpr,
+                         X_RESIDENT: tl.constexpr, OUTER: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     # Axis 1 splits the codebook into contiguous, BLOCK_K-aligned ranges, in index order.
@@ -93,7 +93,8 @@ def _nearest_code_kernel(x_ptr, c_ptr, term_ptr, dist_ptr, idx_ptr,
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn
+    x_row_ptrs = x_ptr + offs_n.to(tl.int64) * stride_xn
+    x_rows = x_row_ptrs[:, None]
     arange_k = tl.arange(0, BLOCK_K)
     arange_d = tl.arange(0, BLOCK_D)
 
@@ -125,14 +126,23 @@ def _nearest_code_kernel(x_ptr, c_ptr, term_ptr, dist_ptr, idx_ptr,
         for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + arange_k
             k_mask = offs_k < K
-            c_rows = c_ptr + offs_k.to(tl.int64)[:, None] * stride_ck
+            c_row_ptrs = c_ptr + offs_k.to(tl.int64) * stride_ck
             dots = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + arange_d
-                d_mask = offs_d < D
-                x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-                c = tl.load(c_rows + offs_d[None, :] * stride_cd, mask=k_mask[:, None] & d_mask[None, :], other=0.0)
-                dots = tl.dot(x.to(DOT), tl.trans(c.to(DOT)), dots, input_precision="ieee")
+            if OUTER:
+                # fp64: tl.dot takes no fp64 operands before triton 3.3, so sum one outer product per
+                # coordinate instead (exact fp64 FMAs; fp64 is for accuracy, not speed).
+                for d in range(0, D):
+                    xv = tl.load(x_row_ptrs + d * stride_xd, mask=n_mask, other=0.0).to(ACC)
+                    cv = tl.load(c_row_ptrs + d * stride_cd, mask=k_mask, other=0.0).to(ACC)
+                    dots += xv[:, None] * cv[None, :]
+            else:
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = d0 + arange_d
+                    d_mask = offs_d < D
+                    x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                    c = tl.load(c_row_ptrs[:, None] + offs_d[None, :] * stride_cd, mask=k_mask[:, None] & d_mask[None, :],
+                                other=0.0)
+                    dots = tl.dot(x.to(DOT), tl.trans(c.to(DOT)), dots, input_precision="ieee")
             best, best_idx = _merge_tile(dots, term_ptr, offs_k, k_mask, floor, best, best_idx, COSINE)
 
     if COSINE:
@@ -238,6 +248,7 @@ def _nearest_code(x, codebook, cosine, splits):
     acc_dtype = torch.float64 if dot_dtype == torch.float64 else torch.float32
     elem_size = dot_dtype.itemsize
     block_d, resident = _block_d(D, elem_size)
+    outer = dot_dtype == torch.float64
     if _INTERPRET and dot_dtype in (torch.float16, torch.bfloat16):
         dot_dtype = torch.float32  # the interpreter's bf16 arithmetic is wrong; fp32 is exact for these products
 
@@ -250,7 +261,7 @@ def _nearest_code(x, codebook, cosine, splits):
 
     args = (x, codebook, term, dist, idx, N, K, D, x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1))
     meta = dict(COSINE=cosine, EPS=_EPS, DOT=_TL_DTYPES[dot_dtype], ACC=_TL_DTYPES[acc_dtype],
-                X_RESIDENT=resident, BLOCK_D=block_d)
+                X_RESIDENT=resident, OUTER=outer, BLOCK_D=block_d)
     if _INTERPRET:
         grid = (triton.cdiv(N, _INTERPRET_BLOCKS["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRET_BLOCKS)
