@@ -2,7 +2,7 @@
 
 Each program owns BLOCK_N rows of x and streams the codebook past them BLOCK_K codes at a time.
 The x . c^T tile comes from tl.dot (tensor cores: fp16/bf16 natively, fp32 in IEEE mode, never
-TF32), and only a running (min, argmin) per row survives a tile. Ranking uses a per-code term that
+TF32; fp64 from outer products), and only a running (min, argmin) per row survives a tile. Ranking uses a per-code term that
 a small kernel computes once per call, so the inner loop spends a handful of ALU ops per distance:
 
   l2:      ||x - c||^2 = ||x||^2 + (||c||^2 - 2 x.c)      rank by  ||c||^2 - 2 x.c
@@ -129,8 +129,8 @@ def _nearest_code_kernel(x_ptr, c_ptr, term_ptr, dist_ptr, idx_ptr,
             c_row_ptrs = c_ptr + offs_k.to(tl.int64) * stride_ck
             dots = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
             if OUTER:
-                # fp64: tl.dot takes no fp64 operands before triton 3.3, so sum one outer product per
-                # coordinate instead (exact fp64 FMAs; fp64 is for accuracy, not speed).
+                # fp64: tl.dot in triton 3.2 (the oldest supported) takes no fp64 operands, so sum one
+                # outer product per coordinate instead (exact fp64 FMAs; fp64 is for accuracy, not speed).
                 for d in range(0, D):
                     xv = tl.load(x_row_ptrs + d * stride_xd, mask=n_mask, other=0.0).to(ACC)
                     cv = tl.load(c_row_ptrs + d * stride_cd, mask=k_mask, other=0.0).to(ACC)
