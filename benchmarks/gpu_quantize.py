@@ -1,8 +1,9 @@
 """nearest_code on a CUDA GPU: the Triton kernel against the bare matmul x @ cb.T and the torch reference.
 
 First a correctness sweep on the device (odd shapes, every dtype and metric, strided x, duplicated
-codes, a split codebook), because the test suite may not put tensors on the GPU. Then, for each (N, K, D, dtype) it records the median time of several CUDA-event-timed runs after warm-up
-(the first call also autotunes), the TFLOP/s that time means (2 N K D / t), the ratio to the bare
+codes, a split codebook), because the test suite may not put tensors on the GPU. Then, for each
+(N, K, D, dtype), it records the median time of several CUDA-event-timed runs after warm-up (the
+first call also autotunes), the TFLOP/s that time means (2 N K D / t), the ratio to the bare
 matmul on the same inputs and to the device's practical matmul throughput (a large square matmul of
 the same dtype, measured once), the extra peak memory of one call, and how often the kernel's index
 agrees with the reference's. The matmul writes the N x K matrix the search never forms, so at small D
