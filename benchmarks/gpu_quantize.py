@@ -208,7 +208,9 @@ def main() -> int:
     doc = {"benchmark": "quantize_gpu", "machine": device_description(device),
            "settings": {"warmup": args.warmup, "runs": args.runs, "statistic": "median",
                         "timer": "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter",
-                        "peak_memory": "torch.cuda.max_memory_allocated during one call minus memory_allocated before it"},
+                        "peak_memory": "torch.cuda.max_memory_allocated during one call minus memory_allocated before it",
+                        # the fp32 matmul anchor is only comparable to the kernel's IEEE fp32 dots without TF32
+                        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32},
            "matmul_probe": {}, "cases": [], "skipped": [], "errors": []}
 
     def save():
