@@ -298,20 +298,23 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
 # ----------------------------------------------------------------------------- decode on a ring buffer
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr,
-                   sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
-                   sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
-                   H_KV, GROUP, N_NEW, SLOTS, D, WINDOW, qk_scale,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, lse_ptr, pos_ptr,
+                   sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+                   H_KV, GROUP, N_NEW, SLOTS, SLOTS_PER_SPLIT, D, WINDOW, qk_scale,
                    DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows are (query head of the group, new query) pairs of one key/value head: the group shares
-    every cache tile it loads, and with one new query per step that is what fills a tile at all."""
+    every cache tile it loads, and with one new query per step that is what fills a tile at all.
+    Axis 2 splits the ring (flash-decoding): each split leaves its normalised partial output and
+    base-2 log-sum-exp, so a few rows still spread over the whole GPU; the host merges them."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     bhk = tl.program_id(1)
+    split = tl.program_id(2)
     b, hk = (bhk // H_KV).to(tl.int64), (bhk % H_KV).to(tl.int64)
     h = hk * GROUP + offs_r // N_NEW
     i = offs_r % N_NEW
     offs_d = tl.arange(0, BLOCK_D)
-    row_mask = (offs_r < GROUP * N_NEW)[:, None] & (offs_d < D)[None, :]
+    row_ok = offs_r < GROUP * N_NEW
+    row_mask = row_ok[:, None] & (offs_d < D)[None, :]
     q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + i[:, None] * sq_t + offs_d[None, :] * sq_d,
                 mask=row_mask, other=0.0).to(DOT)
     # pos is read here, not on the host, so the launch is the same whatever the position.
@@ -324,7 +327,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr,
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, SLOTS, BLOCK_N):
+    first = split * SLOTS_PER_SPLIT
+    for s0 in range(first, tl.minimum(first + SLOTS_PER_SPLIT, SLOTS), BLOCK_N):
         slot = s0 + tl.arange(0, BLOCK_N)
         # Slot s holds the latest position <= last that is s mod SLOTS; negative means never written.
         # last - slot > -SLOTS, so adding SLOTS keeps the remainder's operand non-negative.
@@ -335,9 +339,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr,
         visible = _in_window(q_pos[:, None], k_pos[None, :], WINDOW) & ((k_pos >= 0) & (slot < SLOTS))[None, :]
         m_i, l_i, acc = _online_softmax_step(tl.where(visible, s, float("-inf")), v, m_i, l_i, acc, DOT)
 
-    out, _ = _finish_rows(m_i, l_i, acc)
-    tl.store(o_ptr + b * so_b + h[:, None] * so_h + i[:, None] * so_t + offs_d[None, :] * so_d,
-             out.to(o_ptr.dtype.element_ty), mask=row_mask)
+    # A split that saw nothing visible leaves zeros and lse = -inf: weight 0 in the merge.
+    out, lse2 = _finish_rows(m_i, l_i, acc)
+    row = ((b * H_KV * GROUP + h) * N_NEW + i) * tl.num_programs(2) + split  # part is (B, H, n, splits, D)
+    tl.store(part_ptr + row[:, None] * D + offs_d[None, :], out, mask=row_mask)
+    tl.store(lse_ptr + row, lse2, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -422,6 +428,15 @@ def attention_backward(grad_out, q, k, v, out, lse, window: int, scale: float):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _decode_splits(programs: int, slot_tiles: int, device: torch.device) -> int:
+    """How many pieces to cut the ring into so about two programs run per SM, each still walking
+    a few tiles. Under the interpreter one tile per split, so small tests exercise the merge."""
+    if _INTERPRET or device.type != "cuda":
+        return slot_tiles
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(slot_tiles, 4)))
+
+
 def decode(q, k_cache, v_cache, pos, window: int, scale: float):
     """Output (B, H, n, Dh) of n new queries at pos.. against the ring caches (B, H_kv, S, Dh)."""
     _check_supported(q)
@@ -430,12 +445,19 @@ def decode(q, k_cache, v_cache, pos, window: int, scale: float):
     group = h // h_kv
     if not isinstance(pos, torch.Tensor):
         pos = torch.tensor(pos, dtype=torch.int64, device=q.device)
-    out = _empty_result(q)
     block_m, block_n, block_d, warps, stages = _blocks(d, q.element_size())
     block_r = min(block_m, max(16, triton.next_power_of_2(group * n_new)))
-    grid = (triton.cdiv(group * n_new, block_r), b * h_kv)
-    _decode_kernel[grid](q, k_cache, v_cache, out, pos, *_strides(q), *_strides(k_cache), *_strides(v_cache),
-                         *_strides(out), h_kv, group, n_new, slots, d, window, scale * LOG2E.value,
-                         DOT=_dot_dtype(q.dtype), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
-                         num_warps=warps, num_stages=stages)
-    return out.to(q.dtype)
+    row_tiles, slot_tiles = triton.cdiv(group * n_new, block_r), triton.cdiv(slots, block_n)
+    splits = _decode_splits(row_tiles * b * h_kv, slot_tiles, q.device)
+    part = torch.empty((b, h, n_new, splits, d), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty((b, h, n_new, splits), dtype=torch.float32, device=q.device)
+    _decode_kernel[(row_tiles, b * h_kv, splits)](
+        q, k_cache, v_cache, part, lse2, pos, *_strides(q), *_strides(k_cache), *_strides(v_cache),
+        h_kv, group, n_new, slots, triton.cdiv(slot_tiles, splits) * block_n, d, window, scale * LOG2E.value,
+        DOT=_dot_dtype(q.dtype), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=warps, num_stages=stages)
+    if splits == 1:
+        return part[:, :, :, 0].to(q.dtype)
+    # Every row's own key is in some split, so the largest lse is finite.
+    weight = torch.exp2(lse2 - lse2.amax(-1, keepdim=True))
+    return ((weight[..., None] * part).sum(-2) / weight.sum(-1, keepdim=True)).to(q.dtype)
