@@ -18,9 +18,9 @@ Backward, atomics-free, three launches:
   3. one program per query block and head computes dQ over the same key range as the forward.
 P is recomputed from the saved log-sum-exp in both (2) and (3): the price of never storing it.
 
-Decode: one program per key/value head and tile of (query head of the group, new query) rows, a
-single online-softmax pass over the ring, each slot's absolute position derived from pos on the
-device.
+Decode: one program per key/value head, tile of (query head of the group, new query) rows and
+split of the ring; each slot's absolute position is derived from pos on the device, and the splits'
+partial outputs are merged by their log-sum-exp (flash-decoding), so B * H_kv small still fills a GPU.
 
 Precision: tl.dot takes fp16/bf16 operands as they are (fp32 accumulation) and fp32 operands in
 IEEE mode, never TF32. Block sizes come from a small table by head size (no autotuning, which the
