@@ -15,8 +15,20 @@ SHAPES = [(1, 1, 1), (7, 1, 3), (33, 17, 5), (100, 257, 8), (65, 31, 64), (50, 4
 TRITON_SHAPES = [(1, 1, 1), (7, 1, 3), (33, 17, 5), (70, 45, 8), (37, 33, 64), (21, 18, 130)]
 
 
+def device_of(backend):
+    """Triton runs on the GPU where there is one, else on CPU tensors through the interpreter."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def shapes_for(backend):
-    return TRITON_SHAPES if backend == "triton" else SHAPES
+    return TRITON_SHAPES if backend == "triton" and device_of(backend) == "cpu" else SHAPES
+
+
+def search(x, cb, backend, **kwargs):
+    """nearest_code on the backend's device, results back on the CPU for comparison."""
+    dev = device_of(backend)
+    idx, dist = fastvq.nearest_code(x.to(dev), cb.to(dev), backend=backend, **kwargs)
+    return idx.cpu(), dist.cpu()
 
 
 def exact_sq_dist(x, codebook, idx):
@@ -52,7 +64,7 @@ def test_matches_reference_fp32(backend, metric):
     for n, k, d in shapes_for(backend):
         x = torch.randn(n, d, generator=g)
         cb = torch.randn(k, d, generator=g)
-        idx, dist = fastvq.nearest_code(x, cb, metric=metric, backend=backend)
+        idx, dist = search(x, cb, backend, metric=metric)
         ref_idx, ref_dist = nearest_code_reference(x, cb, metric)
         assert idx.shape == (n,) and dist.shape == (n,)
         assert_nearest(x, cb, idx, dist, metric)
@@ -68,7 +80,7 @@ def test_low_precision_inputs_accumulate_in_fp32(backend, dtype):
     for n, k, d in shapes_for(backend):
         x = torch.randn(n, d, generator=g).to(dtype)
         cb = torch.randn(k, d, generator=g).to(dtype)
-        idx, dist = fastvq.nearest_code(x, cb, backend=backend)
+        idx, dist = search(x, cb, backend)
         # The oracle sees the same rounded inputs, upcast: only accumulation order may differ.
         assert_nearest(x.float(), cb.float(), idx, dist)
 
@@ -80,7 +92,7 @@ def test_ties_go_to_lowest_index(backend):
     # Codes 0..4, then the same five again, then again: every nearest code has two copies above it.
     cb = torch.cat([base, base, base, torch.randn(4, 24, generator=g) * 10])
     x = torch.cat([base, base + 0.01 * torch.randn(5, 24, generator=g)])
-    idx, dist = fastvq.nearest_code(x, cb, backend=backend)
+    idx, dist = search(x, cb, backend)
     assert idx.tolist() == list(range(5)) * 2
     assert (dist[:5] <= 1e-4).all()
 
@@ -92,18 +104,20 @@ def test_tie_across_codebook_tiles(backend):
     cb = torch.randn(300, d, generator=torch.Generator().manual_seed(3)) * 5
     cb[297] = cb[3]
     x = cb[3:4].clone()
-    idx, _ = fastvq.nearest_code(x, cb, backend=backend)
+    idx, _ = search(x, cb, backend)
     assert idx.item() == 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(40, 2 * 37, generator=g)[:, ::2]        # strided rows
-    cb = torch.randn(37, 23, generator=g).t()               # transposed: (23, 37), column-major
+    dev = device_of(backend)
+    x = torch.randn(40, 2 * 37, generator=g).to(dev)[:, ::2]   # strided rows
+    cb = torch.randn(37, 23, generator=g).to(dev).t()          # transposed: (23, 37), column-major
     assert not x.is_contiguous() and not cb.is_contiguous()
     idx, dist = fastvq.nearest_code(x, cb, backend=backend)
-    ref_idx, ref_dist = nearest_code_reference(x.contiguous(), cb.contiguous())
+    idx, dist = idx.cpu(), dist.cpu()
+    ref_idx, ref_dist = nearest_code_reference(x.cpu().contiguous(), cb.cpu().contiguous())
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(dist, ref_dist, atol=1e-3, rtol=1e-4)
 
@@ -112,14 +126,14 @@ def test_non_contiguous_inputs(backend):
 def test_distances_clamped_at_zero(backend):
     # A point equal to a large code: the expanded form cancels to about +-1e-2, must come back as >= 0.
     cb = torch.randn(8, 32, generator=torch.Generator().manual_seed(5)) * 100
-    idx, dist = fastvq.nearest_code(cb.clone(), cb, backend=backend)
+    idx, dist = search(cb.clone(), cb, backend)
     assert idx.tolist() == list(range(8))
     assert (dist >= 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_rows(backend):
-    idx, dist = fastvq.nearest_code(torch.empty(0, 6), torch.randn(4, 6), backend=backend)
+    idx, dist = search(torch.empty(0, 6), torch.randn(4, 6), backend)
     assert idx.shape == (0,) and idx.dtype == torch.int64
     assert dist.shape == (0,) and dist.dtype == torch.float32
 
@@ -202,16 +216,17 @@ def vq_by_autograd(z, cb, w_commit, w_code):
 @pytest.mark.parametrize("weights", [(1.0, 0.25), (0.25, 1.0), (0.25, 0.0)])
 def test_vector_quantize_forward_backward(backend, weights):
     g = torch.Generator().manual_seed(6)
-    n, k, d = (45, 19, 13) if backend == "triton" else (301, 67, 37)
+    n, k, d = (45, 19, 13) if shapes_for(backend) is TRITON_SHAPES else (301, 67, 37)
     z0, cb0 = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
     grad_out = torch.randn(n, d, generator=g)
     results = []
     for fn in (lambda z, cb: vector_quantize(z, cb, commitment_weight=weights[0], codebook_weight=weights[1], backend=backend),
                lambda z, cb: vq_by_autograd(z, cb, *weights)):
-        z, cb = z0.clone().requires_grad_(), cb0.clone().requires_grad_()
+        dev = device_of(backend)
+        z, cb = z0.to(dev).requires_grad_(), cb0.to(dev).requires_grad_()
         z_q, loss, idx = fn(z, cb)
-        ((z_q * grad_out).sum() + 3.0 * loss).backward()
-        results.append((z_q.detach(), loss.detach(), idx, z.grad, cb.grad))
+        ((z_q * grad_out.to(dev)).sum() + 3.0 * loss).backward()
+        results.append(tuple(t.detach().cpu() for t in (z_q, loss, idx, z.grad, cb.grad)))
     (zq, loss, idx, gz, gc), (zq_r, loss_r, idx_r, gz_r, gc_r) = results
     assert torch.equal(idx, idx_r)
     torch.testing.assert_close(zq, zq_r)

@@ -60,8 +60,10 @@ def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor, metric: str 
             d = (xb.pow(2).sum(1, keepdim=True) - 2 * dots + c_sq).clamp_min_(0)
         else:
             d = 1 - dots * c_inv / xb.norm(dim=1, keepdim=True).clamp_min(_EPS)
-        best, arg = d.min(dim=1)  # torch.min returns the lowest index among ties
-        idx[s:s + rows] = arg
+        best = d.min(dim=1).values
+        # torch.min's index among ties depends on its vectorised path; pick the lowest explicitly.
+        positions = torch.arange(d.shape[1], device=d.device).expand_as(d)
+        idx[s:s + rows] = torch.where(d == best[:, None], positions, d.shape[1]).min(dim=1).values
         dist[s:s + rows] = best.clamp_min(0).to(torch.float32)
     return idx, dist
 
