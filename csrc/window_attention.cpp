@@ -1,0 +1,551 @@
+// Sliding-window causal attention on CPU: forward, backward and ring-buffer decode.
+//
+// Query i sees key j iff i - window < j <= i. Sequences are cut into blocks of BLK positions; a
+// query block meets only the key blocks its window reaches, so work is O(T * window * Dh) and
+// extra memory O(T * Dh): fp32 row copies of the inputs (Dh padded to a multiple of 16 with
+// zeros, which changes no dot product) and transposed key-block panels [Dh][BLK] that let the
+// score GEMMs vectorise along keys. Every product of two tiles goes through one register-blocked
+// micro-kernel: C[rows][cols] (+)= sum_k A(row, k) * B[k][cols], cols in SIMD lanes, A broadcast.
+//
+// Softmax runs in base 2 (scores times scale * log2 e) so each probability is one exp2; the
+// forward keeps a running (max, sum) per row (online softmax) and saves lse = ln-sum-exp. The
+// backward recomputes probabilities from lse. It runs per (batch, kv head, run of key blocks):
+// dK and dV of a key block are summed over its GQA group and every query block that sees it,
+// in registers-and-L1 buffers, while dQ of query blocks inside the run is written directly. The
+// few query blocks past the run's end that still see its keys go to a small per-run overflow
+// buffer, added afterwards; runs are at least that long, so no two threads touch one row.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VL = 16, MR = 6;  // 6 rows x 4 vectors = 24 accumulators of the 32 zmm
+#else
+constexpr int VL = 8, MR = 4;
+#endif
+constexpr int NVMAX = 4;     // vectors per micro-tile row
+constexpr int64_t BLK = 64;  // positions per query block and per key block
+constexpr int NVB = BLK / VL;
+constexpr int64_t DALIGN = 16;  // head_dim is padded to a multiple of this
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vi load_i(const int32_t* p) {
+  vi v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf splat(float x) { return vf{} + x; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < VL; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VL; ++i) s += v[i];
+  return s;
+}
+
+// 2^x, relative error ~2e-7; x <= -126.5 (and -inf) gives exactly 0, so masked scores vanish.
+inline vf exp2v(vf x) {
+  x = x < splat(-127.f) ? splat(-127.f) : x;
+  x = x > splat(127.f) ? splat(127.f) : x;
+  const vf r = (x + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
+  const vf f = x - r;                          // in [-0.5, 0.5]
+  vf p = splat(1.5403530e-4f);
+  p = p * f + 1.3333558e-3f;
+  p = p * f + 9.6181291e-3f;
+  p = p * f + 5.5504109e-2f;
+  p = p * f + 2.4022651e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.f;
+  const vi bits = (__builtin_convertvector(r, vi) + 127) << 23;  // 2^r; r = -127 -> +0
+  return p * (vf)bits;
+}
+
+// ----------------------------------------------------------------------------- micro-kernel
+
+// C[R][NV*VL] (+)= sum_{k<K} A[r*ars + k*aks] * B[k*ldb + 0 .. NV*VL)
+template <int R, int NV, bool ACC>
+void tile(float* C, int64_t ldc, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb, int64_t K) {
+  vf c[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[r][v] = ACC ? load(C + r * ldc + v * VL) : vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + v * VL);
+    const float* a = A + k * aks;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf ar = splat(a[r * ars]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] += ar * b[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * VL, c[r][v]);
+}
+
+template <int NV, bool ACC>
+void tile_rows(int rows, float* C, int64_t ldc, const float* A, int64_t ars, int64_t aks, const float* B,
+               int64_t ldb, int64_t K) {
+  switch (rows) {
+    case 1: return tile<1, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
+    case 2: return tile<2, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
+    case 3: return tile<3, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
+    case 4: return tile<4, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
+#if defined(__AVX512F__)
+    case 5: return tile<5, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
+    case 6: return tile<6, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
+#endif
+  }
+}
+
+// C[M][N] (+)= A(M x K, element (r, k) at A[r*ars + k*aks]) * B[K][N] (row stride ldb); N % VL == 0.
+template <bool ACC>
+void gemm(float* C, int64_t ldc, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb, int64_t M,
+          int64_t N, int64_t K) {
+  for (int64_t n0 = 0; n0 < N; n0 += NVMAX * VL) {
+    const int nv = static_cast<int>(std::min<int64_t>(NVMAX, (N - n0) / VL));
+    for (int64_t r0 = 0; r0 < M; r0 += MR) {
+      const int rows = static_cast<int>(std::min<int64_t>(MR, M - r0));
+      float* c = C + r0 * ldc + n0;
+      const float* a = A + r0 * ars;
+      const float* b = B + n0;
+      switch (nv) {
+        case 1: tile_rows<1, ACC>(rows, c, ldc, a, ars, aks, b, ldb, K); break;
+        case 2: tile_rows<2, ACC>(rows, c, ldc, a, ars, aks, b, ldb, K); break;
+        case 3: tile_rows<3, ACC>(rows, c, ldc, a, ars, aks, b, ldb, K); break;
+        default: tile_rows<4, ACC>(rows, c, ldc, a, ars, aks, b, ldb, K); break;
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- softmax rows
+
+// Scores s[0..BLK) of query position qi against keys at kpos[]: visible iff 0 <= qi - kpos < window.
+inline vf masked(vf x, int32_t qi, const int32_t* kpos, int v, uint32_t window) {
+  const vu d = (vu)(vi{} + qi - load_i(kpos + v * VL));
+  return d < (vu{} + window) ? x : splat(kNegInf);
+}
+
+// One online-softmax step for a row of BLK scores: updates (m, l) (base 2), turns s into
+// probabilities relative to the new max, and returns the factor the row's output must be scaled by.
+template <bool MASKED>
+inline float online_row(float* s, float c, int32_t qi, const int32_t* kpos, uint32_t window, float& m, float& l) {
+  vf x[NVB];
+  vf mx = splat(kNegInf);
+#pragma GCC unroll 8
+  for (int v = 0; v < NVB; ++v) {
+    x[v] = load(s + v * VL) * c;
+    if (MASKED) x[v] = masked(x[v], qi, kpos, v, window);
+    mx = vmax(mx, x[v]);
+  }
+  const float mn = std::max(m, hmax(mx));
+  if (mn == kNegInf) {  // nothing visible to this row yet: its output and sum stay zero
+    std::memset(s, 0, BLK * sizeof(float));
+    return 1.f;
+  }
+  const float alpha = std::exp2(m - mn);  // 0 when m = -inf
+  vf sum{};
+#pragma GCC unroll 8
+  for (int v = 0; v < NVB; ++v) {
+    const vf p = exp2v(x[v] - mn);
+    store(s + v * VL, p);
+    sum += p;
+  }
+  l = l * alpha + hsum(sum);
+  m = mn;
+  return alpha;
+}
+
+inline void scale_row(float* o, int64_t Dp, float alpha) {
+  for (int64_t d = 0; d < Dp; d += VL) store(o + d, load(o + d) * alpha);
+}
+
+// Backward row: s (scores) becomes P = 2^(s c - lse2), dp becomes scale * P * (dp - delta).
+template <bool MASKED>
+inline void grad_row(float* s, float* dp, float c, float lse2, float delta, float scale, int32_t qi,
+                     const int32_t* kpos, uint32_t window) {
+#pragma GCC unroll 8
+  for (int v = 0; v < NVB; ++v) {
+    vf x = load(s + v * VL) * c - lse2;
+    if (MASKED) x = masked(x, qi, kpos, v, window);
+    const vf p = exp2v(x);
+    store(s + v * VL, p);
+    store(dp + v * VL, p * (load(dp + v * VL) - delta) * scale);
+  }
+}
+
+// ----------------------------------------------------------------------------- layouts
+
+int64_t padded(int64_t d) { return (d + DALIGN - 1) / DALIGN * DALIGN; }
+int64_t blocks(int64_t t) { return (t + BLK - 1) / BLK; }
+
+// (B, heads, T, Dp) contiguous fp32: t itself when it already is, else a copy zero-padded in Dh.
+at::Tensor as_rows(const at::Tensor& t, int64_t Dp) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous() && t.size(3) == Dp) return t;
+  auto sizes = t.sizes().vec();
+  sizes[3] = Dp;
+  auto out = Dp == t.size(3) ? at::empty(sizes, t.options().dtype(at::kFloat))
+                             : at::zeros(sizes, t.options().dtype(at::kFloat));
+  out.narrow(3, 0, t.size(3)).copy_(t);
+  return out;
+}
+
+// Key-block panels of rows (B, Hk, T, Dp): (B*Hk, nkb, Dp, BLK), panel[d][j] = row kb*BLK + j, zero past T.
+at::Tensor panels(const at::Tensor& rows) {
+  const int64_t BH = rows.size(0) * rows.size(1), T = rows.size(2), Dp = rows.size(3), nkb = blocks(T);
+  auto out = at::empty({BH, nkb, Dp, BLK}, rows.options());
+  const float* src = rows.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, BH * nkb, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = b0; t < b1; ++t) {
+      const int64_t bh = t / nkb, j0 = (t % nkb) * BLK, kn = std::min(BLK, T - j0);
+      float* p = dst + t * Dp * BLK;
+      if (kn < BLK) std::fill(p, p + Dp * BLK, 0.f);
+      const float* r = src + (bh * T + j0) * Dp;
+      for (int64_t j = 0; j < kn; ++j)
+        for (int64_t d = 0; d < Dp; ++d) p[d * BLK + j] = r[j * Dp + d];
+    }
+  });
+  return out;
+}
+
+// Back to the caller's dtype and head_dim (a view-free no-op for fp32 without padding).
+at::Tensor finish(const at::Tensor& rows, int64_t D, at::ScalarType dtype) {
+  if (rows.size(3) == D && dtype == at::kFloat) return rows;
+  return rows.narrow(3, 0, D).to(dtype).contiguous();
+}
+
+void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, heads, seq, head_dim), got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": tensors must be on the CPU");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": q must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": q, k, v must share one dtype, got ", dt, ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k ", k.sizes(), " and v ", v.sizes(), " must have the same shape");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
+              ": k/v ", k.sizes(), " must match q ", q.sizes(), " in batch and head_dim, with q's heads a multiple of theirs");
+}
+
+// ----------------------------------------------------------------------------- forward
+
+struct Forward {
+  const float *q, *kt, *v;  // q rows (B*H, T, Dp), key panels (B*Hk, nkb, Dp, BLK), value rows (B*Hk, T, Dp)
+  float *out, *lse;         // out rows (B*H, T, Dp), lse (B*H, T)
+  int64_t H, group, T, Dp, window;
+  float scale;
+};
+
+// One block of up to BLK queries against the key blocks of its window, nearest first: the diagonal
+// block gives every row a finite max before any partly visible block arrives.
+void forward_block(const Forward& a, int64_t bh, int64_t qb, float* S, float* O, int32_t* kpos) {
+  const int64_t nkb = blocks(a.T), i0 = qb * BLK, m = std::min(BLK, a.T - i0);
+  const int64_t bkv = (bh / a.H) * (a.H / a.group) + (bh % a.H) / a.group;
+  const int64_t kb_lo = std::max<int64_t>(0, i0 - a.window + 1) / BLK;
+  const float c = a.scale * kLog2e;
+  const float* q = a.q + (bh * a.T + i0) * a.Dp;
+  float mrow[BLK], lrow[BLK];
+  std::fill(mrow, mrow + BLK, kNegInf);
+  std::fill(lrow, lrow + BLK, 0.f);
+  for (int64_t kb = qb; kb >= kb_lo; --kb) {
+    const int64_t j0 = kb * BLK, kn = std::min(BLK, a.T - j0);
+    const bool first = kb == qb, interior = kb < qb && i0 + m - 1 - j0 < a.window;
+    gemm<false>(S, BLK, q, a.Dp, 1, a.kt + (bkv * nkb + kb) * a.Dp * BLK, BLK, m, BLK, a.Dp);
+    for (int64_t j = 0; j < BLK; ++j) kpos[j] = static_cast<int32_t>(j0 + j);
+    for (int64_t r = 0; r < m; ++r) {
+      const int32_t qi = static_cast<int32_t>(i0 + r);
+      const float alpha =
+          interior ? online_row<false>(S + r * BLK, c, qi, kpos, a.window, mrow[r], lrow[r])
+                   : online_row<true>(S + r * BLK, c, qi, kpos, static_cast<uint32_t>(a.window), mrow[r], lrow[r]);
+      if (!first && alpha != 1.f) scale_row(O + r * a.Dp, a.Dp, alpha);
+    }
+    const float* vrows = a.v + (bkv * a.T + j0) * a.Dp;
+    if (first)
+      gemm<false>(O, a.Dp, S, BLK, 1, vrows, a.Dp, m, a.Dp, kn);
+    else
+      gemm<true>(O, a.Dp, S, BLK, 1, vrows, a.Dp, m, a.Dp, kn);
+  }
+  float* out = a.out + (bh * a.T + i0) * a.Dp;
+  for (int64_t r = 0; r < m; ++r) {
+    const float inv = 1.f / lrow[r];
+    for (int64_t d = 0; d < a.Dp; d += VL) store(out + r * a.Dp + d, load(O + r * a.Dp + d) * inv);
+    a.lse[bh * a.T + i0 + r] = (mrow[r] + std::log2(lrow[r])) * kLn2;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, int64_t window, double scale) {
+  const char* op = "sliding_window_attention_fwd (cpp)";
+  check_attention_inputs(op, q, k, v);
+  TORCH_CHECK(k.size(2) == q.size(2), op, ": q has ", q.size(2), " positions but k has ", k.size(2));
+  TORCH_CHECK(window >= 1, op, ": window must be >= 1, got ", window);
+  const int64_t B = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), Dp = padded(D);
+  auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {at::empty_like(q, at::MemoryFormat::Contiguous), lse};
+  const auto qr = as_rows(q, Dp), kr = as_rows(k, Dp), vr = as_rows(v, Dp);
+  const auto kt = panels(kr);
+  auto out = at::empty({B, H, T, Dp}, q.options().dtype(at::kFloat));
+  const Forward a{qr.data_ptr<float>(), kt.data_ptr<float>(), vr.data_ptr<float>(), out.data_ptr<float>(),
+                  lse.data_ptr<float>(), H, H / Hk, T, Dp, std::min(window, T), static_cast<float>(scale)};
+  const int64_t nqb = blocks(T);
+  at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> S(BLK * BLK), O(BLK * Dp);
+    std::vector<int32_t> kpos(BLK);
+    for (int64_t t = t0; t < t1; ++t) forward_block(a, t / nqb, t % nqb, S.data(), O.data(), kpos.data());
+  });
+  return {finish(out, D, q.scalar_type()), lse};
+}
+
+// ----------------------------------------------------------------------------- backward
+
+struct Backward {
+  const float *q, *k, *kt, *vt, *go, *lse, *delta;  // rows (B*H or B*Hk, T, Dp); panels; (B*H, T)
+  float *dq, *dk, *dv;                                // fp32 rows
+  float* overflow;                                    // per run: (group, ov * BLK, Dp)
+  int64_t H, group, T, Dp, window, run, ov;           // run: key blocks per task; ov: overflow query blocks
+  float scale;
+};
+
+// Query blocks that see key block kb: kb .. last_query_block(kb).
+int64_t last_query_block(int64_t kb, int64_t T, int64_t window) {
+  const int64_t j_last = std::min(kb * BLK + BLK, T) - 1;
+  return std::min(blocks(T) - 1, (j_last + window - 1) / BLK);
+}
+
+void backward_run(const Backward& a, int64_t bkv, int64_t run_index, float* S, float* dP, float* dK, float* dV,
+                  int32_t* kpos) {
+  const int64_t nkb = blocks(a.T), Hk = a.H / a.group, b = bkv / Hk, hk = bkv % Hk;
+  const int64_t kb0 = run_index * a.run, kb1 = std::min(nkb, kb0 + a.run);
+  const int64_t runs = (nkb + a.run - 1) / a.run;
+  float* overflow = a.overflow + (bkv * runs + run_index) * a.group * a.ov * BLK * a.Dp;
+  const float c = a.scale * kLog2e;
+  const uint32_t window = static_cast<uint32_t>(a.window);
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int64_t j0 = kb * BLK, kn = std::min(BLK, a.T - j0), qb_last = last_query_block(kb, a.T, a.window);
+    const float* kt = a.kt + (bkv * nkb + kb) * a.Dp * BLK;
+    const float* vt = a.vt + (bkv * nkb + kb) * a.Dp * BLK;
+    const float* krows = a.k + (bkv * a.T + j0) * a.Dp;
+    for (int64_t j = 0; j < BLK; ++j) kpos[j] = static_cast<int32_t>(j0 + j);
+    std::fill(dK, dK + BLK * a.Dp, 0.f);
+    std::fill(dV, dV + BLK * a.Dp, 0.f);
+    for (int64_t g = 0; g < a.group; ++g) {
+      const int64_t bh = b * a.H + hk * a.group + g;
+      for (int64_t qb = kb; qb <= qb_last; ++qb) {
+        const int64_t i0 = qb * BLK, m = std::min(BLK, a.T - i0);
+        const bool interior = kb < qb && i0 + m - 1 - j0 < a.window;
+        const float* q = a.q + (bh * a.T + i0) * a.Dp;
+        const float* go = a.go + (bh * a.T + i0) * a.Dp;
+        gemm<false>(S, BLK, q, a.Dp, 1, kt, BLK, m, BLK, a.Dp);
+        gemm<false>(dP, BLK, go, a.Dp, 1, vt, BLK, m, BLK, a.Dp);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t row = bh * a.T + i0 + r;
+          const float lse2 = a.lse[row] * kLog2e, delta = a.delta[row];
+          const int32_t qi = static_cast<int32_t>(i0 + r);
+          if (interior)
+            grad_row<false>(S + r * BLK, dP + r * BLK, c, lse2, delta, a.scale, qi, kpos, window);
+          else
+            grad_row<true>(S + r * BLK, dP + r * BLK, c, lse2, delta, a.scale, qi, kpos, window);
+        }
+        gemm<true>(dV, a.Dp, S, 1, BLK, go, a.Dp, kn, a.Dp, m);   // dV += P^T dO
+        gemm<true>(dK, a.Dp, dP, 1, BLK, q, a.Dp, kn, a.Dp, m);   // dK += dS^T Q (scale folded in dS)
+        float* dq = qb < kb1 ? a.dq + (bh * a.T + i0) * a.Dp
+                             : overflow + (g * a.ov + (qb - kb1)) * BLK * a.Dp;
+        gemm<true>(dq, a.Dp, dP, BLK, 1, krows, a.Dp, m, a.Dp, kn);  // dQ += dS K
+      }
+    }
+    std::memcpy(a.dk + (bkv * a.T + j0) * a.Dp, dK, kn * a.Dp * sizeof(float));
+    std::memcpy(a.dv + (bkv * a.T + j0) * a.Dp, dV, kn * a.Dp * sizeof(float));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t window, double scale) {
+  const char* op = "sliding_window_attention_bwd (cpp)";
+  check_attention_inputs(op, q, k, v);
+  TORCH_CHECK(k.size(2) == q.size(2), op, ": q has ", q.size(2), " positions but k has ", k.size(2));
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op, ": grad_out ", grad_out.sizes(),
+              " and out ", out.sizes(), " must have q's shape ", q.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2), op,
+              ": lse must be (B, H, T) = ", q.sizes().slice(0, 3), ", got ", lse.sizes());
+  TORCH_CHECK(window >= 1, op, ": window must be >= 1, got ", window);
+  const int64_t B = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), Dp = padded(D);
+  if (q.numel() == 0)
+    return {at::zeros_like(q, at::MemoryFormat::Contiguous), at::zeros_like(k, at::MemoryFormat::Contiguous),
+            at::zeros_like(v, at::MemoryFormat::Contiguous)};
+  window = std::min(window, T);
+  const int64_t group = H / Hk, nkb = blocks(T);
+  const auto qr = as_rows(q, Dp), kr = as_rows(k, Dp), gr = as_rows(grad_out, Dp);
+  const auto kt = panels(kr), vt = panels(as_rows(v, Dp));
+  const auto delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+  const auto lse32 = lse.to(at::kFloat).contiguous();
+  // Runs of key blocks: enough tasks for every thread, each run at least ov blocks long.
+  const int64_t ov = last_query_block(0, std::numeric_limits<int32_t>::max(), window);  // (BLK - 1 + window - 1) / BLK
+  const int64_t tasks_wanted = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t runs_wanted = std::max<int64_t>(1, (tasks_wanted + B * Hk - 1) / (B * Hk));
+  const int64_t run = std::max<int64_t>({1, ov, (nkb + runs_wanted - 1) / runs_wanted});
+  const int64_t runs = (nkb + run - 1) / run;
+  auto dq = at::zeros({B, H, T, Dp}, qr.options());
+  auto dk = at::empty({B, Hk, T, Dp}, qr.options());
+  auto dv = at::empty({B, Hk, T, Dp}, qr.options());
+  auto overflow = at::zeros({B * Hk * runs * group * std::max<int64_t>(ov, 1) * BLK * Dp}, qr.options());
+  const Backward a{qr.data_ptr<float>(), kr.data_ptr<float>(), kt.data_ptr<float>(), vt.data_ptr<float>(),
+                   gr.data_ptr<float>(), lse32.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
+                   dk.data_ptr<float>(), dv.data_ptr<float>(), overflow.data_ptr<float>(), H, group, T, Dp, window,
+                   run, std::max<int64_t>(ov, 1), static_cast<float>(scale)};
+  at::parallel_for(0, B * Hk * runs, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> S(BLK * BLK), dP(BLK * BLK), dK(BLK * Dp), dV(BLK * Dp);
+    std::vector<int32_t> kpos(BLK);
+    for (int64_t t = t0; t < t1; ++t) backward_run(a, t / runs, t % runs, S.data(), dP.data(), dK.data(), dV.data(), kpos.data());
+  });
+  // Each run's overflow lands in the next run's query blocks (runs are >= ov blocks long).
+  at::parallel_for(0, B * Hk * runs, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bkv = t / runs, r = t % runs, b = bkv / Hk, hk = bkv % Hk;
+      const int64_t i0 = std::min(nkb, (r + 1) * run) * BLK, rows = std::min(a.ov * BLK, T - i0);
+      if (rows <= 0) continue;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* src = a.overflow + ((bkv * runs + r) * group + g) * a.ov * BLK * Dp;
+        float* dst = a.dq + ((b * H + hk * group + g) * T + i0) * Dp;
+        for (int64_t i = 0; i < rows * Dp; ++i) dst[i] += src[i];
+      }
+    }
+  });
+  return {finish(dq, D, q.scalar_type()), finish(dk, D, k.scalar_type()), finish(dv, D, v.scalar_type())};
+}
+
+// ----------------------------------------------------------------------------- decode
+
+// Rows are the group's (head, new query) pairs of one kv head, BLK at a time; slot tiles of the
+// ring are converted to fp32 panels on the fly (the cache is read once per row block, never copied).
+template <typename T>
+void decode_rows(const at::Tensor& kc, const at::Tensor& vc, const float* qrows, float* out, int64_t bkv, int64_t Hk,
+                 int64_t r0, int64_t rows, int64_t n, int64_t pos, int64_t window, float scale, int64_t Dp, float* S,
+                 float* O, float* kt, float* vrows, int32_t* kpos) {
+  const int64_t slots = kc.size(2), D = kc.size(3), b = bkv / Hk, hk = bkv % Hk;
+  const T* kbase = kc.data_ptr<T>() + b * kc.stride(0) + hk * kc.stride(1);
+  const T* vbase = vc.data_ptr<T>() + b * vc.stride(0) + hk * vc.stride(1);
+  const int64_t last = pos + n - 1;
+  const float c = scale * kLog2e;
+  float mrow[BLK], lrow[BLK];
+  std::fill(mrow, mrow + BLK, kNegInf);
+  std::fill(lrow, lrow + BLK, 0.f);
+  bool first = true;
+  for (int64_t s0 = 0; s0 < slots; s0 += BLK) {
+    const int64_t sn = std::min(BLK, slots - s0);
+    bool any = false;
+    for (int64_t j = 0; j < BLK; ++j) {
+      // slot s holds position last - ((last - s) mod slots); relative to pos it lies in [-slots, n)
+      const int64_t kp = j < sn ? last - ((last - (s0 + j)) % slots + slots) % slots : -1;
+      kpos[j] = kp >= 0 ? static_cast<int32_t>(kp - pos) : std::numeric_limits<int32_t>::min() / 2;
+      any |= kp >= 0 && kp - pos > -window;
+    }
+    if (!any) continue;
+    std::fill(kt, kt + Dp * BLK, 0.f);
+    std::fill(vrows, vrows + BLK * Dp, 0.f);
+    for (int64_t j = 0; j < sn; ++j) {
+      const T* kr = kbase + (s0 + j) * kc.stride(2);
+      const T* vr = vbase + (s0 + j) * vc.stride(2);
+      for (int64_t d = 0; d < D; ++d) {
+        kt[d * BLK + j] = static_cast<float>(kr[d * kc.stride(3)]);
+        vrows[j * Dp + d] = static_cast<float>(vr[d * vc.stride(3)]);
+      }
+    }
+    gemm<false>(S, BLK, qrows, Dp, 1, kt, BLK, rows, BLK, Dp);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t qi = static_cast<int32_t>((r0 + r) % n);
+      const float alpha = online_row<true>(S + r * BLK, c, qi, kpos, static_cast<uint32_t>(window), mrow[r], lrow[r]);
+      if (!first && alpha != 1.f) scale_row(O + r * Dp, Dp, alpha);
+    }
+    if (first)
+      gemm<false>(O, Dp, S, BLK, 1, vrows, Dp, rows, Dp, sn);
+    else
+      gemm<true>(O, Dp, S, BLK, 1, vrows, Dp, rows, Dp, sn);
+    first = false;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / lrow[r];
+    for (int64_t d = 0; d < Dp; d += VL) store(out + r * Dp + d, load(O + r * Dp + d) * inv);
+  }
+}
+
+at::Tensor sliding_window_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& pos, int64_t window, double scale) {
+  const char* op = "sliding_window_decode (cpp)";
+  check_attention_inputs(op, q, k_cache, v_cache);
+  TORCH_CHECK(pos.dim() == 0 && !pos.is_floating_point() && !pos.is_complex(), op,
+              ": pos must be a 0-dim integer tensor, got ", pos.scalar_type(), " of shape ", pos.sizes());
+  TORCH_CHECK(window >= 1, op, ": window must be >= 1, got ", window);
+  const int64_t B = q.size(0), H = q.size(1), Hk = k_cache.size(1), n = q.size(2), D = q.size(3), Dp = padded(D);
+  const int64_t slots = k_cache.size(2), p0 = pos.item<int64_t>();
+  TORCH_CHECK(p0 >= 0, op, ": pos must be >= 0, got ", p0);
+  TORCH_CHECK(slots >= window + n - 1, op, ": k_cache has ", slots, " slots but ", n,
+              " new queries with window ", window, " need window + n - 1 = ", window + n - 1);
+  if (q.numel() == 0) return at::empty_like(q, at::MemoryFormat::Contiguous);
+  window = std::min(window, slots);
+  const auto qr = as_rows(q, Dp);
+  auto out = at::empty({B, H, n, Dp}, qr.options());
+  const int64_t group = H / Hk, rows_per_kv = group * n, rblocks = blocks(rows_per_kv);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "sliding_window_decode", [&] {
+    at::parallel_for(0, B * Hk * rblocks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> S(BLK * BLK), O(BLK * Dp), kt(Dp * BLK), vrows(BLK * Dp);
+      std::vector<int32_t> kpos(BLK);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bkv = t / rblocks, r0 = (t % rblocks) * BLK, rows = std::min(BLK, rows_per_kv - r0);
+        // the group's heads are adjacent in q, so its (head, query) rows are one contiguous run
+        const int64_t first_row = bkv * rows_per_kv + r0;
+        decode_rows<scalar_t>(k_cache, v_cache, qr.data_ptr<float>() + first_row * Dp,
+                              out.data_ptr<float>() + first_row * Dp, bkv, Hk, r0, rows, n, p0, window,
+                              static_cast<float>(scale), Dp, S.data(), O.data(), kt.data(), vrows.data(), kpos.data());
+      }
+    });
+  });
+  return finish(out, D, q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastvq, m) {
+  m.def("sliding_window_attention_fwd(Tensor q, Tensor k, Tensor v, int window, float scale) -> (Tensor, Tensor)");
+  m.def("sliding_window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "int window, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("sliding_window_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
+  m.impl("sliding_window_attention_fwd", &sliding_window_attention_fwd);
+  m.impl("sliding_window_attention_bwd", &sliding_window_attention_bwd);
+  m.impl("sliding_window_decode", &sliding_window_decode);
+}
