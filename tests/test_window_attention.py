@@ -32,8 +32,25 @@ TRITON_SHAPES = [
 ]
 
 
+def device_of(backend):
+    """Triton runs on the GPU where there is one, else on CPU tensors through the interpreter."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def shapes_for(backend):
-    return TRITON_SHAPES if backend == "triton" else SHAPES
+    return TRITON_SHAPES if backend == "triton" and device_of(backend) == "cpu" else SHAPES
+
+
+def attend(backend, q, k, v, window, **kwargs):
+    """sliding_window_attention on the backend's device, the result (and gradients) back on the CPU."""
+    dev = device_of(backend)
+    return sliding_window_attention(q.to(dev), k.to(dev), v.to(dev), window, backend=backend, **kwargs).cpu()
+
+
+def decode_on(backend, q, k_cache, v_cache, pos, window):
+    dev = device_of(backend)
+    pos = pos.to(dev) if isinstance(pos, torch.Tensor) else pos
+    return sliding_window_decode(q.to(dev), k_cache.to(dev), v_cache.to(dev), pos, window, backend=backend).cpu()
 
 
 def make_inputs(b, h, hk, t, d, dtype=torch.float32, seed=0):
@@ -42,26 +59,25 @@ def make_inputs(b, h, hk, t, d, dtype=torch.float32, seed=0):
     return q, k, v
 
 
-def dense_oracle(q, k, v, window, scale=None):
-    """The textbook masked softmax attention in float64 (differentiable through autograd)."""
-    q, k, v = q.double(), k.double(), v.double()
+def dense_attention(q, k, v, window, scale=None, dtype=torch.float64):
+    """Textbook masked softmax attention done entirely in `dtype`, differentiable through autograd.
+    float64 is the oracle; the inputs' own dtype is the error yardstick for fp16/bf16."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     t = q.shape[2]
-    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    i, j = torch.arange(t, device=q.device)[:, None], torch.arange(t, device=q.device)[None, :]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (q @ k.transpose(-1, -2) * scale).masked_fill((j > i) | (j <= i - window), float("-inf"))
     return torch.softmax(s, -1) @ v
 
 
+def dense_oracle(q, k, v, window, scale=None):
+    return dense_attention(q, k, v, window, scale)
+
+
 def same_in_dtype(q, k, v, window):
-    """The same dense computation done by torch entirely in the inputs' dtype: the error yardstick."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    t = q.shape[2]
-    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
-    s = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill((j > i) | (j <= i - window), float("-inf"))
-    return torch.softmax(s, -1) @ v
+    return dense_attention(q, k, v, window, dtype=q.dtype)
 
 
 def with_grads(fn, inputs, grad_out):
@@ -94,7 +110,7 @@ def assert_close_for_dtype(got, want, yardstick, dtype, what):
 def test_forward_matches_dense_oracle(backend, dtype):
     for b, h, hk, t, d, window in shapes_for(backend):
         q, k, v = make_inputs(b, h, hk, t, d, dtype)
-        out = sliding_window_attention(q, k, v, window, backend=backend)
+        out = attend(backend, q, k, v, window)
         assert out.shape == q.shape and out.dtype == dtype
         yardstick = same_in_dtype(q, k, v, window) if dtype != torch.float32 else None
         assert_close_for_dtype(out, dense_oracle(q, k, v, window), yardstick, dtype, (t, d, window))
@@ -106,7 +122,7 @@ def test_backward_matches_dense_oracle(backend, dtype):
     for b, h, hk, t, d, window in shapes_for(backend):
         q, k, v = make_inputs(b, h, hk, t, d, dtype, seed=1)
         grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
-        got = with_grads(lambda *x: sliding_window_attention(*x, window, backend=backend), (q, k, v), grad_out)
+        got = with_grads(lambda *x: attend(backend, *x, window), (q, k, v), grad_out)
         want = with_grads(lambda *x: dense_oracle(*x, window), (q, k, v), grad_out)
         yard = with_grads(lambda *x: same_in_dtype(*x, window), (q, k, v), grad_out) if dtype != torch.float32 else [None] * 4
         for name, g, w, y in zip(("out", "dq", "dk", "dv"), got, want, yard):
@@ -116,24 +132,30 @@ def test_backward_matches_dense_oracle(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
-    # The usual layout: projections give (B, T, H, Dh), attention wants (B, H, T, Dh).
+    # The usual layout: projections give (B, T, H, Dh), attention wants (B, H, T, Dh); k and v are
+    # two halves of one (B, T, 2, H_kv, Dh) tensor. The gradient arrives non-contiguous too.
     b, t, h, hk, d, window = 2, 29, 4, 2, 32, 6
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(b, t, h, d, generator=g).transpose(1, 2)
-    kv = torch.randn(b, t, 2, hk, d, generator=g)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    grad_out = torch.randn(b, t, h, d, generator=g).transpose(1, 2)  # a non-contiguous gradient too
-    got = with_grads(lambda *x: sliding_window_attention(*x, window, backend=backend), (q, k, v), grad_out)
-    want = with_grads(lambda *x: dense_oracle(*x, window), (q, k, v), grad_out)
-    for g_, w in zip(got, want):
-        torch.testing.assert_close(g_.double(), w.double(), atol=2e-5, rtol=1e-5)
+    g, dev = torch.Generator().manual_seed(3), device_of(backend)
+    q_rows, kv_rows = torch.randn(b, t, h, d, generator=g), torch.randn(b, t, 2, hk, d, generator=g)
+    grad_out = torch.randn(b, t, h, d, generator=g).to(dev).transpose(1, 2)
+
+    def run(fn):
+        q_leaf, kv_leaf = (x.to(dev, copy=True).requires_grad_() for x in (q_rows, kv_rows))
+        q, k, v = q_leaf.transpose(1, 2), kv_leaf[:, :, 0].transpose(1, 2), kv_leaf[:, :, 1].transpose(1, 2)
+        assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+        out = fn(q, k, v)
+        out.backward(grad_out.to(out.dtype))
+        return [x.detach().double().cpu() for x in (out, q_leaf.grad, kv_leaf.grad)]
+
+    got = run(lambda q, k, v: sliding_window_attention(q, k, v, window, backend=backend))
+    for g_, w in zip(got, run(lambda q, k, v: dense_oracle(q, k, v, window))):
+        torch.testing.assert_close(g_, w, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_window_one_returns_own_value(backend):
     q, k, v = make_inputs(1, 4, 2, 19, 16)
-    out = sliding_window_attention(q, k, v, 1, backend=backend)
+    out = attend(backend, q, k, v, 1)
     torch.testing.assert_close(out, v.repeat_interleave(2, 1), atol=1e-6, rtol=0)
 
 
@@ -141,14 +163,14 @@ def test_window_one_returns_own_value(backend):
 @pytest.mark.parametrize("window", [23, 24, 1000])
 def test_window_at_least_t_is_causal_sdpa(backend, window):
     q, k, v = make_inputs(2, 2, 2, 23, 32, seed=4)
-    out = sliding_window_attention(q, k, v, window, backend=backend)
+    out = attend(backend, q, k, v, window)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_scale(backend):
     q, k, v = make_inputs(1, 2, 1, 17, 16, seed=5)
-    out = sliding_window_attention(q, k, v, 4, scale=0.7, backend=backend)
+    out = attend(backend, q, k, v, 4, scale=0.7)
     torch.testing.assert_close(out.double(), dense_oracle(q, k, v, 4, scale=0.7), atol=2e-5, rtol=1e-5)
 
 
@@ -160,7 +182,7 @@ def test_rows_never_nan_with_huge_scores(backend, dtype):
     q, k, v = make_inputs(1, 1, 1, 21, 16, seed=6)
     q, k, v = (q * 100).to(dtype), (k * 100).to(dtype), v.to(dtype)
     q.requires_grad_()
-    out = sliding_window_attention(q, k, v, 2, backend=backend)
+    out = attend(backend, q, k, v, 2)
     out.float().sum().backward()
     assert torch.isfinite(out.float()).all() and torch.isfinite(q.grad.float()).all()
 
@@ -172,7 +194,7 @@ def test_forward_saves_only_row_lse(backend):
     q, k, v = (x.requires_grad_() for x in make_inputs(b, h, h, t, d))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
-        sliding_window_attention(q, k, v, window, backend=backend)
+        attend(backend, q, k, v, window)
     assert saved and max(torch.Size(s).numel() for s in saved) <= b * h * t * d
     assert all(torch.Size(s).numel() < b * h * t * window for s in saved if len(s) == 3)
 
@@ -221,7 +243,7 @@ def test_decode_step_by_step_equals_full(backend, dtype):
         write_ring(k_cache, k[:, :, p:p + 1], p)
         write_ring(v_cache, v[:, :, p:p + 1], p)
         pos = p if p % 2 else torch.tensor(p)  # both kinds of pos
-        step = sliding_window_decode(q[:, :, p:p + 1], k_cache, v_cache, pos, window, backend=backend)
+        step = decode_on(backend, q[:, :, p:p + 1], k_cache, v_cache, pos, window)
         assert step.dtype == dtype
         assert_close_for_dtype(step, full[:, :, p:p + 1], yardstick, dtype, f"position {p}")
 
@@ -240,7 +262,7 @@ def test_decode_chunks_of_queries(backend, n, extra_slots, window, heads):
         m = min(n, t - p)
         write_ring(k_cache, k[:, :, p:p + m], p)
         write_ring(v_cache, v[:, :, p:p + m], p)
-        out = sliding_window_decode(q[:, :, p:p + m], k_cache, v_cache, torch.tensor(p), window, backend=backend)
+        out = decode_on(backend, q[:, :, p:p + m], k_cache, v_cache, torch.tensor(p), window)
         torch.testing.assert_close(out, full[:, :, p:p + m], atol=1e-5, rtol=0, msg=f"chunk at {p}")
 
 
@@ -282,7 +304,7 @@ def test_decode_gradients_come_from_the_torch_backend(monkeypatch):
         assert q.grad is not None and torch.isfinite(q.grad).all()
     if "triton" in BACKENDS:
         with pytest.raises(RuntimeError, match="no backward"):
-            sliding_window_decode(q, cache_k, cache_v, 9, 4, backend="triton")
+            decode_on("triton", q, cache_k, cache_v, 9, 4)
 
 
 # ----------------------------------------------------------------------------- bad input and dispatch
@@ -364,7 +386,7 @@ def test_triton_never_touches_keys_outside_the_band():
     q, k, v = make_inputs(1, 2, 1, 200, 16, seed=11)
     k[:, :, :16] = float("nan")
     v[:, :, :16] = float("nan")
-    got = with_grads(lambda *x: sliding_window_attention(*x, 3, backend="triton"), (q, k, v), torch.randn(q.shape))
+    got = with_grads(lambda *x: attend("triton", *x, 3), (q, k, v), torch.randn(q.shape))
     for name, t in zip(("out", "dq", "dk", "dv"), got):
         assert torch.isfinite(t[:, :, 150:]).all(), name
 
@@ -373,7 +395,7 @@ def test_triton_never_touches_keys_outside_the_band():
 def test_triton_refuses_head_dim_over_256():
     q, k, v = make_inputs(1, 1, 1, 3, 264)
     with pytest.raises(ValueError, match="head_dim up to 256"):
-        sliding_window_attention(q, k, v, 2, backend="triton")
+        attend("triton", q, k, v, 2)
 
 
 def test_public_api():
