@@ -58,7 +58,8 @@ def fmt_mem(r: dict | None) -> str:
     if r is None or r.get("peak_extra_bytes") is None:
         return "–"
     b = r["peak_extra_bytes"]
-    size = (f"{b / 1024 / MIB:.3g} GiB" if b >= 1024 * MIB else f"{b / MIB:.3g} MiB" if b >= MIB
+    # Switch units at 1000 so that three significant digits never print as 1e+03.
+    size = (f"{b / 1024 / MIB:.3g} GiB" if b >= 1000 * MIB else f"{b / MIB:.3g} MiB" if b >= 1000 * 1024
             else f"{b / 1024:.3g} KiB")
     return f"{size} ({r['peak_ratio_to_nk_fp32']:.2g}×)"
 
