@@ -286,6 +286,24 @@ def test_decode_step_is_one_graph_for_every_pos():
     assert len(graphs) == 1
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+@pytest.mark.parametrize("splits", [1, 2, 3, 5])
+def test_triton_decode_merges_any_split_of_the_ring(monkeypatch, splits):
+    # 3 tiles of slots cut into 1, 2 (uneven), 3 or 5 pieces (two of them empty): same answer.
+    from fastvq.kernels import window_attention as kernels
+
+    monkeypatch.setattr(kernels, "_decode_splits", lambda programs, slot_tiles, device: splits)
+    b, h, hk, t, d, window = 1, 2, 1, 60, 16, 40
+    q, k, v = make_inputs(b, h, hk, t, d, seed=13)
+    full = dense_oracle(q, k, v, window)
+    slots = 45 if device_of("triton") == "cpu" else 150  # three tiles of 16 or 64 slots
+    k_cache, v_cache = torch.zeros(b, hk, slots, d), torch.zeros(b, hk, slots, d)
+    write_ring(k_cache, k[:, :, :57], 0)
+    write_ring(v_cache, v[:, :, :57], 0)
+    out = decode_on("triton", q[:, :, 54:57], k_cache, v_cache, torch.tensor(54), window)
+    torch.testing.assert_close(out.double(), full[:, :, 54:57], atol=1e-5, rtol=0)
+
+
 def test_decode_ring_too_small_is_refused():
     q, k, v = make_inputs(1, 1, 1, 3, 16)
     cache = torch.zeros(1, 1, 4, 16)
