@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE__)
 #include <immintrin.h>
@@ -39,6 +40,42 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 inline int64_t group_stride(int64_t D) { return (D + 1) * NR; }
 
 // Packed x: panel p is [D][MR] floats, row r of the panel in lane r % W of vector r / W.
+
+// Transpose of a W x W block in registers: log2(W) rounds of two-input shuffles, each swapping the
+// off-diagonal h x h sub-blocks. Packing x this way instead of element by element keeps the
+// packing of a large-D x at memory speed.
+template <int h, int... l>
+constexpr vi low_half_mask(std::integer_sequence<int, l...>) {
+  return vi{((l & h) ? W + l - h : l)...};
+}
+template <int h, int... l>
+constexpr vi high_half_mask(std::integer_sequence<int, l...>) {
+  return vi{((l & h) ? W + l : l + h)...};
+}
+
+template <int h>
+inline void swap_blocks(vf* v) {
+  constexpr vi lo = low_half_mask<h>(std::make_integer_sequence<int, W>());
+  constexpr vi hi = high_half_mask<h>(std::make_integer_sequence<int, W>());
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i)
+    if (!(i & h)) {
+      const vf a = v[i], b = v[i + h];
+      v[i] = __builtin_shuffle(a, b, lo);
+      v[i + h] = __builtin_shuffle(a, b, hi);
+    }
+  if constexpr (h > 1) swap_blocks<h / 2>(v);
+}
+
+// dst[i * dst_ld + r] = src[r * src_ld + i] for r, i < W.
+inline void transpose_block(const float* src, int64_t src_ld, float* dst, int64_t dst_ld) {
+  vf v[W];
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i) __builtin_memcpy(&v[i], src + i * src_ld, sizeof(vf));
+  swap_blocks<W / 2>(v);
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i) __builtin_memcpy(dst + i * dst_ld, &v[i], sizeof(vf));
+}
 
 struct Rows {  // running result for one panel
   vf best[RV];
