@@ -54,7 +54,7 @@ inline vi load_i(const int32_t* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline vf splat(float x) { return vf{} + x; }
+inline vf splat(float x) { return __builtin_shuffle(vf{x}, vi{}); }  // a broadcast (vf{} + x costs an add)
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline float hmax(vf v) {
   float m = v[0];
