@@ -1,3 +1,4 @@
+from .attention import SlidingWindowSelfAttention
 from .quantize import VectorQuantizer
 
-__all__ = ["VectorQuantizer"]
+__all__ = ["VectorQuantizer", "SlidingWindowSelfAttention"]
