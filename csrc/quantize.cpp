@@ -10,9 +10,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <limits>
+#include <thread>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "quantize_kernel.h"
 
@@ -32,6 +35,38 @@ constexpr int64_t kChunkFloats = 1 << 16;  // 256 KiB of packed codes: stays in 
 // enough that a block (128 x D fp32 per thread) stays a minor share of the call's memory.
 constexpr int64_t kBlockRows = 128;
 static_assert(kBlockRows % MR == 0, "blocks hold whole panels");
+
+// f(begin, end) over contiguous shares of [0, n), one per intra-op thread. at::parallel_for's
+// OpenMP backend is inline in the headers, so without -fopenmp on this file (setup.py does not
+// pass it) it silently runs on one thread; plain std::threads then stand in for it.
+template <typename F>
+void parallel_ranges(int64_t n, int64_t grain, const F& f) {
+#ifdef _OPENMP
+  at::parallel_for(0, n, grain, f);
+#else
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  if (threads <= 1 || at::in_parallel_region()) {
+    if (n > 0) f(0, n);
+    return;
+  }
+  const int64_t share = (n + threads - 1) / threads;
+  std::vector<std::exception_ptr> errors(threads);
+  auto run = [&](int64_t t) {
+    try {
+      const int64_t b = t * share, e = std::min(n, b + share);
+      if (b < e) f(b, e);
+    } catch (...) {
+      errors[t] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(run, t);
+  run(0);
+  for (auto& h : helpers) h.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+#endif
+}
 
 // dst[d * width + r] = scale * src[r][d] for r < live, 0 for live <= r < width. Each source row is
 // read in runs of 256 values: long enough for the hardware prefetcher to follow every row, short
@@ -55,7 +90,7 @@ void pack_codebook(const at::Tensor& cb, bool cosine, float* out) {
   const T* src = cb.data_ptr<T>();
   const int64_t groups = (K + NR - 1) / NR, gs = nq::group_stride(D);
   const float pad = cosine ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-  at::parallel_for(0, groups, 16, [&](int64_t gb, int64_t ge) {
+  parallel_ranges(groups, 64, [&](int64_t gb, int64_t ge) {
     for (int64_t g = gb; g < ge; ++g) {
       float* dst = out + g * gs;
       const int64_t live = std::min<int64_t>(NR, K - g * NR);
@@ -109,7 +144,7 @@ void search_rows(const at::Tensor& x, const nq::Codes& cb, bool cosine, int64_t 
                  float* out_dist) {
   const int64_t N = x.size(0), D = cb.D;
   const int64_t blocks = (N + block_rows - 1) / block_rows, panels = block_rows / MR;
-  at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
+  parallel_ranges(blocks, 1, [&](int64_t bb, int64_t be) {
     auto xbuf = at::empty({block_rows * D}, at::kFloat);
     float* xblock = xbuf.data_ptr<float>();
     std::vector<vf> sq(panels * RV), floors(panels * RV);
