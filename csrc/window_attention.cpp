@@ -127,23 +127,64 @@ void tile_rows(int rows, float* C, int64_t ldc, const float* A, int64_t ars, int
   }
 }
 
+template <bool ACC>
+void tile_cols(int nv, int rows, float* C, int64_t ldc, const float* A, int64_t ars, int64_t aks, const float* B,
+               int64_t ldb, int64_t K) {
+  switch (nv) {
+    case 1: return tile_rows<1, ACC>(rows, C, ldc, A, ars, aks, B, ldb, K);
+    case 2: return tile_rows<2, ACC>(rows, C, ldc, A, ars, aks, B, ldb, K);
+    case 3: return tile_rows<3, ACC>(rows, C, ldc, A, ars, aks, B, ldb, K);
+    default: return tile_rows<4, ACC>(rows, C, ldc, A, ars, aks, B, ldb, K);
+  }
+}
+
 // C[M][N] (+)= A(M x K, element (r, k) at A[r*ars + k*aks]) * B[K][N] (row stride ldb); N % VL == 0.
 template <bool ACC>
 void gemm(float* C, int64_t ldc, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb, int64_t M,
           int64_t N, int64_t K) {
-  for (int64_t n0 = 0; n0 < N; n0 += NVMAX * VL) {
-    const int nv = static_cast<int>(std::min<int64_t>(NVMAX, (N - n0) / VL));
-    for (int64_t r0 = 0; r0 < M; r0 += MR) {
-      const int rows = static_cast<int>(std::min<int64_t>(MR, M - r0));
-      float* c = C + r0 * ldc + n0;
-      const float* a = A + r0 * ars;
-      const float* b = B + n0;
-      switch (nv) {
-        case 1: tile_rows<1, ACC>(rows, c, ldc, a, ars, aks, b, ldb, K); break;
-        case 2: tile_rows<2, ACC>(rows, c, ldc, a, ars, aks, b, ldb, K); break;
-        case 3: tile_rows<3, ACC>(rows, c, ldc, a, ars, aks, b, ldb, K); break;
-        default: tile_rows<4, ACC>(rows, c, ldc, a, ars, aks, b, ldb, K); break;
+  for (int64_t r0 = 0; r0 < M; r0 += MR) {
+    const int rows = static_cast<int>(std::min<int64_t>(MR, M - r0));
+    for (int64_t n0 = 0; n0 < N; n0 += NVMAX * VL)
+      tile_cols<ACC>(static_cast<int>(std::min<int64_t>(NVMAX, (N - n0) / VL)), rows, C + r0 * ldc + n0, ldc,
+                     A + r0 * ars, ars, aks, B + n0, ldb, K);
+  }
+}
+
+// The window's band inside a tile: row x meets only indices [x + lo, x + hi) of the other side.
+struct Band {
+  int64_t lo, hi;
+};
+// Queries (rows) against keys (columns) of tiles at positions i0, j0: 0 <= i0 + r - j0 - c < window.
+Band key_band(int64_t i0, int64_t j0, int64_t window) { return {i0 - j0 - window + 1, i0 - j0 + 1}; }
+// The same band seen from the keys (rows) towards the queries.
+Band query_band(int64_t i0, int64_t j0, int64_t window) { return {j0 - i0, j0 - i0 + window}; }
+
+// gemm restricted to the band, MR rows at a time. INNER: each row group sums only over the k its
+// band reaches (the rest of A is zero there), the full N columns. Otherwise: each row group computes
+// only the VL-column vectors its band reaches, over the full K; the other columns of C are left as
+// they were (the masked softmax overwrites them).
+template <bool ACC, bool INNER>
+void gemm_band(float* C, int64_t ldc, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb,
+               int64_t M, int64_t N, int64_t K, Band band) {
+  for (int64_t r0 = 0; r0 < M; r0 += MR) {
+    const int rows = static_cast<int>(std::min<int64_t>(MR, M - r0));
+    const int64_t lo = std::max<int64_t>(0, r0 + band.lo), hi = std::min(INNER ? K : N, r0 + rows - 1 + band.hi);
+    float* c = C + r0 * ldc;
+    const float* a = A + r0 * ars;
+    if (INNER) {
+      if (hi <= lo) {
+        if (!ACC)
+          for (int r = 0; r < rows; ++r) std::fill(c + r * ldc, c + r * ldc + N, 0.f);
+        continue;
       }
+      for (int64_t n0 = 0; n0 < N; n0 += NVMAX * VL)
+        tile_cols<ACC>(static_cast<int>(std::min<int64_t>(NVMAX, (N - n0) / VL)), rows, c + n0, ldc, a + lo * aks,
+                       ars, aks, B + lo * ldb + n0, ldb, hi - lo);
+    } else {
+      const int64_t c_hi = (hi + VL - 1) / VL * VL;
+      for (int64_t n0 = lo / VL * VL; n0 < c_hi; n0 += NVMAX * VL)
+        tile_cols<ACC>(static_cast<int>(std::min<int64_t>(NVMAX, (c_hi - n0) / VL)), rows, c + n0, ldc, a, ars, aks,
+                       B + n0, ldb, K);
     }
   }
 }
@@ -151,9 +192,9 @@ void gemm(float* C, int64_t ldc, const float* A, int64_t ars, int64_t aks, const
 // ----------------------------------------------------------------------------- softmax rows
 
 // Scores s[0..BLK) of query position qi against keys at kpos[]: visible iff 0 <= qi - kpos < window.
-inline vf masked(vf x, int32_t qi, const int32_t* kpos, int v, uint32_t window) {
+inline vf masked(vf x, int32_t qi, const int32_t* kpos, int v, uint32_t window, float fill = kNegInf) {
   const vu d = (vu)(vi{} + qi - load_i(kpos + v * VL));
-  return d < (vu{} + window) ? x : splat(kNegInf);
+  return d < (vu{} + window) ? x : splat(fill);
 }
 
 // One online-softmax step for a row of BLK scores: updates (m, l) (base 2), turns s into
@@ -190,17 +231,18 @@ inline void scale_row(float* o, int64_t Dp, float alpha) {
   for (int64_t d = 0; d < Dp; d += VL) store(o + d, load(o + d) * alpha);
 }
 
-// Backward row: s (scores) becomes P = 2^(s c - lse2), dp becomes scale * P * (dp - delta).
+// Backward row: s (scores) becomes P = 2^(s c - lse2), dp becomes scale * P * (dp - delta); masked
+// entries become exactly 0 in both (their scores may be stale values: gemm_band skipped them).
 template <bool MASKED>
 inline void grad_row(float* s, float* dp, float c, float lse2, float delta, float scale, int32_t qi,
                      const int32_t* kpos, uint32_t window) {
 #pragma GCC unroll 8
   for (int v = 0; v < NVB; ++v) {
-    vf x = load(s + v * VL) * c - lse2;
-    if (MASKED) x = masked(x, qi, kpos, v, window);
-    const vf p = exp2v(x);
+    const vf x = load(s + v * VL) * c - lse2;
+    const vf p = exp2v(MASKED ? masked(x, qi, kpos, v, window) : x);
+    const vf ds = p * (load(dp + v * VL) - delta) * scale;
     store(s + v * VL, p);
-    store(dp + v * VL, p * (load(dp + v * VL) - delta) * scale);
+    store(dp + v * VL, MASKED ? masked(ds, qi, kpos, v, window, 0.f) : ds);
   }
 }
 
@@ -282,7 +324,8 @@ void forward_block(const Forward& a, int64_t bh, int64_t qb, float* S, float* O,
   for (int64_t kb = qb; kb >= kb_lo; --kb) {
     const int64_t j0 = kb * BLK, kn = std::min(BLK, a.T - j0);
     const bool first = kb == qb, interior = kb < qb && i0 + m - 1 - j0 < a.window;
-    gemm<false>(S, BLK, q, a.Dp, 1, a.kt + (bkv * nkb + kb) * a.Dp * BLK, BLK, m, BLK, a.Dp);
+    const Band band = key_band(i0, j0, a.window);
+    gemm_band<false, false>(S, BLK, q, a.Dp, 1, a.kt + (bkv * nkb + kb) * a.Dp * BLK, BLK, m, BLK, a.Dp, band);
     for (int64_t j = 0; j < BLK; ++j) kpos[j] = static_cast<int32_t>(j0 + j);
     for (int64_t r = 0; r < m; ++r) {
       const int32_t qi = static_cast<int32_t>(i0 + r);
@@ -293,9 +336,9 @@ void forward_block(const Forward& a, int64_t bh, int64_t qb, float* S, float* O,
     }
     const float* vrows = a.v + (bkv * a.T + j0) * a.Dp;
     if (first)
-      gemm<false>(O, a.Dp, S, BLK, 1, vrows, a.Dp, m, a.Dp, kn);
+      gemm_band<false, true>(O, a.Dp, S, BLK, 1, vrows, a.Dp, m, a.Dp, kn, band);
     else
-      gemm<true>(O, a.Dp, S, BLK, 1, vrows, a.Dp, m, a.Dp, kn);
+      gemm_band<true, true>(O, a.Dp, S, BLK, 1, vrows, a.Dp, m, a.Dp, kn, band);
   }
   float* out = a.out + (bh * a.T + i0) * a.Dp;
   for (int64_t r = 0; r < m; ++r) {
@@ -367,8 +410,9 @@ void backward_run(const Backward& a, int64_t bkv, int64_t run_index, float* S, f
         const bool interior = kb < qb && i0 + m - 1 - j0 < a.window;
         const float* q = a.q + (bh * a.T + i0) * a.Dp;
         const float* go = a.go + (bh * a.T + i0) * a.Dp;
-        gemm<false>(S, BLK, q, a.Dp, 1, kt, BLK, m, BLK, a.Dp);
-        gemm<false>(dP, BLK, go, a.Dp, 1, vt, BLK, m, BLK, a.Dp);
+        const Band keys = key_band(i0, j0, a.window), queries = query_band(i0, j0, a.window);
+        gemm_band<false, false>(S, BLK, q, a.Dp, 1, kt, BLK, m, BLK, a.Dp, keys);
+        gemm_band<false, false>(dP, BLK, go, a.Dp, 1, vt, BLK, m, BLK, a.Dp, keys);
         for (int64_t r = 0; r < m; ++r) {
           const int64_t row = bh * a.T + i0 + r;
           const float lse2 = a.lse[row] * kLog2e, delta = a.delta[row];
@@ -378,11 +422,11 @@ void backward_run(const Backward& a, int64_t bkv, int64_t run_index, float* S, f
           else
             grad_row<true>(S + r * BLK, dP + r * BLK, c, lse2, delta, a.scale, qi, kpos, window);
         }
-        gemm<true>(dV, a.Dp, S, 1, BLK, go, a.Dp, kn, a.Dp, m);   // dV += P^T dO
-        gemm<true>(dK, a.Dp, dP, 1, BLK, q, a.Dp, kn, a.Dp, m);   // dK += dS^T Q (scale folded in dS)
+        gemm_band<true, true>(dV, a.Dp, S, 1, BLK, go, a.Dp, kn, a.Dp, m, queries);  // dV += P^T dO
+        gemm_band<true, true>(dK, a.Dp, dP, 1, BLK, q, a.Dp, kn, a.Dp, m, queries);  // dK += dS^T Q (scale in dS)
         float* dq = qb < kb1 ? a.dq + (bh * a.T + i0) * a.Dp
                              : overflow + (g * a.ov + (qb - kb1)) * BLK * a.Dp;
-        gemm<true>(dq, a.Dp, dP, BLK, 1, krows, a.Dp, m, a.Dp, kn);  // dQ += dS K
+        gemm_band<true, true>(dq, a.Dp, dP, BLK, 1, krows, a.Dp, m, a.Dp, kn, keys);  // dQ += dS K
       }
     }
     std::memcpy(a.dk + (bkv * a.T + j0) * a.Dp, dK, kn * a.Dp * sizeof(float));
