@@ -1,4 +1,5 @@
 from .quantize import nearest_code, nearest_code_reference, vector_quantize
 from .window_attention import sliding_window_attention, sliding_window_decode
+from .sampling import sample_logits, sampling_probs
 
-__all__ = ["nearest_code", "nearest_code_reference", "vector_quantize", "sliding_window_attention", "sliding_window_decode"]
+__all__ = ["nearest_code", "nearest_code_reference", "vector_quantize", "sliding_window_attention", "sliding_window_decode", "sample_logits", "sampling_probs"]

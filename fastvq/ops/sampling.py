@@ -1,0 +1,193 @@
+"""The sampling op: temperature, top-k, top-p, classifier-free guidance and the draw, in one pass per row.
+
+Public:
+  sample_logits(logits, *, temperature=1.0, top_k=None, top_p=None, cfg_scale=None,
+                generator=None, backend=None) -> int64 (B,) or (B/2,) with cfg_scale
+  sampling_probs(logits, ...) -> fp32 (B, V): the exact distribution sample_logits draws from
+
+What every backend computes, per row (fp32 math, whatever the logits' dtype):
+  1. guidance: with cfg_scale s, row i of the first half (conditional, c) and row i of the second
+     half (unconditional, u) become x = u + s * (c - u); otherwise x = the row.
+  2. temperature t = 0: the token is argmax x (lowest index on ties); nothing else applies.
+  3. top-k: keep every token whose logit is >= the k-th largest logit (counted with repeats). Ties
+     with the k-th value are all kept, so more than k tokens survive only when logits tie exactly.
+  4. top-p, on what top-k kept (HF's order): weights w = exp((x - max x) / t) over the kept tokens;
+     keep every token whose logit is >= theta, theta the largest logit value with
+     sum(w[x >= theta]) >= top_p * sum(w). That is the smallest most-probable set reaching mass
+     top_p, plus any token tied with its least probable member.
+  5. the draw: one uniform r in [0, 1) per output row, from torch.rand(rows, generator=generator)
+     on the logits' device, before any backend runs (also for rows with t = 0). The token is the
+     first index i, in index order, whose cumulative kept weight exceeds r * sum(kept w):
+     inverse-CDF sampling. Every backend consumes the generator identically, so one seed gives the
+     same tokens on all of them, up to fp rounding where r lands on a CDF boundary.
+Selection (steps 3, 4) compares logits, not logits / t, so it does not depend on how a backend
+rounds the division. temperature, top_k and top_p are numbers or per-row tensors (rows,).
+
+Backends: "torch" (this file's reference: sorts, the oracle), "cpp" (csrc/sampling.cpp: radix
+select over each row), "triton" (kernels/sampling.py: radix select by counting, no sort).
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+from .._backend import cpp_ops, resolve_backend
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _per_row(value, name, rows, device, *, integer, default):
+    """A number or a (rows,) tensor -> a (rows,) tensor on `device` (int64 or fp32)."""
+    if value is None:
+        value = default
+    if isinstance(value, torch.Tensor):
+        if value.shape not in ((rows,), ()):
+            raise ValueError(f"sample_logits: {name} as a tensor must have shape ({rows},) (one per output row) "
+                             f"or be a scalar, got shape {tuple(value.shape)}")
+        if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+            raise TypeError(f"sample_logits: {name} must be an integer tensor, got {value.dtype}")
+        if not integer and value.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise TypeError(f"sample_logits: {name} must be a floating-point tensor, got {value.dtype}")
+        out = value.to(device=device, dtype=torch.int64 if integer else torch.float32).expand(rows).contiguous()
+    else:
+        if isinstance(value, bool) or not isinstance(value, Integral if integer else Real):
+            raise TypeError(f"sample_logits: {name} must be {'an int' if integer else 'a number'} or a tensor, "
+                            f"got {type(value).__name__}")
+        if not integer and not math.isfinite(float(value)):
+            raise ValueError(f"sample_logits: {name} must be finite, got {value}")
+        out = torch.full((rows,), value, dtype=torch.int64 if integer else torch.float32, device=device)
+    return out
+
+
+def _prepare(logits, temperature, top_k, top_p, cfg_scale):
+    """Check everything; return (rows, per-row temperature fp32, top_k int64 in [1, V], top_p fp32)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"sample_logits: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"sample_logits: logits must be 2-D (B, V), got shape {tuple(logits.shape)}")
+    if logits.dtype not in _FLOATS:
+        raise TypeError(f"sample_logits: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    B, V = logits.shape
+    if V == 0:
+        raise ValueError(f"sample_logits: logits must have a vocabulary of at least one token, got shape {tuple(logits.shape)}")
+    if cfg_scale is not None:
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, Real) or not math.isfinite(float(cfg_scale)):
+            raise TypeError(f"sample_logits: cfg_scale must be a finite number, got {cfg_scale!r}")
+        if B % 2:
+            raise ValueError(f"sample_logits: with cfg_scale the batch holds conditional rows then as many "
+                             f"unconditional rows, so B must be even; got B={B}")
+    rows = B // 2 if cfg_scale is not None else B
+    dev = logits.device
+    t = _per_row(temperature, "temperature", rows, dev, integer=False, default=1.0)
+    k = _per_row(top_k, "top_k", rows, dev, integer=True, default=V)
+    p = _per_row(top_p, "top_p", rows, dev, integer=False, default=1.0)
+    if rows:
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise ValueError(f"sample_logits: temperature must be >= 0 (0 means argmax), got {_show(temperature)}")
+        if bool((k < 1).any()):
+            raise ValueError(f"sample_logits: top_k must be >= 1, got {_show(top_k)}")
+        if not bool(((p > 0) & (p <= 1)).all()):
+            raise ValueError(f"sample_logits: top_p must be in (0, 1], got {_show(top_p)}")
+    return rows, t, k.clamp_(max=V), p
+
+
+def _show(value):
+    return value.tolist() if isinstance(value, torch.Tensor) and value.numel() <= 8 else value
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+def _guided(logits, cfg_scale):
+    x = logits.float()
+    if cfg_scale is None:
+        return x
+    half = x.shape[0] // 2
+    cond, uncond = x[:half], x[half:]
+    return uncond + float(cfg_scale) * (cond - uncond)
+
+
+def _kept_weights(x, t, k, p):
+    """(rows, V) fp32 weights exp((x - max) / t) on the kept tokens, 0 elsewhere (rows with t > 0)."""
+    vals = x.sort(dim=1, descending=True, stable=True).values
+    top = vals[:, :1]
+    kth = vals.gather(1, (k - 1)[:, None])
+    tt = torch.where(t > 0, t, 1.0)[:, None]
+    # top-p on what top-k kept: the first sorted position whose running mass reaches p * total;
+    # its logit is theta (the running mass only grows, so the last position always qualifies).
+    sorted_w = torch.where(vals >= kth, torch.exp((vals - top) / tt), 0.0)
+    mass = sorted_w.cumsum(1)
+    first = (mass >= p[:, None] * mass[:, -1:]).int().argmax(1)
+    theta = torch.where(p[:, None] < 1, torch.maximum(kth, vals.gather(1, first[:, None])), kth)
+    return torch.where(x >= theta, torch.exp((x - top) / tt), 0.0)
+
+
+def _argmax_lowest(x):
+    return (x == x.max(1, keepdim=True).values).int().argmax(1)
+
+
+def sample_logits_reference(logits, temperature, top_k, top_p, cfg_scale, uniform):
+    """The oracle, on checked per-row parameters and the per-row uniforms: sort, filter, invert the CDF."""
+    x = _guided(logits, cfg_scale)
+    w = _kept_weights(x, temperature, top_k, top_p)
+    cdf = w.cumsum(1)
+    target = uniform[:, None] * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # r * total rounds up to total only on a CDF boundary: fall back to the last token with weight.
+    last = torch.where(w > 0, torch.arange(w.shape[1], device=w.device), -1).max(1).values
+    drawn = torch.where(drawn < w.shape[1], drawn, last)
+    return torch.where(temperature > 0, drawn, _argmax_lowest(x))
+
+
+def sampling_probs(logits, *, temperature=1.0, top_k=None, top_p=None, cfg_scale=None):
+    """The exact distribution sample_logits draws from: (rows, V) fp32, one-hot on argmax where t = 0."""
+    rows, t, k, p = _prepare(logits, temperature, top_k, top_p, cfg_scale)
+    x = _guided(logits, cfg_scale)
+    w = _kept_weights(x, t, k, p)
+    probs = w / w.sum(1, keepdim=True)
+    onehot = torch.zeros_like(probs).scatter_(1, _argmax_lowest(x)[:, None], 1.0)
+    return torch.where((t > 0)[:, None], probs, onehot)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def _draw_torch(logits, t, k, p, cfg_scale, r):
+    return sample_logits_reference(logits, t, k, p, cfg_scale, r)
+
+
+def _draw_cpp(logits, t, k, p, cfg_scale, r):
+    scale = float("nan") if cfg_scale is None else float(cfg_scale)
+    return cpp_ops().sample_logits(logits, t, k, p, r, cfg_scale is not None, scale)
+
+
+def _draw_triton(logits, t, k, p, cfg_scale, r):
+    from fastvq.kernels.sampling import sample_logits as triton_sample_logits
+
+    return triton_sample_logits(logits, t, k, p, r, cfg_scale)
+
+
+_DRAW = {"torch": _draw_torch, "cpp": _draw_cpp, "triton": _draw_triton}
+
+
+def sample_logits(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=None, cfg_scale=None,
+                  generator: torch.Generator | None = None, backend: str | None = None) -> torch.Tensor:
+    """Draw one token per row of logits (B, V) after temperature, top-k, then top-p filtering.
+
+    logits: float32/float16/bfloat16 (math in fp32). temperature >= 0 (0 = argmax, lowest index on
+    ties), top_k >= 1 (None = all), top_p in (0, 1] (None = 1); each a number or a per-row tensor.
+    cfg_scale: the first B/2 rows are conditional, the last B/2 unconditional, combined as
+    u + cfg_scale * (c - u) before filtering; one token per pair is returned. generator: the
+    torch.Generator the per-row uniforms come from (one torch.rand(rows) per call). Ties at a top-k
+    or top-p threshold are all kept (see the module docstring). Returns int64 (rows,).
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"sample_logits: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    rows, t, k, p = _prepare(logits, temperature, top_k, top_p, cfg_scale)
+    name = resolve_backend(backend, logits.device, "sample_logits")
+    r = torch.rand(rows, generator=generator, device=logits.device, dtype=torch.float32)
+    if rows == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    return _DRAW[name](logits, t, k, p, cfg_scale, r)
