@@ -35,6 +35,10 @@ constexpr int64_t kChunkFloats = 1 << 16;  // 256 KiB of packed codes: stays in 
 // enough that a block (128 x D fp32 per thread) stays a minor share of the call's memory.
 constexpr int64_t kBlockRows = 128;
 static_assert(kBlockRows % MR == 0, "blocks hold whole panels");
+// Least work worth handing to another thread (values packed, or multiply-adds searched): starting
+// one costs tens of microseconds.
+constexpr int64_t kMinShareValues = 1 << 16;
+constexpr int64_t kMinShareMacs = 1 << 22;
 
 // f(begin, end) over contiguous shares of [0, n), one per intra-op thread. at::parallel_for's
 // OpenMP backend is inline in the headers, so without -fopenmp on this file (setup.py does not
@@ -90,7 +94,7 @@ void pack_codebook(const at::Tensor& cb, bool cosine, float* out) {
   const T* src = cb.data_ptr<T>();
   const int64_t groups = (K + NR - 1) / NR, gs = nq::group_stride(D);
   const float pad = cosine ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-  parallel_ranges(groups, 64, [&](int64_t gb, int64_t ge) {
+  parallel_ranges(groups, std::max<int64_t>(1, kMinShareValues / (D * NR)), [&](int64_t gb, int64_t ge) {
     for (int64_t g = gb; g < ge; ++g) {
       float* dst = out + g * gs;
       const int64_t live = std::min<int64_t>(NR, K - g * NR);
@@ -144,7 +148,8 @@ void search_rows(const at::Tensor& x, const nq::Codes& cb, bool cosine, int64_t 
                  float* out_dist) {
   const int64_t N = x.size(0), D = cb.D;
   const int64_t blocks = (N + block_rows - 1) / block_rows, panels = block_rows / MR;
-  parallel_ranges(blocks, 1, [&](int64_t bb, int64_t be) {
+  const int64_t grain = std::max<int64_t>(1, kMinShareMacs / (block_rows * cb.groups * NR * D));
+  parallel_ranges(blocks, grain, [&](int64_t bb, int64_t be) {
     auto xbuf = at::empty({block_rows * D}, at::kFloat);
     float* xblock = xbuf.data_ptr<float>();
     std::vector<vf> sq(panels * RV), floors(panels * RV);
