@@ -1,9 +1,10 @@
 """Plots and the README performance table, generated from the saved benchmark results.
 
-Reads benchmarks/results/*.json written by compare_quantize.py, draws <name>.png beside each file
-(time vs D, log-log, one panel per suite and K), and rewrites the README between
-<!-- bench:quantize:start --> and <!-- bench:quantize:end -->. Without those markers (or with
---print) the table is printed instead.
+Reads benchmarks/results/*.json written by compare_quantize.py and compare_window_attention.py,
+draws <name>.png beside each file (log-log: quantize time vs D, one panel per suite and K; window
+attention time vs T, one panel per suite and W), and rewrites the README between
+<!-- bench:<name>:start --> and <!-- bench:<name>:end --> (name = quantize, window_attention).
+Without those markers (or with --print) the tables are printed instead.
 
   python benchmarks/report.py [FILES...] [--readme README.md] [--print]
 """
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MIB, REPO, RESULTS_DIR  # noqa: E402
 
-START, END = "<!-- bench:quantize:start -->", "<!-- bench:quantize:end -->"
+KINDS = ("quantize", "window_attention")  # the "benchmark" field of a result file; also its README marker name
 FASTVQ = {"nearest_code": "fastvq_cpp", "module_forward": "fastvq", "module_forward_backward": "fastvq"}
 SHORT = {"fastvq_cpp": "fastvq", "faiss": "faiss", "matmul": "matmul", "torch_reference": "torch ref",
          "fastvq": "fastvq", "taming": "taming", "vqp": "vq-pytorch"}
@@ -39,7 +40,7 @@ def load(paths: list[Path]) -> list[tuple[Path, dict]]:
         except (OSError, json.JSONDecodeError) as e:
             print(f"skipping {path}: {e}", file=sys.stderr)
             continue
-        if doc.get("benchmark") == "quantize":  # other files (quantize_gpu, ...) have their own schema
+        if doc.get("benchmark") in KINDS:  # other files (quantize_gpu, ...) have their own schema
             docs.append((path, doc))
     return docs
 
@@ -170,16 +171,140 @@ def plot(doc: dict, out: Path) -> Path | None:
     return out
 
 
-def update_readme(readme: Path, text: str) -> bool:
-    """Replace what lies between the markers; False when the file or the markers are missing."""
+def markers(kind: str) -> tuple[str, str]:
+    return f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
+
+
+def update_readme(readme: Path, text: str, kind: str = "quantize") -> bool:
+    """Replace what lies between the kind's markers; False when the file or the markers are missing."""
     if not readme.exists():
         return False
+    start, end = markers(kind)
     body = readme.read_text()
-    i, j = body.find(START), body.find(END)
+    i, j = body.find(start), body.find(end)
     if i < 0 or j < i:
         return False
-    readme.write_text(body[:i + len(START)] + "\n" + text + "\n" + body[j:])
+    readme.write_text(body[:i + len(start)] + "\n" + text + "\n" + body[j:])
     return True
+
+
+# ----------------------------------------------------------------------------- window attention
+
+WA_OURS = "fastvq_cpp"
+WA_SHORT = {"fastvq_cpp": "fastvq", "flex": "flex", "sdpa_mask": "SDPA mask", "sdpa_causal": "SDPA causal",
+            "torch_reference": "torch ref"}
+WA_COLORS = {"fastvq_cpp": "C0", "flex": "C1", "sdpa_mask": "C2", "sdpa_causal": "C4", "torch_reference": "C3"}
+WA_SUITES = {"forward": "window attention, forward (inference)",
+             "forward_backward": "window attention, forward + backward (training step)"}
+
+
+def wa_by_config(results: list[dict], suite: str) -> tuple[list[str], dict]:
+    """Implementations in WA_SHORT's order, and {(T, W): {impl: result}} for one suite, failures left out.
+    SDPA is_causal (W = None: no window) is put in every W row of its T."""
+    present = {r["impl"] for r in results if r["suite"] == suite}
+    impls = [i for i in WA_SHORT if i in present]
+    windows = sorted({r["W"] for r in results if r["W"] is not None})
+    table = {}
+    for r in results:
+        if r["suite"] != suite or "error" in r or "skipped" in r:
+            continue
+        for w in (windows if r["W"] is None else [r["W"]]):
+            table.setdefault((r["T"], w), {})[r["impl"]] = r
+    return impls, table
+
+
+def wa_fmt_mem(r: dict | None) -> str:
+    if r is None or r.get("peak_extra_bytes") is None:
+        return "–"
+    b = r["peak_extra_bytes"]
+    return f"{b / 1024 / MIB:.3g} GiB" if b >= 1000 * MIB else f"{b / MIB:.3g} MiB" if b >= 1000 * 1024 else f"{b / 1024:.3g} KiB"
+
+
+def wa_suite_table(doc: dict, suite: str) -> str:
+    impls, table = wa_by_config(doc["results"], suite)
+    anchors = [i for i in impls if i != WA_OURS]
+    head = (["T, W", WA_SHORT[WA_OURS]] + [WA_SHORT[a] for a in anchors]
+            + [f"speedup vs {WA_SHORT[a]}" for a in anchors] + [f"mem {WA_SHORT[i]}" for i in [WA_OURS] + anchors])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (t, w), row in sorted(table.items()):
+        mine = row.get(WA_OURS, {}).get("median_s")
+        cells = [f"{t}, {w}", fmt_time(mine)] + [fmt_time(row.get(a, {}).get("median_s")) for a in anchors]
+        for a in anchors:
+            theirs = row.get(a, {}).get("median_s")
+            cells.append(f"{theirs / mine:.2f}×" if mine and theirs else "–")
+        cells += [wa_fmt_mem(row.get(i)) for i in [WA_OURS] + anchors]
+        lines.append("| " + " | ".join(cells) + " |")
+    missing: dict[tuple[str, str], list[str]] = {}
+    for r in doc["results"]:
+        if r["suite"] == suite and ("error" in r or "skipped" in r):
+            why = r.get("skipped") or f"error: {r['error']}"
+            missing.setdefault((WA_SHORT[r["impl"]], why), []).append(f"T={r['T']}" + ("" if r["W"] is None else f" W={r['W']}"))
+    if missing:
+        lines.append("")
+        lines += [f"Not measured: {impl} ({', '.join(where)}): {why}" for (impl, why), where in missing.items()]
+    return "\n".join(lines)
+
+
+def wa_markdown(path: Path, doc: dict, plot_path: Path | None) -> str:
+    m = doc["machine"]
+    rel = lambda p: p.resolve().relative_to(REPO) if p.resolve().is_relative_to(REPO) else p  # noqa: E731
+    parts = [
+        f"<!-- generated by benchmarks/report.py from {rel(path)}; edit the JSON or the script, not this text -->",
+        f"**{m['cpu']}**, {m['threads']} threads, torch {m['torch']}; {doc['method']['shape']}; "
+        f"{m['date_utc'][:10]}, commit {m.get('git_commit')}" + (" (quick sizes)" if doc.get("quick") else "")
+        + _load_text(m) + ".",
+        "",
+        "Times are medians of several runs after warm-up; speedup = anchor time / fastvq time (above 1: fastvq "
+        "is faster); mem = peak extra resident memory of one call, outputs (and gradients) included. W is the "
+        "window (query i sees keys i − W < j ≤ i); SDPA causal ignores it (full causal attention, the same "
+        "numbers in every W row). FlexAttention's compile time is excluded. Columns: "
+        + "; ".join(f"{WA_SHORT[k]} = {v}" for k, v in doc["labels"].items() if k in WA_SHORT) + ".",
+    ]
+    if plot_path is not None:
+        parts += ["", f"![window attention benchmark]({rel(plot_path)})"]
+    for suite, title in WA_SUITES.items():
+        if any(r["suite"] == suite for r in doc["results"]):
+            parts += ["", f"**{title}**", "", wa_suite_table(doc, suite)]
+    return "\n".join(parts)
+
+
+def wa_plot(doc: dict, out: Path) -> Path | None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = [s for s in WA_SUITES if any(r["suite"] == s and "median_s" in r for r in doc["results"])]
+    windows = sorted({r["W"] for r in doc["results"] if r["W"] is not None})
+    if not suites or not windows:
+        return None
+    fig, axes = plt.subplots(len(suites), len(windows), figsize=(5 * len(windows), 3.8 * len(suites)), squeeze=False)
+    for row, suite in enumerate(suites):
+        impls, table = wa_by_config(doc["results"], suite)
+        for col, w in enumerate(windows):
+            ax = axes[row][col]
+            for impl in impls:
+                pts = sorted((t, r[impl]["median_s"]) for (t, ww), r in table.items() if ww == w and impl in r)
+                if pts:
+                    style = dict(lw=2.5, zorder=3) if impl == WA_OURS else dict(lw=1.2, ls="--" if impl == "sdpa_causal" else "-")
+                    ax.plot(*zip(*pts), marker="o", label=doc["labels"][impl], color=WA_COLORS.get(impl), **style)
+            ts = sorted({t for (t, ww) in table if ww == w})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ts, [str(t) for t in ts])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.set_yscale("log")
+            ax.set_xlabel("T (sequence length)")
+            ax.set_ylabel("median time (s)")
+            ax.set_title(f"{suite}: W={w}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    m = doc["machine"]
+    fig.suptitle(f"fastvq sliding-window attention on {m['cpu']} ({m['threads']} threads), {m['date_utc'][:10]}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main(argv=None) -> int:
@@ -193,23 +318,30 @@ def main(argv=None) -> int:
     paths = args.files or sorted(RESULTS_DIR.glob("*.json"))
     docs = load(paths)
     if not docs:
-        p.error(f"no quantize results in {', '.join(map(str, paths)) or RESULTS_DIR}; run benchmarks/compare_quantize.py first")
-    sections = []
-    for path, doc in docs:
-        png = None if args.no_plot else plot(doc, path.with_suffix(".png"))
-        if png:
-            print(f"wrote {png}")
-        sections.append(markdown(path, doc, png))
-    text = "\n\n".join(sections)
-    quick = [str(path) for path, doc in docs if doc.get("quick")]
-    if quick and not args.print:
-        print(f"(quick-size results never go into the README: {', '.join(quick)}; printing the table)\n")
-    if args.print or quick or not update_readme(args.readme, text):
-        if not (args.print or quick):
-            print(f"({args.readme} has no {START} ... {END} markers; printing the table)\n")
-        print(text)
-    else:
-        print(f"updated {args.readme}")
+        p.error(f"no quantize or window_attention results in {', '.join(map(str, paths)) or RESULTS_DIR}; "
+                "run benchmarks/compare_quantize.py or benchmarks/compare_window_attention.py first")
+    for kind in KINDS:
+        kind_docs = [(path, doc) for path, doc in docs if doc["benchmark"] == kind]
+        if not kind_docs:
+            continue
+        draw, write = (plot, markdown) if kind == "quantize" else (wa_plot, wa_markdown)
+        sections = []
+        for path, doc in kind_docs:
+            png = None if args.no_plot else draw(doc, path.with_suffix(".png"))
+            if png:
+                print(f"wrote {png}")
+            sections.append(write(path, doc, png))
+        text = "\n\n".join(sections)
+        start, end = markers(kind)
+        quick = [str(path) for path, doc in kind_docs if doc.get("quick")]
+        if quick and not args.print:
+            print(f"(quick-size results never go into the README: {', '.join(quick)}; printing the table)\n")
+        if args.print or quick or not update_readme(args.readme, text, kind):
+            if not (args.print or quick):
+                print(f"({args.readme} has no {start} ... {end} markers; printing the table)\n")
+            print(text)
+        else:
+            print(f"updated {args.readme} ({kind})")
     return 0
 
 
