@@ -139,6 +139,8 @@ inline void tile(const float* __restrict xpanel, const float* __restrict group, 
     vf xv[RV];
 #pragma GCC unroll 32
     for (int r = 0; r < RV; ++r) xv[r] = *reinterpret_cast<const vf*>(xpanel + d * MR + r * W);
+    // Code-major with the scalar operand lets GCC broadcast each c[j] once for the RV FMAs; with
+    // rows outermost it hoists all NR broadcasts into registers and spills accumulators instead.
 #pragma GCC unroll 32
     for (int j = 0; j < NR; ++j)
 #pragma GCC unroll 32
