@@ -8,6 +8,7 @@ Install with the torch that will run it: `pip install --no-build-isolation -e .`
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -25,14 +26,22 @@ def _extension():
     cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-funroll-loops"]
     if _flag("FASTVQ_NATIVE"):
         cxx.append("-march=native")
+    # at::parallel_for's OpenMP backend is inline in the ATen headers: without -fopenmp here it
+    # compiles to a serial loop. Linking libgomp by soname reuses the copy torch already loaded,
+    # so torch.set_num_threads governs our kernels too.
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     with_cuda = bool(cuda_sources) and _flag("FASTVQ_CUDA") and torch.version.cuda is not None and CUDA_HOME
     if with_cuda:
         return CUDAExtension(
             "fastvq._C",
             cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DFASTVQ_WITH_CUDA"], "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=link,
         )
-    return CppExtension("fastvq._C", cpp_sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("fastvq._C", cpp_sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(
