@@ -21,7 +21,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -83,6 +85,42 @@ inline vf exp2v(vf x) {
   const vi bits = (__builtin_convertvector(r, vi) + 127) << 23;  // 2^r; r = -127 -> +0
   return p * (vf)bits;
 }
+
+// f(begin, end) over contiguous shares of [0, n), one per intra-op thread. at::parallel_for's
+// OpenMP backend is inline in the headers, so without -fopenmp on this file (setup.py does not
+// pass it) it silently runs on one thread; plain std::threads then stand in for it. (The same
+// helper as in quantize.cpp.)
+template <typename F>
+void parallel_ranges(int64_t n, int64_t grain, const F& f) {
+#ifdef _OPENMP
+  at::parallel_for(0, n, grain, f);
+#else
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  if (threads <= 1 || at::in_parallel_region()) {
+    if (n > 0) f(0, n);
+    return;
+  }
+  const int64_t share = (n + threads - 1) / threads;
+  std::vector<std::exception_ptr> errors(threads);
+  auto run = [&](int64_t t) {
+    try {
+      const int64_t b = t * share, e = std::min(n, b + share);
+      if (b < e) f(b, e);
+    } catch (...) {
+      errors[t] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(run, t);
+  run(0);
+  for (auto& h : helpers) h.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+#endif
+}
+
+// Tasks per thread share so that a share is worth starting a thread for (about 1 MFLOP).
+int64_t grain_for(int64_t flops_per_task) { return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, flops_per_task)); }
 
 // ----------------------------------------------------------------------------- micro-kernel
 
@@ -268,7 +306,7 @@ at::Tensor panels(const at::Tensor& rows) {
   auto out = at::empty({BH, nkb, Dp, BLK}, rows.options());
   const float* src = rows.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, BH * nkb, 4, [&](int64_t b0, int64_t b1) {
+  parallel_ranges(BH * nkb, grain_for(Dp * BLK), [&](int64_t b0, int64_t b1) {
     for (int64_t t = b0; t < b1; ++t) {
       const int64_t bh = t / nkb, j0 = (t % nkb) * BLK, kn = std::min(BLK, T - j0);
       float* p = dst + t * Dp * BLK;
@@ -363,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd(const at::Tensor
   const Forward a{qr.data_ptr<float>(), kt.data_ptr<float>(), vr.data_ptr<float>(), out.data_ptr<float>(),
                   lse.data_ptr<float>(), H, H / Hk, T, Dp, std::min(window, T), static_cast<float>(scale)};
   const int64_t nqb = blocks(T);
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
+  parallel_ranges(B * H * nqb, grain_for(4 * BLK * (a.window + BLK) * Dp), [&](int64_t t0, int64_t t1) {
     std::vector<float> S(BLK * BLK), O(BLK * Dp);
     std::vector<int32_t> kpos(BLK);
     for (int64_t t = t0; t < t1; ++t) forward_block(a, t / nqb, t % nqb, S.data(), O.data(), kpos.data());
@@ -469,13 +507,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
                    gr.data_ptr<float>(), lse32.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                    dk.data_ptr<float>(), dv.data_ptr<float>(), overflow.data_ptr<float>(), H, group, T, Dp, window,
                    run, std::max<int64_t>(ov, 1), static_cast<float>(scale)};
-  at::parallel_for(0, B * Hk * runs, 1, [&](int64_t t0, int64_t t1) {
+  parallel_ranges(B * Hk * runs, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> S(BLK * BLK), dP(BLK * BLK), dK(BLK * Dp), dV(BLK * Dp);
     std::vector<int32_t> kpos(BLK);
     for (int64_t t = t0; t < t1; ++t) backward_run(a, t / runs, t % runs, S.data(), dP.data(), dK.data(), dV.data(), kpos.data());
   });
   // Each run's overflow lands in the next run's query blocks (runs are >= ov blocks long).
-  at::parallel_for(0, B * Hk * runs, 1, [&](int64_t t0, int64_t t1) {
+  parallel_ranges(B * Hk * runs, grain_for(group * ov * BLK * Dp), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bkv = t / runs, r = t % runs, b = bkv / Hk, hk = bkv % Hk;
       const int64_t i0 = std::min(nkb, (r + 1) * run) * BLK, rows = std::min(a.ov * BLK, T - i0);
@@ -563,7 +601,7 @@ at::Tensor sliding_window_decode(const at::Tensor& q, const at::Tensor& k_cache,
   auto out = at::empty({B, H, n, Dp}, qr.options());
   const int64_t group = H / Hk, rows_per_kv = group * n, rblocks = blocks(rows_per_kv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "sliding_window_decode", [&] {
-    at::parallel_for(0, B * Hk * rblocks, 1, [&](int64_t t0, int64_t t1) {
+    parallel_ranges(B * Hk * rblocks, grain_for(4 * std::min(BLK, rows_per_kv) * slots * Dp), [&](int64_t t0, int64_t t1) {
       std::vector<float> S(BLK * BLK), O(BLK * Dp), kt(Dp * BLK), vrows(BLK * Dp);
       std::vector<int32_t> kpos(BLK);
       for (int64_t t = t0; t < t1; ++t) {
