@@ -5,7 +5,8 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # OUT defaults to benchmarks/results
 #
-# Writes into $OUT: gpu_check.log (everything), tests.txt, gpu_quantize.txt, quantize_gpu.json.
+# Writes into $OUT: gpu_check.log (everything), tests.txt, gpu_quantize.txt, quantize_gpu.json,
+# gpu_window_attention.txt, window_attention_gpu.json.
 # Total wall time stays under GPU_CHECK_BUDGET_S (default 470 s): each step gets at most 300 s and
 # never more than what is left.
 set -u
@@ -86,9 +87,15 @@ if ! run_step "$OUT/gpu_quantize.txt" env TRITON_PRINT_AUTOTUNING=1 python3 benc
     STATUS=1
 fi
 
-# Hook: window attention. Add its step here, same shape as the one above:
-#   step "benchmark: window_attention"
-#   run_step "$OUT/gpu_window_attention.txt" python3 benchmarks/gpu_window_attention.py --out "$OUT" || STATUS=1
+step "benchmark: window_attention"
+# Cases run most telling first (T = 16384), so a budget cut keeps them; FlexAttention compiles per T and mode.
+BENCH_BUDGET=$(( $(step_timeout) - 60 ))
+(( BENCH_BUDGET < 30 )) && BENCH_BUDGET=30
+if ! run_step "$OUT/gpu_window_attention.txt" python3 benchmarks/gpu_window_attention.py --out "$OUT" --budget-s "$BENCH_BUDGET"; then
+    echo "!!! gpu_window_attention.py failed or did not finish (partial results stay in $OUT/window_attention_gpu.json)" | tee -a "$LOG"
+    STATUS=1
+fi
+
 # Hook: cached sampling, likewise with benchmarks/gpu_sampling.py.
 # Each new step shares the 470 s budget above: raise GPU_CHECK_BUDGET_S only if the device lease allows it.
 
