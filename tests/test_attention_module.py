@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastvq
+from fastvq.nn import attention as attention_module
 from fastvq.nn.attention import SlidingWindowSelfAttention, rotary
 from fastvq.ops import window_attention as wa
 
@@ -86,9 +87,13 @@ def test_matches_taming_forward_backward(backend, t, window):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=5e-5, rtol=1e-4, msg=name)
 
 
-def test_return_present_and_layer_past_match_taming_token_by_token(backend):
+@torch.no_grad()  # as taming's sample_with_past runs; then the decode op serves the steps
+def test_return_present_and_layer_past_match_taming_token_by_token(backend, monkeypatch):
     """taming's sample_with_past: a prompt with return_present, then one token at a time with the
     concatenated presents as layer_past (taming masks nothing there, right for one new token)."""
+    calls = []
+    decode = attention_module.sliding_window_decode
+    monkeypatch.setattr(attention_module, "sliding_window_decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
     ref, ours = pair()
     ref.eval(), ours.eval()
     x = torch.randn(2, 20, 48)
@@ -105,6 +110,7 @@ def test_return_present_and_layer_past_match_taming_token_by_token(backend):
         torch.testing.assert_close(p, p_ref)
         assert p.shape == (2, 2, 3, 1, 16)  # the new token only, as taming returns it
         past_ref, past = torch.cat((past_ref, p_ref), dim=-2), torch.cat((past, p), dim=-2)
+    assert len(calls) == 8  # every step went through the decode op
 
 
 def test_layer_past_gradients_match_taming():
@@ -153,15 +159,17 @@ def test_windowed_forward_matches_dense_reference(backend, t, window, rope):
     torch.testing.assert_close(m(x), dense_reference(m, x), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("split", [3, 10, 30])  # past shorter than, equal to and beyond the window
+@pytest.mark.parametrize("split", [3, 10, 30, 40])  # past shorter than, equal to and beyond the window
 @pytest.mark.parametrize("rope", [False, True])
-def test_layer_past_chunks_equal_full_forward(split, rope):
+@pytest.mark.parametrize("grad", [False, True])  # without gradients the decode op serves when the shapes allow
+def test_layer_past_chunks_equal_full_forward(split, rope, grad):
     """Several new tokens with layer_past: causal among themselves, window in absolute positions."""
     m = module(window=10, rope=rope)
     x = torch.randn(2, 41, 48)
     full = m(x)
-    y_head, present = m(x[:, :split], return_present=True)
-    y_tail, _ = m(x[:, split:], layer_past=present)
+    with torch.set_grad_enabled(grad):
+        y_head, present = m(x[:, :split], return_present=True)
+        y_tail, _ = m(x[:, split:], layer_past=present)
     torch.testing.assert_close(torch.cat((y_head, y_tail), 1), full, atol=2e-5, rtol=1e-4)
 
 
@@ -184,6 +192,20 @@ def test_rotary_is_complex_rotation_and_inverts():
     z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(theta), theta)
     torch.testing.assert_close(rotary(x, pos), torch.cat((z.real, z.imag), -1))
     torch.testing.assert_close(rotary(rotary(x, pos), -pos), x)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+def test_low_precision_forward_and_cached_decode(dtype, tol):
+    m = module(window=6, rope=True)
+    x = torch.randn(1, 20, 48)
+    ref = m(x)
+    low = copy.deepcopy(m).to(dtype)
+    torch.testing.assert_close(low(x.to(dtype)).float(), ref, atol=tol, rtol=tol)
+    cache_k, cache_v = low.new_cache(1)
+    assert cache_k.dtype == dtype
+    with torch.no_grad():
+        steps = [low.forward_cached(x[:, p:p + 1].to(dtype), cache_k, cache_v, p) for p in range(20)]
+    torch.testing.assert_close(torch.cat(steps, 1).float(), ref, atol=tol, rtol=tol)
 
 
 # ----------------------------------------------------------------------------- ring-buffer decode

@@ -164,6 +164,10 @@ class SlidingWindowSelfAttention(nn.Module):
                 start_pos=None):
         """x (B, T, n_embd) -> y (B, T, n_embd); (y, present) when return_present or layer_past is given.
 
+        taming's Block unpacks `attn, present = self.attn(x, layer_past=layer_past)` on every call;
+        inside it, call with return_present=True (y alone is minGPT's own convention, and unpacking a
+        tensor of batch 2 would not even fail).
+
         present = torch.stack((k, v)), shape (2, B, n_head, T, head_dim): the keys and values of
         the new tokens only (taming's convention; its sampler concatenates them along dim -2 into
         the next layer_past). With rope they are stored rotated, so a cache never needs re-rotating.
@@ -237,12 +241,11 @@ class SlidingWindowSelfAttention(nn.Module):
             pos = pos.to(x.device)
         else:
             pos = _check_int("pos", pos, 0)
-        param_dtype = self.key.weight.dtype
-        if cache_k.dtype != param_dtype or cache_v.dtype != param_dtype:
-            raise TypeError(f"SlidingWindowSelfAttention.forward_cached: the caches are {cache_k.dtype}/{cache_v.dtype} "
-                            f"but the module computes in {param_dtype}; they must match")
         positions = torch.as_tensor(pos, device=x.device).long() + torch.arange(n, device=x.device)
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, positions)  # nothing written yet: a dtype mismatch still leaves the cache as it was
+        if cache_k.dtype != k.dtype or cache_v.dtype != k.dtype:
+            raise TypeError(f"SlidingWindowSelfAttention.forward_cached: the caches are {cache_k.dtype}/{cache_v.dtype} "
+                            f"but the new keys/values are {k.dtype}; they must match")
         slot_index = torch.remainder(positions, slots)
         cache_k.index_copy_(2, slot_index, k)
         cache_v.index_copy_(2, slot_index, v)
