@@ -232,7 +232,8 @@ def main() -> int:
             cells = []
             for n in names:
                 r = case["results"].get(f"{n}/{mode}")
-                cells.append("-" if r is None else "error" if "error" in r else "skipped" if "skipped" in r else f"{r['median_s'] * 1e3:9.3f} {r['band_tflops']:7.1f}")
+                cells.append("-" if r is None else "error" if "error" in r else "skipped" if "skipped" in r
+                             else f"{r['median_s'] * 1e3:9.3f} {r['band_tflops']:7.1f}")
             print(f"{t:>6} {w:>5} {mode:>16} | " + " | ".join(f"{c:>21}" for c in cells), flush=True)
         save()
     save()

@@ -186,7 +186,6 @@ class SlidingWindowSelfAttention(nn.Module):
             self._check_past(layer_past, b)
             past_len = layer_past[0].shape[2]
         q, k, v = self._qkv(x, self._positions(past_len if start_pos is None else start_pos, t, x.device))
-        present = torch.stack((k, v))
         if layer_past is not None:
             y = self._attend_past(q, torch.cat((layer_past[0], k), dim=2), torch.cat((layer_past[1], v), dim=2))
         elif self._dropout_active():
@@ -194,7 +193,7 @@ class SlidingWindowSelfAttention(nn.Module):
         else:
             y = sliding_window_attention(q, k, v, self.window)
         y = self._output(y)
-        return (y, present) if return_present or layer_past is not None else y
+        return (y, torch.stack((k, v))) if return_present or layer_past is not None else y
 
     def new_cache(self, batch_size: int, slots: int | None = None, *, device=None, dtype=None):
         """Zeroed ring buffers (k_cache, v_cache), each (batch_size, n_head, slots, head_dim), for
@@ -221,7 +220,8 @@ class SlidingWindowSelfAttention(nn.Module):
         self._check_x(x)
         b, n, _ = x.shape
         for name, c in (("cache_k", cache_k), ("cache_v", cache_v)):
-            if not isinstance(c, torch.Tensor) or c.dim() != 4 or (c.shape[0], c.shape[1], c.shape[3]) != (b, self.n_head, self.head_dim):
+            expected = (b, self.n_head, self.head_dim)
+            if not isinstance(c, torch.Tensor) or c.dim() != 4 or (c.shape[0], c.shape[1], c.shape[3]) != expected:
                 raise ValueError(f"SlidingWindowSelfAttention.forward_cached: {name} must be (B={b}, n_head={self.n_head}, "
                                  f"S, head_dim={self.head_dim}), got "
                                  f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
