@@ -539,6 +539,7 @@ void decode_rows(const at::Tensor& kc, const at::Tensor& vc, const float* qrows,
   const int64_t slots = kc.size(2), D = kc.size(3), b = bkv / Hk, hk = bkv % Hk;
   const T* kbase = kc.data_ptr<T>() + b * kc.stride(0) + hk * kc.stride(1);
   const T* vbase = vc.data_ptr<T>() + b * vc.stride(0) + hk * vc.stride(1);
+  const int64_t ks2 = kc.stride(2), ks3 = kc.stride(3), vs2 = vc.stride(2), vs3 = vc.stride(3);
   const int64_t last = pos + n - 1;
   const float c = scale * kLog2e;
   float mrow[BLK], lrow[BLK];
@@ -555,14 +556,13 @@ void decode_rows(const at::Tensor& kc, const at::Tensor& vc, const float* qrows,
       any |= kp >= 0 && kp - pos > -window;
     }
     if (!any) continue;
-    std::fill(kt, kt + Dp * BLK, 0.f);
-    std::fill(vrows, vrows + BLK * Dp, 0.f);
+    if (sn < BLK) std::fill(kt, kt + Dp * BLK, 0.f);  // columns past the ring are masked; keep them finite
     for (int64_t j = 0; j < sn; ++j) {
-      const T* kr = kbase + (s0 + j) * kc.stride(2);
-      const T* vr = vbase + (s0 + j) * vc.stride(2);
+      const T* kr = kbase + (s0 + j) * ks2;
+      const T* vr = vbase + (s0 + j) * vs2;
       for (int64_t d = 0; d < D; ++d) {
-        kt[d * BLK + j] = static_cast<float>(kr[d * kc.stride(3)]);
-        vrows[j * Dp + d] = static_cast<float>(vr[d * vc.stride(3)]);
+        kt[d * BLK + j] = static_cast<float>(kr[d * ks3]);
+        vrows[j * Dp + d] = static_cast<float>(vr[d * vs3]);
       }
     }
     gemm<false>(S, BLK, qrows, Dp, 1, kt, BLK, rows, BLK, Dp);
