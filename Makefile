@@ -37,6 +37,7 @@ bench: build
 
 compare: build
 	$(PY) benchmarks/compare_quantize.py
+	$(PY) benchmarks/compare_window_attention.py
 	$(PY) benchmarks/report.py
 
 clean:
