@@ -1,0 +1,206 @@
+// sample_logits on CPU: guidance, temperature, top-k, top-p and the inverse-CDF draw, one row at a time.
+//
+// The semantics are fastvq/ops/sampling.py's. Rows are spread over threads with at::parallel_for;
+// each thread keeps three row-sized buffers (logits as fp32, their order keys, the weights).
+// Nothing is sorted: thresholds come from a radix select over 32-bit keys whose unsigned order is
+// the float order, 8 bits per pass over the row (4 passes), counting tokens for top-k and summing
+// weights (in double) for top-p. A pass after the first touches only the keys whose higher digits
+// match the prefix chosen so far, so the result is an exact key of the row and every token tied
+// with it is kept. The weights exp((x - max) / t) come from a polynomial exp the compiler
+// vectorises (glibc's expf does not), accurate to a few ulp.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+inline uint32_t ordered_key(float x) {
+  if (x == 0.0f) x = 0.0f;  // -0 and +0 are the same logit
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return (b >> 31) ? ~b : (b | 0x80000000u);
+}
+
+// exp(x) for x <= 0 (here x = (logit - max) / t); 0 below -87, where fp32 exp underflows anyway,
+// so masked tokens (-inf) get weight exactly 0. Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2.
+inline float exp_nonpositive(float x) {
+  const bool tiny = !(x >= -87.0f);  // also catches NaN from -inf - -inf
+  x = tiny ? 0.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return tiny ? 0.0f : p * scale;
+}
+
+// The largest key T with  sum of weight[i] over keys[i] >= T  >= need  (weight 1 when weights is
+// null: then T is the need-th largest key). 8-bit digits, most significant first. After the first
+// pass only the keys matching the chosen top digit are copied to `scratch` (usually ~n / 256 of
+// them), so the three later passes cost little.
+uint32_t radix_select(const uint32_t* keys, const float* weights, int64_t n, double need,
+                      std::vector<std::pair<uint32_t, float>>& scratch) {
+  uint32_t prefix = 0;
+  int64_t live = n;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    const bool first = shift == 24;
+    double hist[256] = {};
+    if (first && !weights) {
+      int64_t count[256] = {};
+      for (int64_t i = 0; i < n; ++i) ++count[keys[i] >> 24];
+      for (int d = 0; d < 256; ++d) hist[d] = static_cast<double>(count[d]);
+    } else if (first) {
+      for (int64_t i = 0; i < n; ++i) hist[keys[i] >> 24] += weights[i];
+    } else {
+      for (int64_t i = 0; i < live; ++i) hist[(scratch[i].first >> shift) & 255u] += scratch[i].second;
+    }
+    int digit = -1;
+    double above = 0.0;
+    for (int d = 255; d >= 0; --d) {
+      if (above + hist[d] >= need && hist[d] > 0) {
+        digit = d;
+        break;
+      }
+      above += hist[d];
+    }
+    if (digit < 0) {
+      // Only rounding of the mass gets here: keep the whole group (its lowest populated digit).
+      digit = 0;
+      while (digit < 255 && hist[digit] == 0) ++digit;
+      above = 0.0;
+      for (int d = 255; d > digit; --d) above += hist[d];
+      need = above + hist[digit];
+    }
+    need -= above;
+    prefix |= static_cast<uint32_t>(digit) << shift;
+    if (first) {
+      scratch.clear();
+      for (int64_t i = 0; i < n; ++i)
+        if ((keys[i] >> 24) == static_cast<uint32_t>(digit)) scratch.emplace_back(keys[i], weights ? weights[i] : 1.0f);
+    } else {
+      // keep the keys whose digits so far equal the prefix
+      const uint32_t high = ~((1u << shift) - 1u);
+      int64_t kept = 0;
+      for (int64_t i = 0; i < live; ++i)
+        if ((scratch[i].first & high) == prefix) scratch[kept++] = scratch[i];
+      scratch.resize(kept);
+    }
+    live = static_cast<int64_t>(scratch.size());
+  }
+  return prefix;
+}
+
+template <typename T>
+void sample_rows(const T* logits, int64_t stride, int64_t rows, int64_t V, bool cfg, float scale,
+                 const float* temperature, const int64_t* top_k, const float* top_p, const float* uniform,
+                 int64_t* out) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(V), w(V);
+    std::vector<uint32_t> keys(V);
+    std::vector<std::pair<uint32_t, float>> scratch;
+    scratch.reserve(V);
+    for (int64_t row = begin; row < end; ++row) {
+      const T* c = logits + row * stride;
+      const T* u = logits + (row + rows) * stride;
+      float m = -std::numeric_limits<float>::infinity();
+      int64_t argmax = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        float v = static_cast<float>(c[i]);
+        if (cfg) {
+          const float uv = static_cast<float>(u[i]);
+          v = uv + scale * (v - uv);
+        }
+        x[i] = v;
+        if (v > m) {  // strict: the lowest index wins ties
+          m = v;
+          argmax = i;
+        }
+      }
+      const float t = temperature[row];
+      if (!(t > 0.0f)) {
+        out[row] = argmax;
+        continue;
+      }
+      const float inv_t = 1.0f / t;
+      for (int64_t i = 0; i < V; ++i) keys[i] = ordered_key(x[i]);
+      const uint32_t thr_k = top_k[row] < V ? radix_select(keys.data(), nullptr, V, static_cast<double>(top_k[row]), scratch) : 0u;
+      double total = 0.0;
+      for (int64_t i = 0; i < V; ++i) {
+        const float e = exp_nonpositive((x[i] - m) * inv_t);
+        w[i] = keys[i] >= thr_k ? e : 0.0f;
+      }
+      uint32_t thr = thr_k;
+      const float p = top_p[row];
+      if (p < 1.0f) {
+        double mass = 0.0;
+        for (int64_t i = 0; i < V; ++i) mass += w[i];
+        thr = std::max(thr, radix_select(keys.data(), w.data(), V, static_cast<double>(p) * mass, scratch));
+      }
+      for (int64_t i = 0; i < V; ++i) {
+        if (keys[i] < thr) w[i] = 0.0f;
+        total += w[i];
+      }
+      const double goal = static_cast<double>(uniform[row]) * total;
+      double run = 0.0;
+      int64_t pick = -1, last = -1;
+      for (int64_t i = 0; i < V; ++i) {
+        if (w[i] > 0.0f) {
+          last = i;
+          run += w[i];
+          if (run > goal) {
+            pick = i;
+            break;
+          }
+        }
+      }
+      // r * S rounds up to the total only on a CDF boundary: then the last token with weight.
+      out[row] = pick >= 0 ? pick : last;
+    }
+  });
+}
+
+at::Tensor sample_logits(const at::Tensor& logits_in, const at::Tensor& temperature, const at::Tensor& top_k,
+                         const at::Tensor& top_p, const at::Tensor& uniform, bool cfg, double cfg_scale) {
+  TORCH_CHECK(logits_in.dim() == 2, "sample_logits: logits must be 2-D (B, V)");
+  const auto logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const int64_t rows = uniform.size(0), V = logits.size(1);
+  TORCH_CHECK(logits.size(0) == (cfg ? 2 * rows : rows), "sample_logits: logits rows do not match the uniforms");
+  const auto t = temperature.to(at::kFloat).contiguous();
+  const auto k = top_k.to(at::kLong).contiguous();
+  const auto p = top_p.to(at::kFloat).contiguous();
+  const auto r = uniform.to(at::kFloat).contiguous();
+  TORCH_CHECK(t.numel() == rows && k.numel() == rows && p.numel() == rows, "sample_logits: one parameter per row");
+  auto out = at::empty({rows}, logits.options().dtype(at::kLong));
+  if (rows == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sample_logits", [&] {
+    sample_rows<scalar_t>(logits.data_ptr<scalar_t>(), logits.stride(0), rows, V, cfg, static_cast<float>(cfg_scale),
+                          t.data_ptr<float>(), k.data_ptr<int64_t>(), p.data_ptr<float>(), r.data_ptr<float>(),
+                          out.data_ptr<int64_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastvq, m) {
+  m.def("sample_logits(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniform, bool cfg, float cfg_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
+  m.impl("sample_logits", &sample_logits);
+}
