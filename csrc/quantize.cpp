@@ -12,6 +12,7 @@
 #include <cmath>
 #include <exception>
 #include <limits>
+#include <optional>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -209,12 +210,194 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::T
   return {idx, dist};
 }
 
+// ----------------------------------------------------------------------------- fused epilogues
+//
+// After the search, the rest of the VQ op is O(N D): gather the chosen codes, the straight-through
+// output, the squared error for the loss, and in the backward both gradients. Each is one pass here
+// instead of the half-dozen torch passes (index_select, sub, add, pow, mean, ...) it otherwise takes.
+
+// Arithmetic type: fp32 for fp32/fp16/bf16, fp64 for fp64.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int64_t kLanes = 16;               // independent partial sums, so reductions vectorise
+constexpr int64_t kChunkValues = 1 << 13;    // values per loss partial: fixed, so the sum is deterministic
+constexpr int64_t kMinShareRows = 1 << 14;   // values worth handing to a thread in the O(N D) passes
+
+void check_epilogue_inputs(const char* op, const at::Tensor& z, const at::Tensor& cb, const at::Tensor& idx) {
+  TORCH_CHECK(z.device().is_cpu() && cb.device().is_cpu() && idx.device().is_cpu(), op,
+              " (cpp): z, codebook and idx must be CPU tensors");
+  TORCH_CHECK(z.dim() == 2 && cb.dim() == 2 && z.size(1) == cb.size(1) && cb.size(0) > 0, op,
+              " (cpp): z (N, D) and codebook (K, D) with K >= 1, got ", z.sizes(), " and ", cb.sizes());
+  TORCH_CHECK(z.scalar_type() == cb.scalar_type(), op, " (cpp): z and codebook must share a dtype, got ",
+              z.scalar_type(), " and ", cb.scalar_type());
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == z.size(0) && idx.scalar_type() == at::kLong, op,
+              " (cpp): idx must be int64 of shape (", z.size(0), "), got ", idx.scalar_type(), " ", idx.sizes());
+}
+
+inline int64_t checked_code(int64_t k, int64_t K) {
+  TORCH_CHECK(k >= 0 && k < K, "vq (cpp): index ", k, " out of range for a codebook of ", K, " entries");
+  return k;
+}
+
+// out = z + (c - z), with c - z rounded to T first: what torch computes for `z + (z_q - z)` in
+// dtype T (each op in fp32 and rounded once to T; exact fp32 for fp32). Returns the sum of the
+// rounded (c - z)^2 over the row, accumulated in kLanes partial sums of acc_t.
+template <typename T>
+void gather_row(const T* z, const T* c, int64_t D, T* out, acc_t<T>* lanes) {
+  using A = acc_t<T>;
+  int64_t d0 = 0;
+  for (; d0 + kLanes <= D; d0 += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const A zv = static_cast<A>(z[d0 + j]);
+      const A diff = static_cast<A>(static_cast<T>(static_cast<A>(c[d0 + j]) - zv));
+      out[d0 + j] = static_cast<T>(zv + diff);
+      lanes[j] += diff * diff;
+    }
+  for (int64_t j = 0; d0 + j < D; ++j) {
+    const A zv = static_cast<A>(z[d0 + j]);
+    const A diff = static_cast<A>(static_cast<T>(static_cast<A>(c[d0 + j]) - zv));
+    out[d0 + j] = static_cast<T>(zv + diff);
+    lanes[j] += diff * diff;
+  }
+}
+
+template <typename T>
+double gather_rows(const T* z, const T* cb, const int64_t* idx, int64_t N, int64_t K, int64_t D, T* out) {
+  using A = acc_t<T>;
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunkValues / D);
+  const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
+  std::vector<double> partial(chunks, 0.0);
+  parallel_ranges(chunks, std::max<int64_t>(1, kMinShareRows / (chunk_rows * D)), [&](int64_t b, int64_t e) {
+    for (int64_t ch = b; ch < e; ++ch) {
+      A lanes[kLanes] = {};
+      const int64_t r1 = std::min(N, (ch + 1) * chunk_rows);
+      for (int64_t r = ch * chunk_rows; r < r1; ++r)
+        gather_row<T>(z + r * D, cb + checked_code(idx[r], K) * D, D, out + r * D, lanes);
+      double s = 0;
+      for (int64_t j = 0; j < kLanes; ++j) s += lanes[j];
+      partial[ch] = s;
+    }
+  });
+  double total = 0;  // combined in chunk order: the same bits whatever the thread count
+  for (double p : partial) total += p;
+  return total;
+}
+
+// (out, sum of squared error): out = z + (codebook[idx] - z) in z's dtype, and the fp32 sum over
+// all elements of (codebook[idx] - z)^2 (accumulated in fp64 across chunks, deterministically).
+std::tuple<at::Tensor, at::Tensor> vq_gather(const at::Tensor& z_in, const at::Tensor& cb_in, const at::Tensor& idx_in) {
+  check_epilogue_inputs("vq_gather", z_in, cb_in, idx_in);
+  const auto z = z_in.contiguous(), cb = cb_in.contiguous(), idx = idx_in.contiguous();
+  const int64_t N = z.size(0), K = cb.size(0), D = z.size(1);
+  auto out = at::empty_like(z);
+  double total = 0;
+  if (N > 0 && D > 0)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "vq_gather", [&] {
+      total = gather_rows<scalar_t>(z.data_ptr<scalar_t>(), cb.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), N, K, D,
+                                    out.data_ptr<scalar_t>());
+    });
+  return {out, at::scalar_tensor(total, z.options().dtype(at::kFloat))};
+}
+
+// grad_z = grad_out + coef_z (c_idx - z), in z's dtype (computed in acc_t, rounded once).
+template <typename T>
+void grad_z_rows(const T* go, const T* z, const T* cb, const int64_t* idx, int64_t N, int64_t K, int64_t D,
+                 double coef, T* gz) {
+  using A = acc_t<T>;
+  const A cz = static_cast<A>(coef);
+  parallel_ranges(N, std::max<int64_t>(1, kMinShareRows / D), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* c = cb + checked_code(idx[r], K) * D;
+      const T* zr = z + r * D;
+      T* o = gz + r * D;
+      if (go) {
+        const T* g = go + r * D;
+        for (int64_t d = 0; d < D; ++d)
+          o[d] = static_cast<T>(static_cast<A>(g[d]) + cz * (static_cast<A>(c[d]) - static_cast<A>(zr[d])));
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(cz * (static_cast<A>(c[d]) - static_cast<A>(zr[d])));
+      }
+    }
+  });
+}
+
+// grad_codebook[k] = coef Σ_{i: idx_i = k} (c_k - z_i): a segmented reduction. Rows are counting-
+// sorted by code (O(N), stable), then each code sums its own rows in row order, in parallel over
+// codes. No atomics and no shared accumulators, so the result is bitwise reproducible.
+template <typename T>
+void grad_codebook_rows(const T* z, const T* cb, const int64_t* idx, int64_t N, int64_t K, int64_t D, double coef,
+                        T* gc) {
+  using A = acc_t<T>;
+  std::vector<int64_t> start(K + 1, 0), order(N);
+  for (int64_t r = 0; r < N; ++r) ++start[checked_code(idx[r], K) + 1];
+  for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t r = 0; r < N; ++r) order[next[idx[r]]++] = r;
+  }
+  const A cc = static_cast<A>(coef);
+  const int64_t per_code = D * (N / K + 1);
+  parallel_ranges(K, std::max<int64_t>(1, kMinShareRows / per_code), [&](int64_t b, int64_t e) {
+    std::vector<A> acc(D);
+    for (int64_t k = b; k < e; ++k) {
+      T* o = gc + k * D;
+      if (start[k] == start[k + 1]) {
+        std::fill(o, o + D, static_cast<T>(0));
+        continue;
+      }
+      const T* c = cb + k * D;
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t p = start[k]; p < start[k + 1]; ++p) {
+        const T* zr = z + order[p] * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<A>(c[d]) - static_cast<A>(zr[d]);
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(cc * acc[d]);
+    }
+  });
+}
+
+// (grad_z, grad_codebook) of the VQ op, with diff = codebook[idx] - z:
+//   grad_z = grad_out + coef_z diff                   (grad_out None: zeros)
+//   grad_codebook[k] = coef_code Σ_{idx_i = k} diff_i  (deterministic segmented sum)
+// A gradient that is not asked for comes back as an empty tensor.
+std::tuple<at::Tensor, at::Tensor> vq_backward(const std::optional<at::Tensor>& grad_out, const at::Tensor& z_in,
+                                               const at::Tensor& cb_in, const at::Tensor& idx_in, double coef_z,
+                                               double coef_code, bool need_grad_z, bool need_grad_codebook) {
+  check_epilogue_inputs("vq_backward", z_in, cb_in, idx_in);
+  const auto z = z_in.contiguous(), cb = cb_in.contiguous(), idx = idx_in.contiguous();
+  at::Tensor go;
+  if (grad_out.has_value() && grad_out->defined()) {
+    TORCH_CHECK(grad_out->sizes() == z.sizes(), "vq_backward (cpp): grad_out must have z's shape ", z.sizes(),
+                ", got ", grad_out->sizes());
+    go = grad_out->to(z.scalar_type()).contiguous();
+  }
+  const int64_t N = z.size(0), K = cb.size(0), D = z.size(1);
+  at::Tensor gz = need_grad_z ? at::empty_like(z) : at::empty({0}, z.options());
+  at::Tensor gc = need_grad_codebook ? at::empty_like(cb) : at::empty({0}, cb.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "vq_backward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* cp = cb.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    if (need_grad_z && N > 0 && D > 0)
+      grad_z_rows<scalar_t>(go.defined() ? go.data_ptr<scalar_t>() : nullptr, zp, cp, ip, N, K, D, coef_z,
+                            gz.data_ptr<scalar_t>());
+    if (need_grad_codebook && D > 0) grad_codebook_rows<scalar_t>(zp, cp, ip, N, K, D, coef_code, gc.data_ptr<scalar_t>());
+  });
+  return {gz, gc};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
   m.def("nearest_code(Tensor x, Tensor codebook, bool cosine) -> (Tensor, Tensor)");
+  m.def("vq_gather(Tensor z, Tensor codebook, Tensor idx) -> (Tensor, Tensor)");
+  m.def("vq_backward(Tensor? grad_out, Tensor z, Tensor codebook, Tensor idx, float coef_z, float coef_code, "
+        "bool grad_z, bool grad_codebook) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
   m.impl("nearest_code", &nearest_code);
+  m.impl("vq_gather", &vq_gather);
+  m.impl("vq_backward", &vq_backward);
 }

@@ -282,3 +282,140 @@ def chosen_configs() -> dict[str, str]:
     """The autotuner's pick per tuning key (K, D, dtypes) so far, for benchmark reports."""
     return {f"BLOCK_D={key[0]} resident={key[1]} {tuning_key}": str(cfg)
             for key, kernel in _TUNED.items() for tuning_key, cfg in kernel.cache.items()}
+
+
+# ----------------------------------------------------------------------------- fused epilogues
+#
+# After the search the rest of the VQ op is O(N D): one kernel gathers the codes and writes the
+# straight-through output and per-block partial sums of the squared error; one kernel writes
+# grad_z and scatter-adds the codebook gradient. Rows are tiled BLOCK_N at a time, D in BLOCK_D
+# chunks. Arithmetic is fp32 (fp64 for fp64 inputs); bf16/fp16 are only loaded and stored.
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
+    """x (fp32) rounded to dtype, as a value of x's type. With RNE_BF16 the bf16 rounding is done
+    in integer arithmetic (round to nearest even): the interpreter's fp32 -> bf16 cast truncates."""
+    if RNE_BF16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype).to(x.dtype)
+
+
+@triton.jit
+def _vq_gather_kernel(z_ptr, c_ptr, idx_ptr, out_ptr, partial_ptr, N, D,
+                      stride_zn, stride_zd, stride_ck, stride_cd, stride_on, stride_od,
+                      ACC: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = z + (c_idx - z), with c_idx - z rounded to z's dtype first (torch's two roundings);
+    partial[pid] = the block's sum of that rounded difference squared."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k = tl.load(idx_ptr + offs_n, mask=n_mask, other=0)
+    z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
+    c_rows = c_ptr + k.to(tl.int64)[:, None] * stride_ck
+    o_rows = out_ptr + offs_n.to(tl.int64)[:, None] * stride_on
+    sq = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = n_mask[:, None] & (offs_d < D)[None, :]
+        z = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=mask, other=0.0)
+        c = tl.load(c_rows + offs_d[None, :] * stride_cd, mask=mask, other=0.0)
+        zf = z.to(ACC)
+        diff = _round_to(c.to(ACC) - zf, z.dtype, RNE_BF16)
+        tl.store(o_rows + offs_d[None, :] * stride_od, _round_to(zf + diff, z.dtype, RNE_BF16).to(z.dtype), mask=mask)
+        sq += diff * diff
+    tl.store(partial_ptr + pid, tl.sum(tl.sum(sq, axis=1), axis=0))
+
+
+@triton.jit
+def _vq_backward_kernel(go_ptr, z_ptr, c_ptr, idx_ptr, gl_ptr, gz_ptr, gc_ptr, N, D, scale_z, scale_code,
+                        stride_gn, stride_gd, stride_zn, stride_zd, stride_ck, stride_cd,
+                        ACC: tl.constexpr, RNE_BF16: tl.constexpr, HAS_GO: tl.constexpr, GRAD_Z: tl.constexpr,
+                        GRAD_CODE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_z = grad_out + scale_z * grad_loss * diff (contiguous, z's dtype); with GRAD_CODE,
+    gc (fp32, contiguous, zeroed) += scale_code * grad_loss * diff at row idx, by atomics."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+    gl = tl.load(gl_ptr).to(ACC)
+    coef_z = gl * scale_z
+    coef_code = (gl * scale_code).to(tl.float32)
+    rows = offs_n.to(tl.int64)[:, None]
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = n_mask[:, None] & (offs_d < D)[None, :]
+        z = tl.load(z_ptr + rows * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0)
+        c = tl.load(c_ptr + k[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask, other=0.0)
+        diff = c.to(ACC) - z.to(ACC)
+        if GRAD_Z:
+            g = coef_z * diff
+            if HAS_GO:
+                g += tl.load(go_ptr + rows * stride_gn + offs_d[None, :] * stride_gd, mask=mask, other=0.0).to(ACC)
+            tl.store(gz_ptr + rows * D + offs_d[None, :], _round_to(g, z.dtype, RNE_BF16).to(z.dtype), mask=mask)
+        if GRAD_CODE:
+            tl.atomic_add(gc_ptr + k[:, None] * D + offs_d[None, :], coef_code * diff.to(tl.float32), mask=mask)
+
+
+_EPILOGUE_BLOCK_N = 32
+
+
+def _epilogue_block_d(D: int) -> int:
+    return min(128, max(16, triton.next_power_of_2(D)))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _on_device(x: torch.Tensor, fn):
+    if x.device.type == "cuda":
+        with torch.cuda.device(x.device):
+            return fn()
+    return fn()
+
+
+def vq_gather(z: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor):
+    """(z + (codebook[idx] - z) in z's dtype, fp32 sum of the squared differences). z and codebook
+    share a dtype. The sum adds fixed per-block partials in block order: deterministic."""
+    N, D = z.shape
+    out = torch.empty((N, D), dtype=z.dtype, device=z.device)
+    blocks = triton.cdiv(N, _EPILOGUE_BLOCK_N)
+    acc = _acc_dtype(z.dtype)
+    partial = torch.empty(blocks, dtype=acc, device=z.device)
+    _on_device(z, lambda: _vq_gather_kernel[(blocks,)](
+        z, codebook, idx, out, partial, N, D, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+        out.stride(0), out.stride(1), ACC=_TL_DTYPES[acc], RNE_BF16=_INTERPRET and z.dtype == torch.bfloat16,
+        BLOCK_N=_EPILOGUE_BLOCK_N, BLOCK_D=_epilogue_block_d(D)))
+    return out, partial.sum().to(torch.float32)
+
+
+def vq_backward(grad_out, z, codebook, idx, grad_loss, scale_z: float, scale_code: float,
+                need_grad_z: bool, need_grad_codebook: bool):
+    """(grad_z, grad_codebook) of the VQ op, diff = codebook[idx] - z, gl = grad_loss (0-dim):
+    grad_z = grad_out + scale_z gl diff; grad_codebook[k] = scale_code gl Σ_{idx_i = k} diff_i.
+    The codebook gradient is an fp32 atomic scatter-add (order not fixed); under
+    torch.use_deterministic_algorithms(True) it is torch's deterministic index_put_ instead.
+    A gradient not asked for is None."""
+    N, D = z.shape
+    deterministic = need_grad_codebook and torch.are_deterministic_algorithms_enabled()
+    atomic = need_grad_codebook and not deterministic
+    grad_z = torch.empty((N, D), dtype=z.dtype, device=z.device) if need_grad_z else None
+    grad_code = torch.zeros(codebook.shape, dtype=torch.float32, device=z.device) if atomic else None
+    gl = grad_loss.reshape(1)
+    acc = _acc_dtype(z.dtype)
+    if (need_grad_z or atomic) and N > 0:
+        go = grad_out if grad_out is not None else z  # a placeholder pointer when HAS_GO is off
+        _on_device(z, lambda: _vq_backward_kernel[(triton.cdiv(N, _EPILOGUE_BLOCK_N),)](
+            go, z, codebook, idx, gl, grad_z if grad_z is not None else z, grad_code if atomic else z, N, D,
+            scale_z, scale_code, go.stride(0), go.stride(1), z.stride(0), z.stride(1),
+            codebook.stride(0), codebook.stride(1), ACC=_TL_DTYPES[acc],
+            RNE_BF16=_INTERPRET and z.dtype == torch.bfloat16, HAS_GO=grad_out is not None,
+            GRAD_Z=need_grad_z, GRAD_CODE=atomic, BLOCK_N=_EPILOGUE_BLOCK_N, BLOCK_D=_epilogue_block_d(D)))
+    if deterministic:
+        g = (codebook.index_select(0, idx).float() - z.float()) * (gl.float() * scale_code)
+        grad_code = torch.zeros(codebook.shape, dtype=torch.float32, device=z.device)
+        grad_code.index_put_((idx,), g, accumulate=True)
+    return grad_z, grad_code.to(codebook.dtype) if grad_code is not None else None

@@ -247,3 +247,108 @@ def test_vector_quantize_low_precision(dtype):
     loss.backward()
     assert z.grad.dtype == dtype and cb.grad.dtype == dtype
     assert torch.isfinite(z.grad.float()).all() and cb.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- fused epilogues (gather + loss, backward)
+
+from fastvq.ops.quantize import _EPILOGUE  # noqa: E402
+
+# (N, K, D): odd sizes, K = 1, more codes than rows (most unused), few codes (many repeats).
+EPILOGUE_SHAPES = [(1, 1, 1), (7, 1, 3), (45, 19, 13), (33, 200, 5), (70, 3, 130)]
+EPILOGUE_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float16: dict(atol=1e-3, rtol=1e-3),
+                torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def epilogue_inputs(n, k, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g).to(dtype)
+    cb = torch.randn(k, d, generator=g).to(dtype)
+    idx = torch.randint(0, k, (n,), generator=g)
+    if k > 3:
+        idx[: n // 2] = 2  # one heavily repeated code
+    return z, cb, idx, torch.randn(n, d, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_epilogue_matches_torch_reference(backend, dtype):
+    gather, backward = _EPILOGUE[backend]
+    ref_gather, ref_backward = _EPILOGUE["torch"]
+    dev = device_of(backend)
+    tol = EPILOGUE_TOL[dtype]
+    for seed, (n, k, d) in enumerate(EPILOGUE_SHAPES):
+        z, cb, idx, grad_out = epilogue_inputs(n, k, d, dtype, seed)
+        out, sq = gather(z.to(dev), cb.to(dev), idx.to(dev))
+        ref_out, ref_sq = ref_gather(z, cb, idx)
+        # The same two roundings as torch's z + (z_q - z): bit-for-bit equal.
+        assert out.dtype == dtype and torch.equal(out.cpu(), ref_out), (n, k, d)
+        assert sq.dtype == torch.float32
+        torch.testing.assert_close(sq.cpu(), ref_sq, atol=1e-5, rtol=1e-5)
+        gl = torch.tensor(1.7)
+        for go in (grad_out, None):  # None: the loss alone was backpropagated
+            gz, gc = backward(None if go is None else go.to(dev), z.to(dev), cb.to(dev), idx.to(dev), gl.to(dev),
+                              -0.3, 0.7, True, True)
+            ref_gz, ref_gc = ref_backward(go, z, cb, idx, gl, -0.3, 0.7, True, True)
+            assert gz.dtype == dtype and gc.dtype == dtype and gc.shape == cb.shape
+            torch.testing.assert_close(gz.cpu(), ref_gz, **tol)
+            torch.testing.assert_close(gc.cpu(), ref_gc, **tol)
+            unused = torch.bincount(idx, minlength=k) == 0
+            assert (gc.cpu()[unused] == 0).all()
+        gz, gc = backward(grad_out.to(dev), z.to(dev), cb.to(dev), idx.to(dev), gl.to(dev), -0.3, 0.7, True, False)
+        assert gc is None and gz is not None
+        gz, gc = backward(grad_out.to(dev), z.to(dev), cb.to(dev), idx.to(dev), gl.to(dev), -0.3, 0.7, False, True)
+        assert gz is None and gc is not None
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss_only", [False, True])
+def test_vector_quantize_fused_matches_torch_backend(backend, dtype, loss_only):
+    n, k, d = (45, 19, 13) if shapes_for(backend) is TRITON_SHAPES else (301, 67, 37)
+    g = torch.Generator().manual_seed(8)
+    z0, cb0, grad_out = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g), torch.randn(n, d, generator=g)
+    results = []
+    for name in (backend, "torch"):
+        dev = device_of(name)
+        z = z0.to(dev, dtype).requires_grad_()
+        cb = cb0.to(dev, dtype).requires_grad_()
+        z_q, loss, idx = vector_quantize(z, cb, commitment_weight=1.0, codebook_weight=0.25, backend=name)
+        total = 3.0 * loss if loss_only else (z_q.float() * grad_out.to(dev)).sum() + 3.0 * loss
+        total.backward()
+        results.append([t.detach().cpu() for t in (z_q, loss, idx, z.grad, cb.grad)])
+    (zq, loss, idx, gz, gc), (zq_r, loss_r, idx_r, gz_r, gc_r) = results
+    assert torch.equal(idx, idx_r) and torch.equal(zq, zq_r)
+    torch.testing.assert_close(loss, loss_r, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gz, gz_r, **EPILOGUE_TOL[dtype])
+    torch.testing.assert_close(gc, gc_r, **EPILOGUE_TOL[dtype])
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_cpp_fused_vq_is_deterministic():
+    g = torch.Generator().manual_seed(9)
+    z0, cb0 = torch.randn(20000, 24, generator=g), torch.randn(7, 24, generator=g)  # thousands of rows per code
+    runs = []
+    for _ in range(2):
+        z, cb = z0.clone().requires_grad_(), cb0.clone().requires_grad_()
+        z_q, loss, _ = vector_quantize(z, cb, backend="cpp")
+        (z_q.sum() + loss).backward()
+        runs.append((z_q, loss, z.grad, cb.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+def test_triton_codebook_grad_deterministic_mode():
+    dev = device_of("triton")
+    z, cb, idx, grad_out = epilogue_inputs(45, 19, 13, torch.float32, 10)
+    gl = torch.tensor(0.9)
+    ref = _EPILOGUE["torch"][1](grad_out, z, cb, idx, gl, -0.5, 0.5, True, True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = _EPILOGUE["triton"][1](grad_out.to(dev), z.to(dev), cb.to(dev), idx.to(dev), gl.to(dev), -0.5, 0.5,
+                                     True, True)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.cpu(), b)

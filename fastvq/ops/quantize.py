@@ -102,6 +102,68 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
 
 # ----------------------------------------------------------------------------- fused quantize + loss + straight-through
 
+# The O(N D) epilogue per backend: gather(z, codebook, idx) -> (z + (codebook[idx] - z), fp32 sum of
+# (codebook[idx] - z)^2), and backward(grad_out | None, z, codebook, idx, grad_loss, scale_z,
+# scale_code, need_z, need_code) -> (grad_z, grad_codebook) with diff = codebook[idx] - z:
+#   grad_z = grad_out + scale_z * grad_loss * diff,  grad_codebook[k] = scale_code * grad_loss * Σ_{idx_i=k} diff_i.
+# The torch pair is the reference; cpp and triton each do a direction in one pass over N x D.
+
+def _gather_torch(z, codebook, idx):
+    diff = codebook.index_select(0, idx).to(z.dtype) - z
+    return z + diff, diff.float().pow(2).sum()
+
+
+def _backward_torch(grad_out, z, codebook, idx, grad_loss, scale_z, scale_code, need_z, need_code):
+    diff = codebook.index_select(0, idx).float() - z.float()
+    grad_loss = grad_loss.float()
+    grad_z = grad_codebook = None
+    if need_z:
+        grad_z = diff * (scale_z * grad_loss)
+        if grad_out is not None:
+            grad_z = grad_z + grad_out.float()
+        grad_z = grad_z.to(z.dtype)
+    if need_code:
+        # index_put_ with accumulate is the segmented scatter-add; under
+        # torch.use_deterministic_algorithms(True) torch runs it in a fixed order on CUDA.
+        grad_codebook = torch.zeros(codebook.shape, dtype=torch.float32, device=codebook.device)
+        grad_codebook.index_put_((idx,), diff * (scale_code * grad_loss), accumulate=True)
+        grad_codebook = grad_codebook.to(codebook.dtype)
+    return grad_z, grad_codebook
+
+
+def _gather_cpp(z, codebook, idx):
+    return cpp_ops().vq_gather(z, codebook, idx)
+
+
+def _backward_cpp(grad_out, z, codebook, idx, grad_loss, scale_z, scale_code, need_z, need_code):
+    gl = float(grad_loss)  # a CPU scalar: no device sync
+    grad_z, grad_codebook = cpp_ops().vq_backward(grad_out, z, codebook, idx, scale_z * gl, scale_code * gl,
+                                                  need_z, need_code)
+    return (grad_z if need_z else None), (grad_codebook if need_code else None)
+
+
+def _gather_triton(z, codebook, idx):
+    from fastvq.kernels.quantize import vq_gather
+
+    return vq_gather(z, codebook, idx)
+
+
+def _backward_triton(*args):
+    from fastvq.kernels.quantize import vq_backward
+
+    return vq_backward(*args)
+
+
+_EPILOGUE = {"torch": (_gather_torch, _backward_torch), "cpp": (_gather_cpp, _backward_cpp),
+             "triton": (_gather_triton, _backward_triton)}
+
+
+def _epilogue(backend, z, codebook):
+    # The fused kernels take one dtype; a codebook of another dtype keeps the reference path, whose
+    # codebook gradient is computed from the codebook's own values.
+    return _EPILOGUE[backend if z.dtype == codebook.dtype else "torch"]
+
+
 class VectorQuantizeFunction(torch.autograd.Function):
     """Search, gather, loss and straight-through in one node.
 
@@ -112,40 +174,34 @@ class VectorQuantizeFunction(torch.autograd.Function):
               d loss / d z = -2 w_commit (z_q - z) / numel
               d loss / d codebook[k] += 2 w_code (z_q - z) / numel, a scatter-add by index
     Only z, the codebook and the indices are saved; z_q - z is recomputed (an O(N D) gather).
-    No one-hot and no N x K matrix appear in either direction.
+    No one-hot and no N x K matrix appear in either direction. After the search, each direction
+    is one fused pass over N x D on the cpp and triton backends (see _EPILOGUE).
     """
 
     @staticmethod
     def forward(ctx, z, codebook, commitment_weight, codebook_weight, backend):
-        idx, _ = _SEARCH[backend](z.detach(), codebook.detach(), "l2")
-        z_q = codebook.detach().index_select(0, idx).to(z.dtype)
-        diff = z_q - z.detach()
-        loss = (commitment_weight + codebook_weight) * diff.float().pow(2).mean()
+        z_, cb_ = z.detach(), codebook.detach()
+        idx, _ = _SEARCH[backend](z_, cb_, "l2")
+        out, sq_sum = _epilogue(backend, z_, cb_)[0](z_, cb_, idx)
+        loss = (commitment_weight + codebook_weight) * (sq_sum / z.numel())
         ctx.save_for_backward(z, codebook, idx)
         ctx.weights = (commitment_weight, codebook_weight)
+        ctx.backend = backend
         ctx.mark_non_differentiable(idx)
-        return z.detach() + diff, loss, idx
+        return out, loss, idx
 
     @staticmethod
     def backward(ctx, grad_out, grad_loss, _grad_idx):
         z, codebook, idx = ctx.saved_tensors
         w_commit, w_code = ctx.weights
-        grad_z = grad_codebook = None
+        z, codebook = z.detach(), codebook.detach()
         if grad_loss is None:
             grad_loss = torch.zeros((), dtype=torch.float32, device=z.device)
-        # 2 (z_q - z) / numel, scaled by the incoming gradient of the loss; fp32 for the reduction.
-        g = (codebook.detach().index_select(0, idx).float() - z.detach().float()) * (2.0 * grad_loss.float() / z.numel())
-        if ctx.needs_input_grad[0]:
-            grad_z = -w_commit * g
-            if grad_out is not None:
-                grad_z = grad_z + grad_out.float()
-            grad_z = grad_z.to(z.dtype)
-        if ctx.needs_input_grad[1]:
-            # index_put_ with accumulate is the segmented scatter-add; under
-            # torch.use_deterministic_algorithms(True) torch runs it in a fixed order on CUDA.
-            grad_codebook = torch.zeros(codebook.shape, dtype=torch.float32, device=codebook.device)
-            grad_codebook.index_put_((idx,), w_code * g, accumulate=True)
-            grad_codebook = grad_codebook.to(codebook.dtype)
+        # d loss / d diff = 2 (w_commit + w_code) diff / numel: -w_commit's share goes to z, w_code's to the codebook.
+        scale = 2.0 / z.numel()
+        grad_z, grad_codebook = _epilogue(ctx.backend, z, codebook)[1](
+            grad_out, z, codebook, idx, grad_loss, -w_commit * scale, w_code * scale,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_z, grad_codebook, None, None, None
 
 
