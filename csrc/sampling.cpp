@@ -3,7 +3,7 @@
 // The semantics are fastvq/ops/sampling.py's. Rows are spread over threads with at::parallel_for;
 // each thread keeps three row-sized buffers (logits as fp32, their order keys, the weights).
 // Nothing is sorted: thresholds come from a radix select over 32-bit keys whose unsigned order is
-// the float order, 8 bits per pass over the row (4 passes), counting tokens for top-k and summing
+// the float order, a digit of 8 to 12 bits per pass, counting tokens for top-k and summing
 // weights (in double) for top-p. A pass after the first touches only the keys whose higher digits
 // match the prefix chosen so far, so the result is an exact key of the row and every token tied
 // with it is kept. The weights exp((x - max) / t) come from a polynomial exp the compiler
@@ -49,29 +49,37 @@ inline float exp_nonpositive(float x) {
   return tiny ? 0.0f : p * scale;
 }
 
+// Radix digits, most significant first. Long rows start with 12 bits (sign, exponent and 3
+// mantissa bits, so logits of one binade still spread over 8 bins) and go on 10 at a time; short
+// rows take 8 bits a pass, as clearing and scanning 4096 bins would cost more than the row.
+constexpr int kMaxBins = 1 << 12;
+constexpr int64_t kWideFirstDigit = 16384;  // row length from which the 12-bit first digit pays
+
 // The largest key T with  sum of weight[i] over keys[i] >= T  >= need  (weight 1 when weights is
-// null: then T is the need-th largest key). 8-bit digits, most significant first. After the first
-// pass only the keys matching the chosen top digit are copied to `scratch` (usually ~n / 256 of
-// them), so the three later passes cost little.
+// null: then T is the need-th largest key). After the first pass only the keys in the chosen top
+// bin are copied to `scratch`, so the later passes touch a small share of the row.
 uint32_t radix_select(const uint32_t* keys, const float* weights, int64_t n, double need,
-                      std::vector<std::pair<uint32_t, float>>& scratch) {
+                      std::vector<std::pair<uint32_t, float>>& scratch, std::vector<double>& hist,
+                      std::vector<int32_t>& count) {
   uint32_t prefix = 0;
-  int64_t live = n;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    const bool first = shift == 24;
-    double hist[256] = {};
+  int width = n >= kWideFirstDigit ? 12 : 8;
+  for (int shift = 32 - width; width > 0; width = std::min(shift, n >= kWideFirstDigit ? 10 : 8), shift -= width) {
+    const bool first = shift + width == 32;
+    const int bins = 1 << width;
+    const uint32_t low = static_cast<uint32_t>(bins - 1);
+    std::fill(hist.begin(), hist.begin() + bins, 0.0);
     if (first && !weights) {
-      int64_t count[256] = {};
-      for (int64_t i = 0; i < n; ++i) ++count[keys[i] >> 24];
-      for (int d = 0; d < 256; ++d) hist[d] = static_cast<double>(count[d]);
+      std::fill(count.begin(), count.begin() + bins, 0);
+      for (int64_t i = 0; i < n; ++i) ++count[keys[i] >> shift];
+      for (int d = 0; d < bins; ++d) hist[d] = static_cast<double>(count[d]);
     } else if (first) {
-      for (int64_t i = 0; i < n; ++i) hist[keys[i] >> 24] += weights[i];
+      for (int64_t i = 0; i < n; ++i) hist[keys[i] >> shift] += weights[i];
     } else {
-      for (int64_t i = 0; i < live; ++i) hist[(scratch[i].first >> shift) & 255u] += scratch[i].second;
+      for (const auto& kw : scratch) hist[(kw.first >> shift) & low] += kw.second;
     }
     int digit = -1;
     double above = 0.0;
-    for (int d = 255; d >= 0; --d) {
+    for (int d = bins - 1; d >= 0; --d) {
       if (above + hist[d] >= need && hist[d] > 0) {
         digit = d;
         break;
@@ -81,9 +89,9 @@ uint32_t radix_select(const uint32_t* keys, const float* weights, int64_t n, dou
     if (digit < 0) {
       // Only rounding of the mass gets here: keep the whole group (its lowest populated digit).
       digit = 0;
-      while (digit < 255 && hist[digit] == 0) ++digit;
+      while (digit < bins - 1 && hist[digit] == 0) ++digit;
       above = 0.0;
-      for (int d = 255; d > digit; --d) above += hist[d];
+      for (int d = bins - 1; d > digit; --d) above += hist[d];
       need = above + hist[digit];
     }
     need -= above;
@@ -91,16 +99,14 @@ uint32_t radix_select(const uint32_t* keys, const float* weights, int64_t n, dou
     if (first) {
       scratch.clear();
       for (int64_t i = 0; i < n; ++i)
-        if ((keys[i] >> 24) == static_cast<uint32_t>(digit)) scratch.emplace_back(keys[i], weights ? weights[i] : 1.0f);
-    } else {
-      // keep the keys whose digits so far equal the prefix
-      const uint32_t high = ~((1u << shift) - 1u);
-      int64_t kept = 0;
-      for (int64_t i = 0; i < live; ++i)
-        if ((scratch[i].first & high) == prefix) scratch[kept++] = scratch[i];
+        if ((keys[i] >> shift) == static_cast<uint32_t>(digit)) scratch.emplace_back(keys[i], weights ? weights[i] : 1.0f);
+    } else if (shift > 0) {
+      const uint32_t high = ~((1u << shift) - 1u);  // the digits fixed so far
+      size_t kept = 0;
+      for (const auto& kw : scratch)
+        if ((kw.first & high) == prefix) scratch[kept++] = kw;
       scratch.resize(kept);
     }
-    live = static_cast<int64_t>(scratch.size());
   }
   return prefix;
 }
@@ -114,6 +120,8 @@ void sample_rows(const T* logits, int64_t stride, int64_t rows, int64_t V, bool 
     std::vector<uint32_t> keys(V);
     std::vector<std::pair<uint32_t, float>> scratch;
     scratch.reserve(V);
+    std::vector<double> hist(kMaxBins);
+    std::vector<int32_t> count(kMaxBins);
     for (int64_t row = begin; row < end; ++row) {
       const T* c = logits + row * stride;
       const T* u = logits + (row + rows) * stride;
@@ -138,7 +146,7 @@ void sample_rows(const T* logits, int64_t stride, int64_t rows, int64_t V, bool 
       }
       const float inv_t = 1.0f / t;
       for (int64_t i = 0; i < V; ++i) keys[i] = ordered_key(x[i]);
-      const uint32_t thr_k = top_k[row] < V ? radix_select(keys.data(), nullptr, V, static_cast<double>(top_k[row]), scratch) : 0u;
+      const uint32_t thr_k = top_k[row] < V ? radix_select(keys.data(), nullptr, V, static_cast<double>(top_k[row]), scratch, hist, count) : 0u;
       double total = 0.0;
       for (int64_t i = 0; i < V; ++i) {
         const float e = exp_nonpositive((x[i] - m) * inv_t);
@@ -149,7 +157,7 @@ void sample_rows(const T* logits, int64_t stride, int64_t rows, int64_t V, bool 
       if (p < 1.0f) {
         double mass = 0.0;
         for (int64_t i = 0; i < V; ++i) mass += w[i];
-        thr = std::max(thr, radix_select(keys.data(), w.data(), V, static_cast<double>(p) * mass, scratch));
+        thr = std::max(thr, radix_select(keys.data(), w.data(), V, static_cast<double>(p) * mass, scratch, hist, count));
       }
       for (int64_t i = 0; i < V; ++i) {
         if (keys[i] < thr) w[i] = 0.0f;
