@@ -1,26 +1,30 @@
 """Temperature, top-k, top-p, guidance and the draw as one Triton program per row, with no sort.
 
-The semantics are fastvq.ops.sampling's (its docstring is the contract). One program owns a row
-and sweeps it in BLOCK-wide chunks a fixed number of times; the row is re-read on every sweep,
-from L1/L2 after the first (64K fp32 logits are 256 KiB), and never written anywhere.
+The semantics are fastvq.ops.sampling's (its docstring is the contract). One program owns ROWS
+rows (one for codebook-sized rows; short rows share a program so that a (ROWS, BLOCK) chunk has
+about _MAX_TILE elements) and sweeps them in BLOCK-wide chunks a fixed number of times; the row is
+re-read on every sweep, from L1/L2 after the first (64K fp32 logits are 256 KiB), and never
+written anywhere. Every per-row quantity (max, thresholds, running sums) is a (ROWS,) vector; a
+top-k or top-p search is skipped when no row of the program needs it.
 
-  sweep 1      max and argmax of x (x: the fp32 row, guidance applied). t = 0 stops here.
+  sweep 1      max and argmax of x (x: the fp32 row, guidance applied). Rows with t = 0 return
+               the argmax (their later sweeps are computed and discarded).
   top-k        radix select by counting. Logits map to uint32 keys whose unsigned order is the
                float order; the k-th largest key is found 4 bits at a time, most significant first:
                with the prefix T fixed so far, one sweep counts keys >= T | j << shift for all 16
                digits j at once (a BLOCK x 16 compare) and keeps the largest j whose count is >= k.
-               8 sweeps give the exact k-th largest key; skipped when k >= V.
+               8 sweeps give the exact k-th largest key (k = V gives the smallest key).
   top-p        the same search with mass instead of count: sum of w = exp((x - max) / t) over the
                top-k survivors with key >= candidate, against top_p * (the mass at digit 0 of the
-               first sweep, which is every survivor). 8 sweeps; skipped when top_p >= 1.
+               first sweep, which is every survivor). 8 sweeps; rows with top_p = 1 ignore it.
   sum + draw   one sweep for the kept mass S, one for the inverse CDF: chunk-wise cumulative sums
                continue a running total, the first index whose total exceeds r * S is the token.
 Ties at a threshold are kept because selection is "key >= threshold key" with the threshold an
 exact key of the row.
 
 Up to 19 sweeps of a row held in cache replace a sort; each costs O(V) loads and 16 compares per
-element. One row per program: a batch of 1 uses one SM (enough for codebook-sized rows; a split
-of long rows across programs would need a grid-wide reduction per sweep).
+element. A long row is one program: a batch of 1 uses one SM (a split of long rows across
+programs would need a grid-wide reduction per sweep).
 """
 from __future__ import annotations
 
