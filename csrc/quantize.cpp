@@ -144,9 +144,11 @@ void squared_norms(const float* panel, int64_t D, vf* out) {
   }
 }
 
-template <typename T>
+// epilogue(block, first row, rows) runs on each block's thread right after its indices are written,
+// while the block's rows are still in cache (vq_forward gathers the codes there).
+template <typename T, typename Epilogue>
 void search_rows(const at::Tensor& x, const nq::Codes& cb, bool cosine, int64_t block_rows, int64_t* out_idx,
-                 float* out_dist) {
+                 float* out_dist, const Epilogue& epilogue) {
   const int64_t N = x.size(0), D = cb.D;
   const int64_t blocks = (N + block_rows - 1) / block_rows, panels = block_rows / MR;
   const int64_t grain = std::max<int64_t>(1, kMinShareMacs / (block_rows * cb.groups * NR * D));
@@ -175,6 +177,7 @@ void search_rows(const at::Tensor& x, const nq::Codes& cb, bool cosine, int64_t 
         out_dist[r0 + r] = std::max(d, 0.f);
         out_idx[r0 + r] = res[p].idx[v][lane];
       }
+      epilogue(blk, r0, rows);
     }
   });
 }
@@ -205,7 +208,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::T
   const nq::Codes codes{packed.data_ptr<float>(), groups, D, std::max<int64_t>(1, kChunkFloats / (D * NR))};
   const int64_t block_rows = block_rows_for(N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nearest_code_search", [&] {
-    search_rows<scalar_t>(x, codes, cosine, block_rows, idx.data_ptr<int64_t>(), dist.data_ptr<float>());
+    search_rows<scalar_t>(x, codes, cosine, block_rows, idx.data_ptr<int64_t>(), dist.data_ptr<float>(),
+                          [](int64_t, int64_t, int64_t) {});
   });
   return {idx, dist};
 }
@@ -322,12 +326,15 @@ void grad_z_rows(const T* go, const T* z, const T* cb, const int64_t* idx, int64
   });
 }
 
-// grad_codebook[k] = coef Σ_{i: idx_i = k} (c_k - z_i): a segmented reduction. Rows are counting-
-// sorted by code (O(N), stable), then each code sums its own rows in row order, in parallel over
-// codes. No atomics and no shared accumulators, so the result is bitwise reproducible.
+// Both gradients in one pass, code by code: rows are counting-sorted by code (O(N), stable), and
+// each code walks its own rows in row order, writing their grad_z (gz may be null) and summing
+// their diffs for grad_codebook[k] = coef_code Σ_{i: idx_i = k} (c_k - z_i). The code row stays in
+// cache, z and grad_out are read once, and there are no atomics or shared accumulators, so the
+// result is bitwise reproducible. Codes are split among threads in contiguous ranges of about equal
+// work (rows + 1 per code), all in one parallel region.
 template <typename T>
-void grad_codebook_rows(const T* z, const T* cb, const int64_t* idx, int64_t N, int64_t K, int64_t D, double coef,
-                        T* gc) {
+void grad_by_code(const T* go, const T* z, const T* cb, const int64_t* idx, int64_t N, int64_t K, int64_t D,
+                  double coef_z, double coef_code, T* gz, T* gc) {
   using A = acc_t<T>;
   std::vector<int64_t> start(K + 1, 0), order(N);
   for (int64_t r = 0; r < N; ++r) ++start[checked_code(idx[r], K) + 1];
@@ -336,11 +343,18 @@ void grad_codebook_rows(const T* z, const T* cb, const int64_t* idx, int64_t N, 
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (int64_t r = 0; r < N; ++r) order[next[idx[r]]++] = r;
   }
-  const A cc = static_cast<A>(coef);
-  const int64_t per_code = D * (N / K + 1);
-  parallel_ranges(K, std::max<int64_t>(1, kMinShareRows / per_code), [&](int64_t b, int64_t e) {
+  const int64_t work = N + K;  // in units of D values
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work * D / kMinShareRows));
+  std::vector<int64_t> bound(shares + 1, K);
+  bound[0] = 0;
+  for (int64_t t = 1, k = 0; t < shares; ++t) {
+    while (k < K && start[k] + k < t * work / shares) ++k;
+    bound[t] = k;
+  }
+  const A cz = static_cast<A>(coef_z), cc = static_cast<A>(coef_code);
+  parallel_ranges(shares, 1, [&](int64_t tb, int64_t te) {
     std::vector<A> acc(D);
-    for (int64_t k = b; k < e; ++k) {
+    for (int64_t k = bound[tb]; k < bound[te]; ++k) {
       T* o = gc + k * D;
       if (start[k] == start[k + 1]) {
         std::fill(o, o + D, static_cast<T>(0));
@@ -349,8 +363,26 @@ void grad_codebook_rows(const T* z, const T* cb, const int64_t* idx, int64_t N, 
       const T* c = cb + k * D;
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t p = start[k]; p < start[k + 1]; ++p) {
-        const T* zr = z + order[p] * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<A>(c[d]) - static_cast<A>(zr[d]);
+        const int64_t r = order[p];
+        const T* zr = z + r * D;
+        if (gz && go) {
+          const T* g = go + r * D;
+          T* out = gz + r * D;
+          for (int64_t d = 0; d < D; ++d) {
+            const A diff = static_cast<A>(c[d]) - static_cast<A>(zr[d]);
+            out[d] = static_cast<T>(static_cast<A>(g[d]) + cz * diff);
+            acc[d] += diff;
+          }
+        } else if (gz) {
+          T* out = gz + r * D;
+          for (int64_t d = 0; d < D; ++d) {
+            const A diff = static_cast<A>(c[d]) - static_cast<A>(zr[d]);
+            out[d] = static_cast<T>(cz * diff);
+            acc[d] += diff;
+          }
+        } else {
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<A>(c[d]) - static_cast<A>(zr[d]);
+        }
       }
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(cc * acc[d]);
     }
@@ -359,7 +391,7 @@ void grad_codebook_rows(const T* z, const T* cb, const int64_t* idx, int64_t N, 
 
 // (grad_z, grad_codebook) of the VQ op, with diff = codebook[idx] - z:
 //   grad_z = grad_out + coef_z diff                   (grad_out None: zeros)
-//   grad_codebook[k] = coef_code Σ_{idx_i = k} diff_i  (deterministic segmented sum)
+//   grad_codebook[k] = coef_code Σ_{idx_i = k} diff_i  (deterministic segmented sum, same pass)
 // A gradient that is not asked for comes back as an empty tensor.
 std::tuple<at::Tensor, at::Tensor> vq_backward(const std::optional<at::Tensor>& grad_out, const at::Tensor& z_in,
                                                const at::Tensor& cb_in, const at::Tensor& idx_in, double coef_z,
@@ -379,18 +411,68 @@ std::tuple<at::Tensor, at::Tensor> vq_backward(const std::optional<at::Tensor>& 
     const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* cp = cb.data_ptr<scalar_t>();
     const int64_t* ip = idx.data_ptr<int64_t>();
-    if (need_grad_z && N > 0 && D > 0)
-      grad_z_rows<scalar_t>(go.defined() ? go.data_ptr<scalar_t>() : nullptr, zp, cp, ip, N, K, D, coef_z,
-                            gz.data_ptr<scalar_t>());
-    if (need_grad_codebook && D > 0) grad_codebook_rows<scalar_t>(zp, cp, ip, N, K, D, coef_code, gc.data_ptr<scalar_t>());
+    const scalar_t* gop = go.defined() ? go.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gzp = need_grad_z ? gz.data_ptr<scalar_t>() : nullptr;
+    if (D == 0) return;
+    if (need_grad_codebook)
+      grad_by_code<scalar_t>(gop, zp, cp, ip, N, K, D, coef_z, coef_code, gzp, gc.data_ptr<scalar_t>());
+    else if (need_grad_z)
+      grad_z_rows<scalar_t>(gop, zp, cp, ip, N, K, D, coef_z, gzp);
   });
   return {gz, gc};
+}
+
+// Search, gather, loss and straight-through in one parallel region: (idx, out, sum of squared
+// error) = nearest_code's l2 indices, then vq_gather's out and fp32 sum, each block gathered right
+// after its search. The sum adds per-block fp64 partials in block order (blocks depend only on N
+// and the thread count): reproducible run to run.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_forward(const at::Tensor& z_in, const at::Tensor& cb) {
+  TORCH_CHECK(z_in.device().is_cpu() && cb.device().is_cpu(), "vq_forward (cpp): z and codebook must be CPU tensors");
+  TORCH_CHECK(z_in.dim() == 2 && cb.dim() == 2 && z_in.size(1) == cb.size(1) && z_in.size(1) > 0 && cb.size(0) > 0,
+              "vq_forward (cpp): z (N, D) and codebook (K, D) with D, K >= 1, got ", z_in.sizes(), " and ", cb.sizes());
+  TORCH_CHECK(z_in.scalar_type() == cb.scalar_type(), "vq_forward (cpp): z and codebook must share a dtype, got ",
+              z_in.scalar_type(), " and ", cb.scalar_type());
+  TORCH_CHECK(cb.size(0) <= std::numeric_limits<int32_t>::max(), "vq_forward (cpp): codebook has too many entries");
+  const auto z = z_in.contiguous();
+  const int64_t N = z.size(0), K = cb.size(0), D = z.size(1);
+  auto idx = at::empty({N}, z.options().dtype(at::kLong));
+  auto dist = at::empty({N}, z.options().dtype(at::kFloat));
+  auto out = at::empty_like(z);
+  if (N == 0) return {idx, out, at::zeros({}, z.options().dtype(at::kFloat))};
+
+  const int64_t groups = (K + NR - 1) / NR;
+  auto packed = at::empty({groups * nq::group_stride(D)}, z.options().dtype(at::kFloat));
+  const auto cbc = cb.contiguous();
+  const int64_t block_rows = block_rows_for(N);
+  std::vector<double> partial((N + block_rows - 1) / block_rows, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "vq_forward", [&] {
+    using A = acc_t<scalar_t>;
+    pack_codebook<scalar_t>(cbc, false, packed.data_ptr<float>());
+    const nq::Codes codes{packed.data_ptr<float>(), groups, D, std::max<int64_t>(1, kChunkFloats / (D * NR))};
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* cp = cbc.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    search_rows<scalar_t>(z, codes, false, block_rows, idx.data_ptr<int64_t>(), dist.data_ptr<float>(),
+                          [&](int64_t blk, int64_t r0, int64_t rows) {
+                            A lanes[kLanes] = {};
+                            for (int64_t r = r0; r < r0 + rows; ++r)
+                              gather_row<scalar_t>(zp + r * D, cp + ip[r] * D, D, op + r * D, lanes);
+                            double s = 0;
+                            for (int64_t j = 0; j < kLanes; ++j) s += lanes[j];
+                            partial[blk] = s;
+                          });
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return {idx, out, at::scalar_tensor(total, z.options().dtype(at::kFloat))};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
   m.def("nearest_code(Tensor x, Tensor codebook, bool cosine) -> (Tensor, Tensor)");
+  m.def("vq_forward(Tensor z, Tensor codebook) -> (Tensor, Tensor, Tensor)");
   m.def("vq_gather(Tensor z, Tensor codebook, Tensor idx) -> (Tensor, Tensor)");
   m.def("vq_backward(Tensor? grad_out, Tensor z, Tensor codebook, Tensor idx, float coef_z, float coef_code, "
         "bool grad_z, bool grad_codebook) -> (Tensor, Tensor)");
@@ -398,6 +480,7 @@ TORCH_LIBRARY_FRAGMENT(fastvq, m) {
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
   m.impl("nearest_code", &nearest_code);
+  m.impl("vq_forward", &vq_forward);
   m.impl("vq_gather", &vq_gather);
   m.impl("vq_backward", &vq_backward);
 }

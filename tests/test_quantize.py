@@ -352,3 +352,17 @@ def test_triton_codebook_grad_deterministic_mode():
         torch.use_deterministic_algorithms(previous)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.cpu(), b)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_vq_forward_is_search_then_gather(dtype):
+    from fastvq._backend import cpp_ops
+
+    for seed, (n, k, d) in enumerate(SHAPES + [(1000, 3, 16)]):
+        z, cb, _, _ = epilogue_inputs(n, k, d, dtype, seed)
+        idx, out, sq = cpp_ops().vq_forward(z, cb)
+        ref_idx, _ = cpp_ops().nearest_code(z, cb, False)
+        ref_out, ref_sq = _EPILOGUE["torch"][0](z, cb, ref_idx)
+        assert torch.equal(idx, ref_idx) and torch.equal(out, ref_out), (n, k, d)
+        torch.testing.assert_close(sq, ref_sq, atol=1e-5, rtol=1e-5)

@@ -158,6 +158,15 @@ _EPILOGUE = {"torch": (_gather_torch, _backward_torch), "cpp": (_gather_cpp, _ba
              "triton": (_gather_triton, _backward_triton)}
 
 
+def _forward_cpp(z, codebook):
+    return cpp_ops().vq_forward(z, codebook)
+
+
+# Backends whose search and gather run as one op, z -> (idx, out, sum of squared error): each
+# block of rows is gathered right after its search, while it is still in cache.
+_FUSED_FORWARD = {"cpp": _forward_cpp}
+
+
 def _epilogue(backend, z, codebook):
     # The fused kernels take one dtype; a codebook of another dtype keeps the reference path, whose
     # codebook gradient is computed from the codebook's own values.
@@ -181,8 +190,11 @@ class VectorQuantizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, codebook, commitment_weight, codebook_weight, backend):
         z_, cb_ = z.detach(), codebook.detach()
-        idx, _ = _SEARCH[backend](z_, cb_, "l2")
-        out, sq_sum = _epilogue(backend, z_, cb_)[0](z_, cb_, idx)
+        if backend in _FUSED_FORWARD and z.dtype == codebook.dtype:
+            idx, out, sq_sum = _FUSED_FORWARD[backend](z_, cb_)
+        else:
+            idx, _ = _SEARCH[backend](z_, cb_, "l2")
+            out, sq_sum = _epilogue(backend, z_, cb_)[0](z_, cb_, idx)
         loss = (commitment_weight + codebook_weight) * (sq_sum / z.numel())
         ctx.save_for_backward(z, codebook, idx)
         ctx.weights = (commitment_weight, codebook_weight)
