@@ -115,7 +115,9 @@ template <typename T>
 void sample_rows(const T* logits, int64_t stride, int64_t rows, int64_t V, bool cfg, float scale,
                  const float* temperature, const int64_t* top_k, const float* top_p, const float* uniform,
                  int64_t* out) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  // A task of at least ~64K logits: waking a second thread for less costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / V);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> x(V), w(V);
     std::vector<uint32_t> keys(V);
     std::vector<std::pair<uint32_t, float>> scratch;
