@@ -18,14 +18,6 @@ SIZES = [(4096, 512, 32), (8192, 1024, 64), (8192, 4096, 256)]  # (N, K, D); N =
 NEAREST = {"cpp": "fastvq_cpp", "torch": "torch_reference"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _size_id(size):
     return "N{}-K{}-D{}".format(*size)
 

@@ -19,14 +19,6 @@ BATCHES = [1, 16]
 TEMPERATURE, TOP_P = 0.8, 0.9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def hf_sample(logits, temperature, top_k, top_p, generator):
     """HF generate's TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper -> multinomial."""
     scores = logits.float() / temperature

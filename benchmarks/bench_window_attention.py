@@ -19,14 +19,6 @@ SIZES = [(1024, 128), (4096, 256)]  # (T, W) with (B, H, Dh) = (1, 8, 64)
 IMPLS = ["fastvq_cpp", "torch_reference", "sdpa_mask", "sdpa_causal"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _size_id(size):
     return "T{}-W{}".format(*size)
 
