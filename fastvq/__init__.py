@@ -1,10 +1,11 @@
 """fastvq: fused kernels for VQGAN-style discrete image models."""
 from ._backend import available_backends
 from .ops import nearest_code, vector_quantize
-from .nn import SlidingWindowSelfAttention, VectorQuantizer
+from .nn import KVCache, SlidingWindowSelfAttention, VectorQuantizer
 from .ops.window_attention import sliding_window_attention, sliding_window_decode
 from .ops.sampling import sample_logits
+from .models import GPT, sample_with_past
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "nearest_code", "vector_quantize", "VectorQuantizer", "sliding_window_attention", "sliding_window_decode", "SlidingWindowSelfAttention", "sample_logits", "__version__"]
+__all__ = ["available_backends", "nearest_code", "vector_quantize", "VectorQuantizer", "sliding_window_attention", "sliding_window_decode", "SlidingWindowSelfAttention", "sample_logits", "KVCache", "GPT", "sample_with_past", "__version__"]
