@@ -13,12 +13,12 @@
 #include <exception>
 #include <limits>
 #include <optional>
-#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "quantize_kernel.h"
+#include "parallel.h"
 
 namespace {
 
@@ -41,37 +41,7 @@ static_assert(kBlockRows % MR == 0, "blocks hold whole panels");
 constexpr int64_t kMinShareValues = 1 << 16;
 constexpr int64_t kMinShareMacs = 1 << 22;
 
-// f(begin, end) over contiguous shares of [0, n), one per intra-op thread. at::parallel_for's
-// OpenMP backend is inline in the headers, so without -fopenmp on this file (setup.py does not
-// pass it) it silently runs on one thread; plain std::threads then stand in for it.
-template <typename F>
-void parallel_ranges(int64_t n, int64_t grain, const F& f) {
-#ifdef _OPENMP
-  at::parallel_for(0, n, grain, f);
-#else
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
-  if (threads <= 1 || at::in_parallel_region()) {
-    if (n > 0) f(0, n);
-    return;
-  }
-  const int64_t share = (n + threads - 1) / threads;
-  std::vector<std::exception_ptr> errors(threads);
-  auto run = [&](int64_t t) {
-    try {
-      const int64_t b = t * share, e = std::min(n, b + share);
-      if (b < e) f(b, e);
-    } catch (...) {
-      errors[t] = std::current_exception();
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(run, t);
-  run(0);
-  for (auto& h : helpers) h.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
-#endif
-}
+using fastvq::parallel_ranges;
 
 // dst[d * width + r] = scale * src[r][d] for r < live, 0 for live <= r < width. Each source row is
 // read in runs of 256 values: long enough for the hardware prefetcher to follow every row, short

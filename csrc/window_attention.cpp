@@ -23,9 +23,9 @@
 #include <cstring>
 #include <exception>
 #include <limits>
-#include <thread>
 #include <tuple>
 #include <vector>
+#include "parallel.h"
 
 namespace {
 
@@ -86,38 +86,7 @@ inline vf exp2v(vf x) {
   return p * (vf)bits;
 }
 
-// f(begin, end) over contiguous shares of [0, n), one per intra-op thread. at::parallel_for's
-// OpenMP backend is inline in the headers, so without -fopenmp on this file (setup.py does not
-// pass it) it silently runs on one thread; plain std::threads then stand in for it. (The same
-// helper as in quantize.cpp.)
-template <typename F>
-void parallel_ranges(int64_t n, int64_t grain, const F& f) {
-#ifdef _OPENMP
-  at::parallel_for(0, n, grain, f);
-#else
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
-  if (threads <= 1 || at::in_parallel_region()) {
-    if (n > 0) f(0, n);
-    return;
-  }
-  const int64_t share = (n + threads - 1) / threads;
-  std::vector<std::exception_ptr> errors(threads);
-  auto run = [&](int64_t t) {
-    try {
-      const int64_t b = t * share, e = std::min(n, b + share);
-      if (b < e) f(b, e);
-    } catch (...) {
-      errors[t] = std::current_exception();
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(run, t);
-  run(0);
-  for (auto& h : helpers) h.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
-#endif
-}
+using fastvq::parallel_ranges;
 
 // Tasks per thread share so that a share is worth starting a thread for (about 1 MFLOP).
 int64_t grain_for(int64_t flops_per_task) { return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, flops_per_task)); }
