@@ -8,6 +8,7 @@ import torch
 
 import fastvq
 from fastvq import GPT, KVCache, sample_with_past
+from fastvq.ops import window_attention as wa
 
 
 def _taming_mingpt():
@@ -31,6 +32,15 @@ def _taming_mingpt():
 mingpt = _taming_mingpt()
 
 VOCAB, BLOCK, LAYERS, HEADS, EMBD = 37, 24, 2, 2, 32
+
+# the auto path on CPU is cpp when the kernel is built; the torch reference is always checked too
+BACKENDS = ["torch"] + (["cpp"] if wa._cpp_op("sliding_window_decode") is not None else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("FASTVQ_BACKEND", request.param)
+    return request.param
 
 
 def _taming_gpt(seed=0):
@@ -90,7 +100,7 @@ def test_from_mingpt_refuses_what_it_cannot_reproduce():
                         n_head=HEADS)
 
 
-def test_greedy_sample_with_past_equals_taming_and_recompute():
+def test_greedy_sample_with_past_equals_taming_and_recompute(backend):
     ref = _taming_gpt()
     model = GPT.from_mingpt(ref).eval()
     x = _tokens(3, 5)
@@ -153,7 +163,7 @@ def _rope_window_model(window=5):
     return GPT(VOCAB, BLOCK, LAYERS, HEADS, EMBD, window=window, rope=True).eval()
 
 
-def test_ring_cache_steps_equal_the_windowed_forward_past_block_size():
+def test_ring_cache_steps_equal_the_windowed_forward_past_block_size(backend):
     model = _rope_window_model()
     assert model.pos_emb is None
     seq = _tokens(2, 2 * BLOCK + 3)
@@ -170,7 +180,7 @@ def test_ring_cache_steps_equal_the_windowed_forward_past_block_size():
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_multi_token_steps_with_a_wider_ring():
+def test_multi_token_steps_with_a_wider_ring(backend):
     model = _rope_window_model()
     seq = _tokens(1, 30)
     with torch.no_grad():
@@ -181,7 +191,7 @@ def test_multi_token_steps_with_a_wider_ring():
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_sampling_past_block_size_in_constant_memory():
+def test_sampling_past_block_size_in_constant_memory(backend):
     model = _rope_window_model()
     x = _tokens(2, 4)
     steps = 3 * BLOCK

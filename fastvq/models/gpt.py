@@ -294,8 +294,8 @@ def sample_with_past(x: torch.Tensor, model: GPT, steps: int, temperature: float
     if steps == 0:
         return out
     cache = model.new_cache(rows) if cache is None else cache
-    top_k = None if top_k == 0 else top_k
-    top_p = None if top_p == 1 else top_p
+    top_k = None if isinstance(top_k, numbers.Integral) and top_k == 0 else top_k
+    top_p = None if isinstance(top_p, numbers.Real) and top_p == 1 else top_p
     temperature = temperature if sample_logits else 0.0
     was_training = model.training
     model.eval()
