@@ -81,6 +81,11 @@ def test_from_mingpt_logits_and_loss_match_taming():
         torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
 
 
+def test_from_mingpt_keeps_the_weights_dtype():
+    model = GPT.from_mingpt(_taming_gpt().double())
+    assert model.head.weight.dtype == torch.float64 and model.new_cache(1).k.dtype == torch.float64
+
+
 def test_from_mingpt_prepended_embeddings_match_taming():
     ref = _taming_gpt()
     model = GPT.from_mingpt(ref).eval()

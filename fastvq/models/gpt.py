@@ -124,6 +124,7 @@ class GPT(nn.Module):
         From a module the configuration is read off model.config; from a state dict vocab_size,
         n_embd, block_size and n_layer are read off the tensors and n_head must be given. Keyword
         arguments override (window, for instance: a full-attention checkpoint run with a window).
+        The model comes back on the weights' device and in their dtype.
         taming's causal-mask buffers are checked (lower-triangular) and dropped. rope=True is
         refused: minGPT's positions are the learned pos_emb.
         """
@@ -148,7 +149,8 @@ class GPT(nn.Module):
             raise ValueError("GPT.from_mingpt: rope=True does not apply to minGPT weights (they use the learned pos_emb)")
         model = cls(**{**found, **config})
         model.load_state_dict(state_dict)
-        return model
+        weight = state_dict["tok_emb.weight"]  # keep the checkpoint's device and dtype
+        return model.to(device=weight.device, dtype=weight.dtype)
 
     # ------------------------------------------------------------------------- checks
 
