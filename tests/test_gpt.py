@@ -37,6 +37,16 @@ VOCAB, BLOCK, LAYERS, HEADS, EMBD = 37, 24, 2, 2, 32
 BACKENDS = ["torch"] + (["cpp"] if wa._cpp_op("sliding_window_decode") is not None else [])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and a 2-thread parallel region on a busy machine
+    stalls for whole scheduler slices: one thread keeps this file's runtime steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     monkeypatch.setenv("FASTVQ_BACKEND", request.param)
