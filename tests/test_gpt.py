@@ -162,6 +162,16 @@ def test_top_k_one_is_greedy():
     assert torch.equal(sample_with_past(x, model, 12, top_k=1, generator=torch.Generator().manual_seed(0)), greedy)
 
 
+def test_top_p_alone_filters_and_int32_prefixes_work():
+    """Unlike taming (top_p only together with top_k), top_p applies on its own: a tiny top_p keeps
+    only the most probable token, i.e. greedy."""
+    model = GPT.from_mingpt(_taming_gpt()).eval()
+    x = _tokens(2, 4)
+    greedy = sample_with_past(x, model, 12, sample_logits=False)
+    assert torch.equal(sample_with_past(x, model, 12, top_p=1e-6, generator=torch.Generator().manual_seed(0)), greedy)
+    assert torch.equal(sample_with_past(x.int(), model, 12, sample_logits=False), greedy)
+
+
 def test_cfg_scale_one_follows_the_conditional_half():
     """cfg_scale = 1 gives u + (c - u) = c: greedy tokens are the conditional prefix's own."""
     model = GPT.from_mingpt(_taming_gpt()).eval()
@@ -260,8 +270,18 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="n_unmasked"):
         GPT(VOCAB, BLOCK, n_unmasked=2)
     cache = model.new_cache(2)
+    with torch.no_grad():
+        model.prefill(x, cache)
+    before = cache.k.clone(), cache.v.clone()
     with pytest.raises(ValueError, match="block_size"):
         model.step(x[:, :1], cache, BLOCK)
     with pytest.raises(ValueError, match="batch_size"):
-        model.step(_tokens(3, 1), cache, 0)
+        model.step(_tokens(3, 1), cache, 4)
+    with pytest.raises(TypeError, match="int64"):
+        model.step(x[:, :1].float(), cache, 4)
+    with pytest.raises(TypeError, match="pos"):
+        model.step(x[:, :1], cache, torch.tensor(4.0))
+    with pytest.raises(ValueError, match="slots"):  # 2 new tokens need window + 1 slots
+        model.step(x[:, :2], cache, 4)
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])  # refused calls leave it as it was
     assert sample_with_past(x, model, 0).shape == (2, 0)
