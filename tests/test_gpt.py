@@ -284,4 +284,6 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="slots"):  # 2 new tokens need window + 1 slots
         model.step(x[:, :2], cache, 4)
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])  # refused calls leave it as it was
+    with pytest.raises(ValueError, match="slots"):
+        sample_with_past(x, model, 3, cache=model.new_cache(2, slots=BLOCK - 1))
     assert sample_with_past(x, model, 0).shape == (2, 0)

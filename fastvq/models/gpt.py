@@ -215,6 +215,9 @@ class GPT(nn.Module):
         and store what later steps need in cache. Returns logits (B, T, vocab_size)."""
         self._check_idx(idx)
         self._check_cache(cache, idx.shape[0])
+        if cache.slots < self.window:
+            raise ValueError(f"GPT.prefill: the cache has {cache.slots} slots but later steps need at least "
+                             f"window = {self.window}")
         self._check_length(idx.shape[1], "the prefix has")
         x = self._embed(idx, torch.arange(idx.shape[1], device=idx.device))
         for block, (cache_k, cache_v) in zip(self.blocks, cache):
