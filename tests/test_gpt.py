@@ -6,7 +6,6 @@ import types
 import pytest
 import torch
 
-import fastvq
 from fastvq import GPT, KVCache, sample_with_past
 from fastvq.ops import window_attention as wa
 
