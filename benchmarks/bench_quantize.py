@@ -9,7 +9,6 @@ calls; the side-by-side run with faiss, the bare matmul, vector-quantize-pytorch
 is compare_quantize.py.
 """
 import pytest
-import torch
 
 from compare_quantize import module_call, nearest_call
 from fastvq import available_backends

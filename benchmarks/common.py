@@ -4,11 +4,13 @@ from __future__ import annotations
 import ctypes
 import datetime
 import gc
+import json
 import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,3 +135,34 @@ def peak_extra_bytes(fn) -> int | None:
     peak = _status_kib("VmHWM")
     del out
     return max(0, peak - before) * 1024
+
+
+# ----------------------------------------------------------------------------- one case per process
+
+def run_case(script: str, case: dict, threads: int, timeout_s: float) -> dict:
+    """Run `script --worker CASE` in a fresh process (clean allocator and peak RSS) and return the
+    result it prints, or the case with an "error" saying why there is none."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, script, "--worker", json.dumps(case), "--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timed out after {timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {**case, "error": f"exit {proc.returncode}: {tail}"}
+
+
+def worker_main(case_json: str, run_worker, threads: int) -> int:
+    """The --worker side of run_case: measure one case and print it; a failing case is reported,
+    so the run goes on."""
+    case = json.loads(case_json)
+    try:
+        result = run_worker(case, threads)
+    except Exception as e:  # noqa: BLE001
+        result = {**case, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0

@@ -27,7 +27,6 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import MIB, PEAK_MEMORY_METHOD, REPO, RESULTS_DIR, machine_info, peak_extra_bytes, time_call  # noqa: E402
+from common import MIB, PEAK_MEMORY_METHOD, REPO, RESULTS_DIR, machine_info, peak_extra_bytes, run_case, time_call, worker_main  # noqa: E402
 
 IMPLS = {
     "fastvq_cpp": "fastvq.sliding_window_attention (cpp)",
@@ -171,20 +170,6 @@ def run_worker(case: dict, threads: int) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def run_case(case: dict, threads: int, timeout_s: float) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, __file__, "--worker", json.dumps(case), "--threads", str(threads)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {**case, "error": f"timed out after {timeout_s:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {**case, "error": f"exit {proc.returncode}: {tail}"}
-
 
 def describe(case: dict) -> str:
     w = "full" if case["W"] is None else case["W"]
@@ -214,12 +199,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.worker:
-        try:
-            result = run_worker(json.loads(args.worker), args.threads)
-        except Exception as e:  # noqa: BLE001 - a failing case is reported, the run goes on
-            result = {**json.loads(args.worker), "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-        print("RESULT " + json.dumps(result), flush=True)
-        return 0
+        return worker_main(args.worker, run_worker, args.threads)
 
     if args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
@@ -260,7 +240,7 @@ def main(argv=None) -> int:
         elif time.perf_counter() - start > args.budget_s:
             r = {**case, "skipped": f"time budget of {args.budget_s:.0f} s spent (--budget-s)"}
         else:
-            r = run_case(case, args.threads, args.timeout)
+            r = run_case(__file__, case, args.threads, args.timeout)
         doc["results"].append(r)
         out.write_text(json.dumps(doc, indent=1) + "\n")  # after every case: a crash keeps what was measured
         print(f"[{i:>2}/{len(todo)}] {describe(case)} {outcome(r)}", flush=True)
