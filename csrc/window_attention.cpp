@@ -4,8 +4,10 @@
 // query block meets only the key blocks its window reaches, so work is O(T * window * Dh) and
 // extra memory O(T * Dh): fp32 row copies of the inputs (Dh padded to a multiple of 16 with
 // zeros, which changes no dot product) and transposed key-block panels [Dh][BLK] that let the
-// score GEMMs vectorise along keys. Every product of two tiles goes through one register-blocked
-// micro-kernel: C[rows][cols] (+)= sum_k A(row, k) * B[k][cols], cols in SIMD lanes, A broadcast.
+// score GEMMs vectorise along keys, packed per thread while the window sweeps (never a whole
+// sequence's worth, which at long T would fall out of cache and double the key traffic). Every
+// product of two tiles goes through one register-blocked micro-kernel:
+// C[rows][cols] (+)= sum_k A(row, k) * B[k][cols], cols in SIMD lanes, A broadcast.
 //
 // Softmax runs in base 2 (scores times scale * log2 e) so each probability is one exp2; the
 // forward keeps a running (max, sum) per row (online softmax) and saves lse = ln-sum-exp. The
@@ -26,6 +28,10 @@
 #include <tuple>
 #include <vector>
 #include "parallel.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -269,23 +275,26 @@ at::Tensor as_rows(const at::Tensor& t, int64_t Dp) {
   return out;
 }
 
-// Key-block panels of rows (B, Hk, T, Dp): (B*Hk, nkb, Dp, BLK), panel[d][j] = row kb*BLK + j, zero past T.
-at::Tensor panels(const at::Tensor& rows) {
-  const int64_t BH = rows.size(0) * rows.size(1), T = rows.size(2), Dp = rows.size(3), nkb = blocks(T);
-  auto out = at::empty({BH, nkb, Dp, BLK}, rows.options());
-  const float* src = rows.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  parallel_ranges(BH * nkb, grain_for(Dp * BLK), [&](int64_t b0, int64_t b1) {
-    for (int64_t t = b0; t < b1; ++t) {
-      const int64_t bh = t / nkb, j0 = (t % nkb) * BLK, kn = std::min(BLK, T - j0);
-      float* p = dst + t * Dp * BLK;
-      if (kn < BLK) std::fill(p, p + Dp * BLK, 0.f);
-      const float* r = src + (bh * T + j0) * Dp;
-      for (int64_t j = 0; j < kn; ++j)
-        for (int64_t d = 0; d < Dp; ++d) p[d * BLK + j] = r[j * Dp + d];
-    }
-  });
-  return out;
+// at::empty for the big fp32 results, backed by transparent huge pages where the kernel offers them
+// on request: tensors of 32 MiB and more come fresh from mmap on every call, and first-touch faults
+// on 4 KiB pages cost as much as the attention itself at long T (a superlinear step in time vs T).
+at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& options, bool zero = false) {
+  auto t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), e = (p + t.nbytes()) & ~(kHuge - 1);
+  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1);
+  if (e > b && e - b >= 2 * kHuge) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // advice only
+#endif
+  if (zero) t.zero_();
+  return t;
+}
+
+// One key-block panel: dst[d][j] = rows[j][d] for j < kn, zero for kn <= j < BLK.
+inline void pack_panel(float* dst, const float* rows, int64_t kn, int64_t Dp) {
+  if (kn < BLK) std::fill(dst, dst + Dp * BLK, 0.f);
+  for (int64_t j = 0; j < kn; ++j)
+    for (int64_t d = 0; d < Dp; ++d) dst[d * BLK + j] = rows[j * Dp + d];
 }
 
 // Back to the caller's dtype and head_dim (a view-free no-op for fp32 without padding).
@@ -311,15 +320,24 @@ void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tenso
 // ----------------------------------------------------------------------------- forward
 
 struct Forward {
-  const float *q, *kt, *v;  // q rows (B*H, T, Dp), key panels (B*Hk, nkb, Dp, BLK), value rows (B*Hk, T, Dp)
+  const float *q, *k, *v;  // q, k, v rows (B*H or B*Hk, T, Dp); key panels are packed lazily per thread
   float *out, *lse;         // out rows (B*H, T, Dp), lse (B*H, T)
   int64_t H, group, T, Dp, window;
   float scale;
 };
 
+// Key panels live in a per-thread ring of `ring` slots, slot kb % ring tagged with the global panel
+// index: a thread's consecutive query blocks of one head reuse the window's panels while hot and
+// pack only the newly reached block (the whole-sequence panel tensor fell out of cache at long T).
+struct PanelRing {
+  float* data;
+  int64_t* tag;
+  int64_t ring;
+};
+
 // One block of up to BLK queries against the key blocks of its window, nearest first: the diagonal
 // block gives every row a finite max before any partly visible block arrives.
-void forward_block(const Forward& a, int64_t bh, int64_t qb, float* S, float* O, int32_t* kpos) {
+void forward_block(const Forward& a, int64_t bh, int64_t qb, float* S, float* O, int32_t* kpos, PanelRing& pr) {
   const int64_t nkb = blocks(a.T), i0 = qb * BLK, m = std::min(BLK, a.T - i0);
   const int64_t bkv = (bh / a.H) * (a.H / a.group) + (bh % a.H) / a.group;
   const int64_t kb_lo = std::max<int64_t>(0, i0 - a.window + 1) / BLK;
@@ -332,7 +350,13 @@ void forward_block(const Forward& a, int64_t bh, int64_t qb, float* S, float* O,
     const int64_t j0 = kb * BLK, kn = std::min(BLK, a.T - j0);
     const bool first = kb == qb, interior = kb < qb && i0 + m - 1 - j0 < a.window;
     const Band band = key_band(i0, j0, a.window);
-    gemm_band<false, false>(S, BLK, q, a.Dp, 1, a.kt + (bkv * nkb + kb) * a.Dp * BLK, BLK, m, BLK, a.Dp, band);
+    const int64_t slot = kb % pr.ring, id = bkv * nkb + kb;
+    float* kt = pr.data + slot * a.Dp * BLK;
+    if (pr.tag[slot] != id) {
+      pack_panel(kt, a.k + (bkv * a.T + j0) * a.Dp, kn, a.Dp);
+      pr.tag[slot] = id;
+    }
+    gemm_band<false, false>(S, BLK, q, a.Dp, 1, kt, BLK, m, BLK, a.Dp, band);
     for (int64_t j = 0; j < BLK; ++j) kpos[j] = static_cast<int32_t>(j0 + j);
     for (int64_t r = 0; r < m; ++r) {
       const int32_t qi = static_cast<int32_t>(i0 + r);
@@ -365,15 +389,19 @@ std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd(const at::Tensor
   auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {at::empty_like(q, at::MemoryFormat::Contiguous), lse};
   const auto qr = as_rows(q, Dp), kr = as_rows(k, Dp), vr = as_rows(v, Dp);
-  const auto kt = panels(kr);
   auto out = at::empty({B, H, T, Dp}, q.options().dtype(at::kFloat));
-  const Forward a{qr.data_ptr<float>(), kt.data_ptr<float>(), vr.data_ptr<float>(), out.data_ptr<float>(),
+  const Forward a{qr.data_ptr<float>(), kr.data_ptr<float>(), vr.data_ptr<float>(), out.data_ptr<float>(),
                   lse.data_ptr<float>(), H, H / Hk, T, Dp, std::min(window, T), static_cast<float>(scale)};
   const int64_t nqb = blocks(T);
   parallel_ranges(B * H * nqb, grain_for(4 * BLK * (a.window + BLK) * Dp), [&](int64_t t0, int64_t t1) {
     std::vector<float> S(BLK * BLK), O(BLK * Dp);
     std::vector<int32_t> kpos(BLK);
-    for (int64_t t = t0; t < t1; ++t) forward_block(a, t / nqb, t % nqb, S.data(), O.data(), kpos.data());
+    // a query block meets at most ceil((window - 1) / BLK) + 1 key blocks
+    const int64_t ring = std::min(nqb, (a.window + BLK - 2) / BLK + 2);
+    std::vector<float> pdata(ring * Dp * BLK);
+    std::vector<int64_t> tag(ring, -1);
+    PanelRing pr{pdata.data(), tag.data(), ring};
+    for (int64_t t = t0; t < t1; ++t) forward_block(a, t / nqb, t % nqb, S.data(), O.data(), kpos.data(), pr);
   });
   return {finish(out, D, q.scalar_type()), lse};
 }
@@ -381,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd(const at::Tensor
 // ----------------------------------------------------------------------------- backward
 
 struct Backward {
-  const float *q, *k, *kt, *vt, *go, *lse, *delta;  // rows (B*H or B*Hk, T, Dp); panels; (B*H, T)
+  const float *q, *k, *v, *go, *lse, *delta;  // rows (B*H or B*Hk, T, Dp); (B*H, T)
   float *dq, *dk, *dv;                                // fp32 rows
   float* overflow;                                    // per run: (group, ov * BLK, Dp)
   int64_t H, group, T, Dp, window, run, ov;           // run: key blocks per task; ov: overflow query blocks
@@ -395,7 +423,7 @@ int64_t last_query_block(int64_t kb, int64_t T, int64_t window) {
 }
 
 void backward_run(const Backward& a, int64_t bkv, int64_t run_index, float* S, float* dP, float* dK, float* dV,
-                  int32_t* kpos) {
+                  int32_t* kpos, float* kt, float* vt) {
   const int64_t nkb = blocks(a.T), Hk = a.H / a.group, b = bkv / Hk, hk = bkv % Hk;
   const int64_t kb0 = run_index * a.run, kb1 = std::min(nkb, kb0 + a.run);
   const int64_t runs = (nkb + a.run - 1) / a.run;
@@ -404,9 +432,9 @@ void backward_run(const Backward& a, int64_t bkv, int64_t run_index, float* S, f
   const uint32_t window = static_cast<uint32_t>(a.window);
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t j0 = kb * BLK, kn = std::min(BLK, a.T - j0), qb_last = last_query_block(kb, a.T, a.window);
-    const float* kt = a.kt + (bkv * nkb + kb) * a.Dp * BLK;
-    const float* vt = a.vt + (bkv * nkb + kb) * a.Dp * BLK;
     const float* krows = a.k + (bkv * a.T + j0) * a.Dp;
+    pack_panel(kt, krows, kn, a.Dp);  // each key block is visited once: pack its panels here, hot
+    pack_panel(vt, a.v + (bkv * a.T + j0) * a.Dp, kn, a.Dp);
     for (int64_t j = 0; j < BLK; ++j) kpos[j] = static_cast<int32_t>(j0 + j);
     std::fill(dK, dK + BLK * a.Dp, 0.f);
     std::fill(dV, dV + BLK * a.Dp, 0.f);
@@ -459,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
   window = std::min(window, T);
   const int64_t group = H / Hk, nkb = blocks(T);
   const auto qr = as_rows(q, Dp), kr = as_rows(k, Dp), gr = as_rows(grad_out, Dp);
-  const auto kt = panels(kr), vt = panels(as_rows(v, Dp));
+  const auto vr = as_rows(v, Dp);
   const auto delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
   const auto lse32 = lse.to(at::kFloat).contiguous();
   // Runs of key blocks: enough tasks for every thread, each run at least ov blocks long.
@@ -468,18 +496,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
   const int64_t runs_wanted = std::max<int64_t>(1, (tasks_wanted + B * Hk - 1) / (B * Hk));
   const int64_t run = std::max<int64_t>({1, ov, (nkb + runs_wanted - 1) / runs_wanted});
   const int64_t runs = (nkb + run - 1) / run;
-  auto dq = at::zeros({B, H, T, Dp}, qr.options());
-  auto dk = at::empty({B, Hk, T, Dp}, qr.options());
-  auto dv = at::empty({B, Hk, T, Dp}, qr.options());
+  auto dq = empty_big({B, H, T, Dp}, qr.options(), true);
+  auto dk = empty_big({B, Hk, T, Dp}, qr.options());
+  auto dv = empty_big({B, Hk, T, Dp}, qr.options());
   auto overflow = at::zeros({B * Hk * runs * group * std::max<int64_t>(ov, 1) * BLK * Dp}, qr.options());
-  const Backward a{qr.data_ptr<float>(), kr.data_ptr<float>(), kt.data_ptr<float>(), vt.data_ptr<float>(),
+  const Backward a{qr.data_ptr<float>(), kr.data_ptr<float>(), vr.data_ptr<float>(),
                    gr.data_ptr<float>(), lse32.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                    dk.data_ptr<float>(), dv.data_ptr<float>(), overflow.data_ptr<float>(), H, group, T, Dp, window,
                    run, std::max<int64_t>(ov, 1), static_cast<float>(scale)};
   parallel_ranges(B * Hk * runs, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> S(BLK * BLK), dP(BLK * BLK), dK(BLK * Dp), dV(BLK * Dp);
+    std::vector<float> S(BLK * BLK), dP(BLK * BLK), dK(BLK * Dp), dV(BLK * Dp), kt(Dp * BLK), vt(Dp * BLK);
     std::vector<int32_t> kpos(BLK);
-    for (int64_t t = t0; t < t1; ++t) backward_run(a, t / runs, t % runs, S.data(), dP.data(), dK.data(), dV.data(), kpos.data());
+    for (int64_t t = t0; t < t1; ++t)
+      backward_run(a, t / runs, t % runs, S.data(), dP.data(), dK.data(), dV.data(), kpos.data(), kt.data(), vt.data());
   });
   // Each run's overflow lands in the next run's query blocks (runs are >= ov blocks long).
   parallel_ranges(B * Hk * runs, grain_for(group * ov * BLK * Dp), [&](int64_t t0, int64_t t1) {
