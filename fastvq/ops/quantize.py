@@ -13,21 +13,18 @@ from __future__ import annotations
 import torch
 
 from .._backend import cpp_ops, resolve_backend
+from .._checks import FLOATS, check_tensor
 
 METRICS = ("l2", "cosine")
+_SEARCH_DTYPES = FLOATS + (torch.float64,)  # fp64 is accepted for oracles and computed in fp32
 _EPS = 1e-12  # floor on norms for the cosine metric, so zero vectors give distance 1, not NaN
 
 
 # ----------------------------------------------------------------------------- input checks
 
 def _check_search_inputs(x: torch.Tensor, codebook: torch.Tensor, metric: str, op: str = "nearest_code") -> None:
-    for name, t in (("x", x), ("codebook", codebook)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{op}: {name} must be 2-D ({'N' if name == 'x' else 'K'}, D), got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    check_tensor(op, "x", x, ("N", "D"), _SEARCH_DTYPES)
+    check_tensor(op, "codebook", codebook, ("K", "D"), _SEARCH_DTYPES)
     if codebook.shape[0] == 0:
         raise ValueError(f"{op}: codebook must have at least one entry, got shape {tuple(codebook.shape)}")
     if x.shape[1] != codebook.shape[1]:

@@ -34,8 +34,8 @@ from numbers import Integral, Real
 import torch
 
 from .._backend import cpp_ops, resolve_backend
+from .._checks import check_tensor
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -65,12 +65,7 @@ def _per_row(value, name, rows, device, *, integer, default):
 
 def _prepare(logits, temperature, top_k, top_p, cfg_scale):
     """Check everything; return (rows, per-row temperature fp32, top_k int64 in [1, V], top_p fp32)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"sample_logits: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"sample_logits: logits must be 2-D (B, V), got shape {tuple(logits.shape)}")
-    if logits.dtype not in _FLOATS:
-        raise TypeError(f"sample_logits: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    check_tensor("sample_logits", "logits", logits, ("B", "V"))
     B, V = logits.shape
     if V == 0:
         raise ValueError(f"sample_logits: logits must have a vocabulary of at least one token, got shape {tuple(logits.shape)}")

@@ -27,8 +27,8 @@ import os
 import torch
 
 from .._backend import cpp_ops, resolve_backend
+from .._checks import check_tensor
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _CHUNK = 256  # query rows per step of the torch reference: memory O(chunk * (chunk + window))
 
 
@@ -50,12 +50,7 @@ def _check_tensors(op: str, **tensors) -> None:
     """Rank 4, one float dtype and one device for all of them."""
     first_name, first = next(iter(tensors.items()))
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (B, heads, seq, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+        check_tensor(op, name, t, ("B", "heads", "seq", "head_dim"))
         if t.dtype != first.dtype:
             raise TypeError(f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}; they must match")
         if t.device != first.device:
