@@ -48,12 +48,17 @@ setup(
     name="fastvq",
     version="0.1.0",
     description="Fused kernels for VQGAN-style discrete image models: codebook search, windowed attention, cached sampling",
-    packages=["fastvq", "fastvq.ops", "fastvq.nn", "fastvq.kernels"],
+    packages=["fastvq", "fastvq.ops", "fastvq.nn", "fastvq.models", "fastvq.pipeline", "fastvq.kernels"],
     package_dir={"fastvq.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton>=3.2"]},
+    extras_require={
+        "triton": ["triton>=3.2"],
+        # the reference VQGAN + GPT pipeline (fastvq train-vqgan / train-gpt / sample / demo); lpips only
+        # for its linear-head weights file, so install it with --no-deps (it would pull torchvision)
+        "pipeline": ["scikit-image", "matplotlib", "pyyaml", "tqdm", "pillow"],
+    },
     entry_points={"console_scripts": ["fastvq=fastvq.cli:main"]},
 )

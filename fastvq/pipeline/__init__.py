@@ -1,0 +1,1 @@
+"""The reference VQGAN + GPT pipeline: data, checkpoints, logs, training loops, image sampling."""
