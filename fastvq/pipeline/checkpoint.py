@@ -1,0 +1,170 @@
+"""Checkpoints that survive a kill at any moment, load with weights_only=True, and resume exactly.
+
+save_checkpoint writes the new state to a temporary file beside the target, fsyncs it, renames it
+onto the target (os.replace is atomic on POSIX and Windows) and fsyncs the directory so that the
+rename itself is durable. A process killed at any point leaves at `path` either the previous
+complete checkpoint or the new one, never a partial file; the killed save's temporary file
+(".<name>.<random>.tmp") is never read by load_checkpoint and is deleted by the next save to `path`.
+
+The state format keeps to what torch.load(weights_only=True) accepts, so loading a checkpoint runs
+no pickled code: tensors, numbers, strings, bytes, None, dtypes, devices and dicts / lists / tuples
+/ sets of those. Configs are stored as plain dicts, RNG states as tensors (capture_rng_state), and
+model / optimizer state_dicts already qualify. save_checkpoint checks this before writing, so a
+state that could not be resumed fails at the first save rather than at the resume days later.
+"""
+from __future__ import annotations
+
+import os
+import random
+import secrets
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAST_CHECKPOINT = "last.ckpt"  # the file resume="auto" looks for in the output directory
+
+_PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+_CONTAINERS = (dict, OrderedDict, list, tuple, set)
+
+
+def _check_plain(value, where: str) -> None:
+    """Raise TypeError naming the first entry weights_only loading would refuse."""
+    # Exact types: subclasses (numpy.float64 is a float, IntEnum an int) pickle as their own class.
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_TYPES:
+        return
+    if type(value) not in _CONTAINERS:
+        raise TypeError(f"save_checkpoint: {where} is a {type(value).__module__}.{type(value).__qualname__}; a "
+                        f"checkpoint holds only tensors, numbers, strings, None and dicts/lists/tuples of them "
+                        f"(store configs as dicts and arrays as tensors)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, f"a key of {where}")
+            _check_plain(item, f"{where}[{key!r}]")
+    else:
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+
+
+def _temporary_files(path: Path) -> list[Path]:
+    return list(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Atomically write `state` (a dict, see the module docstring) to `path`; returns the Path."""
+    path = Path(path)
+    if not isinstance(state, dict):
+        raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
+    _check_plain(state, "state")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in _temporary_files(path):  # from saves killed before their rename
+        leftover.unlink(missing_ok=True)
+    # Not tempfile.mkstemp: its files are private (0600) whatever the umask, and a checkpoint is not.
+    temporary = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename durable across a power loss. Windows cannot open a directory; there the
+    # rename is all we can do.
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """The state dict saved at `path`, loaded with weights_only=True (no pickled code runs).
+
+    FileNotFoundError if `path` does not exist; ValueError naming it if it is not a complete
+    checkpoint of this format (truncated, corrupt, another kind of file, or objects beyond tensors
+    and plain containers).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_checkpoint: no checkpoint file at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by failure kind
+        raise ValueError(f"load_checkpoint: {path} is not a loadable checkpoint (corrupt, truncated or not "
+                         f"weights-only): {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"load_checkpoint: {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def resume_path(out_dir, resume) -> Path | None:
+    """The checkpoint a run should resume from, or None to start fresh.
+
+    resume None / False: None. True / "auto": out_dir/last.ckpt when it exists, else None (so the
+    same command starts a run and continues it after a kill). A path: that file, or that
+    directory's last.ckpt; FileNotFoundError if there is none.
+    """
+    if resume is None or resume is False:
+        return None
+    if resume is True or resume == "auto":
+        candidate = Path(out_dir) / LAST_CHECKPOINT
+        return candidate if candidate.is_file() else None
+    if not isinstance(resume, (str, os.PathLike)):
+        raise ValueError(f"resume must be None, True, 'auto' or a path, got {resume!r}")
+    candidate = Path(resume)
+    if candidate.is_dir():
+        candidate = candidate / LAST_CHECKPOINT
+    if not candidate.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {candidate}")
+    return candidate
+
+
+def capture_rng_state() -> dict:
+    """The torch (CPU and every CUDA device), numpy and python RNG states, as tensors."""
+    numpy_state = np.random.get_state(legacy=False)
+    if numpy_state["bit_generator"] != "MT19937":  # np.random.seed always installs MT19937
+        raise ValueError(f"capture_rng_state: numpy's global generator is {numpy_state['bit_generator']}, "
+                         f"expected MT19937")
+    version, python_words, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "python": {"version": version, "state": torch.tensor(python_words, dtype=torch.int64), "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Undo capture_rng_state. CUDA states are restored for the devices present in both runs and
+    ignored when this run has no CUDA (a GPU run resumed on a CPU)."""
+    torch.set_rng_state(state["torch"].cpu())
+    numpy_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": int(numpy_state["pos"])},
+        "has_gauss": int(numpy_state["has_gauss"]),
+        "gauss": float(numpy_state["gauss"]),
+    })
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)
