@@ -184,6 +184,18 @@ def _pick(state: dict, names: dict[str, str], path: Path, expected: dict[str, to
     return picked
 
 
+def _missing_files_message(vgg_path, vgg_searched, lin_path, lin_searched) -> str:
+    problems = []
+    if vgg_path is None:
+        problems.append(f"LPIPS: no VGG16 weights found (searched: {vgg_searched}). Download torchvision's "
+                        f"{VGG16_URL} yourself and pass vgg_weights=PATH, set ${ENV_VGG_WEIGHTS}=PATH, or put it in "
+                        f"{Path(torch.hub.get_dir()) / 'checkpoints'}.")
+    if lin_path is None:
+        problems.append(f"LPIPS: no linear-head weights found (searched: {lin_searched}). Install them with "
+                        "`pip install --no-deps lpips` or pass lin_weights=PATH (lpips' weights/v0.1/vgg.pth).")
+    return " ".join(problems)
+
+
 class LPIPS(nn.Module):
     """forward(input, target) -> (B, 1, 1, 1) perceptual distance of two (B, 3, H, W) images in [-1, 1].
 
@@ -251,14 +263,3 @@ class LPIPS(nn.Module):
             total = total + getattr(self, f"lin{k}")(diff).mean((2, 3), keepdim=True)
         return total
 
-
-def _missing_files_message(vgg_path, vgg_searched, lin_path, lin_searched) -> str:
-    problems = []
-    if vgg_path is None:
-        problems.append(f"LPIPS: no VGG16 weights found (searched: {vgg_searched}). Download torchvision's "
-                        f"{VGG16_URL} yourself and pass vgg_weights=PATH, set ${ENV_VGG_WEIGHTS}=PATH, or put it in "
-                        f"{Path(torch.hub.get_dir()) / 'checkpoints'}.")
-    if lin_path is None:
-        problems.append(f"LPIPS: no linear-head weights found (searched: {lin_searched}). Install them with "
-                        "`pip install --no-deps lpips` or pass lin_weights=PATH (lpips' weights/v0.1/vgg.pth).")
-    return " ".join(problems)
