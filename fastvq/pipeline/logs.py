@@ -1,0 +1,226 @@
+"""What a training run leaves for people to read: a metrics CSV, loss-curve plots, image grids, a progress bar.
+
+MetricsLog keeps one CSV row per logged step ("step" then one column per metric, in order of first
+appearance). A metric that appears later (the GAN loss once the discriminator starts) adds a
+column: the file is rewritten with the wider header, earlier rows left blank there. On resume from
+a checkpoint at step s, rows with step > s (logged after that checkpoint by the run that died) are
+dropped, so the curves never hold two histories. Rewrites go through a temporary file and
+os.replace, so a kill never leaves half a CSV or half a PNG.
+
+Metric names of the form "group/name" ("loss/rec", "loss/vq") share a subplot in plot_curves;
+other names get one each. Only the main process (is_main_process) should write any of these.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import numbers
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of an initialised process group, and when not distributed at all. Before
+    init_process_group, the RANK variable torchrun sets decides."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _write_atomically(path: Path, write, mode: str = "w") -> None:
+    """write(file) into a temporary beside `path`, then rename it onto `path`."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+            write(f)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def read_metrics(path) -> tuple[list[int], dict[str, list[float]]]:
+    """(steps, {metric: values}) from a MetricsLog CSV; a blank cell reads as nan."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0][:1] != ["step"]:
+        raise ValueError(f"read_metrics: {path} is not a metrics CSV (its first column must be 'step')")
+    header, body = rows[0], rows[1:]
+    steps = [int(row[0]) for row in body]
+    columns = {name: [float(row[i]) if i < len(row) and row[i] != "" else math.nan for row in body]
+               for i, name in enumerate(header) if i > 0}
+    return steps, columns
+
+
+class MetricsLog:
+    """Append-only CSV of metrics per step; see the module docstring.
+
+    resume_step=None starts a new file (replacing any old one); resume_step=s keeps the existing
+    file's rows with step <= s and appends after them.
+    """
+
+    def __init__(self, path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.columns = ["step"]
+        if resume_step is None or not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.unlink(missing_ok=True)
+            return
+        steps, columns = read_metrics(self.path)
+        self.columns += list(columns)
+        kept = [[step] + [columns[name][i] for name in columns] for i, step in enumerate(steps) if step <= resume_step]
+        self._rewrite(kept)
+
+    def append(self, step: int, metrics) -> None:
+        """Add the row for `step`; metrics maps names to numbers (or one-element tensors)."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"MetricsLog.append: step must be a non-negative integer, got {step!r}")
+        values = {name: self._number(name, value) for name, value in metrics.items()}
+        new = [name for name in values if name not in self.columns]
+        if new:
+            rows = self._rows()
+            self.columns += new
+            self._rewrite(rows)
+        with open(self.path, "a", newline="") as f:
+            if f.tell() == 0:
+                csv.writer(f).writerow(self.columns)
+            csv.writer(f).writerow([step] + [_cell(values.get(name, math.nan)) for name in self.columns[1:]])
+
+    @staticmethod
+    def _number(name, value) -> float:
+        if name == "step" or not isinstance(name, str):
+            raise ValueError(f"MetricsLog.append: metric names must be strings other than 'step', got {name!r}")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"MetricsLog.append: metric {name} must be a number, got a tensor of shape "
+                                 f"{tuple(value.shape)}")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"MetricsLog.append: metric {name} must be a number, got {value!r}")
+        return float(value)
+
+    def _rows(self) -> list[list]:
+        if not self.path.exists():
+            return []
+        steps, columns = read_metrics(self.path)
+        return [[step] + [columns[name][i] for name in columns] for i, step in enumerate(steps)]
+
+    def _rewrite(self, rows: list[list]) -> None:
+        def write(f):
+            writer = csv.writer(f)
+            writer.writerow(self.columns)
+            for row in rows:
+                padded = row + [math.nan] * (len(self.columns) - len(row))
+                writer.writerow([row[0]] + [_cell(v) for v in padded[1:]])
+
+        _write_atomically(self.path, write)
+
+
+def _cell(value: float) -> str:
+    return "" if math.isnan(value) else format(value, ".7g")
+
+
+def metric_groups(names) -> dict[str, list[str]]:
+    """{group: metric names}: "loss/rec" and "loss/vq" form group "loss", a name without "/" is its own."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.split("/", 1)[0], []).append(name)
+    return groups
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """Centred moving average over about 1/25 of the points, narrowing to the raw value at the ends;
+    unlike an exponential average it does not lag behind the raw line."""
+    half = len(values) // 50
+    prefix = [0.0]
+    for value in values:
+        prefix.append(prefix[-1] + value)
+    smoothed = []
+    for i in range(len(values)):
+        width = min(half, i, len(values) - 1 - i)  # symmetric, so the ends are not pulled inwards
+        smoothed.append((prefix[i + width + 1] - prefix[i - width]) / (2 * width + 1))
+    return smoothed
+
+
+def plot_curves(csv_path, png_path, title: str | None = None):
+    """Plot a MetricsLog CSV to a PNG: one subplot per metric group, each metric's raw values faint
+    and a smoothed line over them, log-y for groups that are positive and span more than 10x.
+    Returns the matplotlib Figure (already saved)."""
+    from matplotlib.figure import Figure  # a bare Figure draws with Agg: no pyplot, no display needed
+
+    steps, columns = read_metrics(csv_path)
+    if not steps:
+        raise ValueError(f"plot_curves: {csv_path} has no rows to plot")
+    groups = metric_groups(columns)
+    ncols = min(3, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows), dpi=100, layout="constrained")
+    for k, (group, names) in enumerate(groups.items()):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        finite = []
+        for name in names:
+            points = [(s, v) for s, v in zip(steps, columns[name]) if math.isfinite(v)]
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            finite += ys
+            (line,) = ax.plot(xs, ys, alpha=0.25, linewidth=0.8, marker="." if len(xs) < 3 else None)
+            ax.plot(xs, _smooth(list(ys)), color=line.get_color(), linewidth=1.5, label=name)
+        if finite and min(finite) > 0 and max(finite) > 10 * min(finite):
+            ax.set_yscale("log")
+        ax.set_title(group)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(names) > 1:
+            ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    png_path = Path(png_path)
+    _write_atomically(png_path, lambda f: fig.savefig(f, format="png"), mode="wb")
+    return fig
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> Path:
+    """Write (B, 3, H, W) images in [-1, 1] as a PNG grid, `nrow` images per row, separated and
+    framed by `padding` black pixels. Values outside [-1, 1] are clipped. Returns the Path."""
+    from PIL import Image
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"save_image_grid: images must be a (B, 3, H, W) tensor with B >= 1, got {shape}")
+    if isinstance(nrow, bool) or not isinstance(nrow, numbers.Integral) or nrow < 1:
+        raise ValueError(f"save_image_grid: nrow must be a positive integer, got {nrow!r}")
+    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
+        raise ValueError(f"save_image_grid: padding must be a non-negative integer, got {padding!r}")
+    pixels = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    count, _, height, width = pixels.shape
+    cols = min(nrow, count)
+    rows = math.ceil(count / cols)
+    grid = torch.zeros(3, rows * (height + padding) + padding, cols * (width + padding) + padding, dtype=torch.uint8)
+    for i, image in enumerate(pixels):
+        top = padding + (i // cols) * (height + padding)
+        left = padding + (i % cols) * (width + padding)
+        grid[:, top:top + height, left:left + width] = image
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    _write_atomically(path, lambda f: picture.save(f, format="PNG"), mode="wb")
+    return path
+
+
+def progress(iterable=None, total: int | None = None, desc: str | None = None, enabled: bool = True):
+    """A tqdm bar on stderr, shown only when `enabled`, on the main process, and when stderr is a
+    terminal; FASTVQ_PROGRESS=1 shows it without a terminal (logs of a batch job), FASTVQ_PROGRESS=0
+    never. A hidden bar is still a tqdm: iterating, .update() and .set_postfix() work and print nothing."""
+    from tqdm import tqdm
+
+    forced = os.environ.get("FASTVQ_PROGRESS", "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"FASTVQ_PROGRESS must be 0 or 1 (or unset), got {forced!r}")
+    wanted = sys.stderr.isatty() if forced == "" else forced == "1"
+    show = bool(enabled) and wanted and is_main_process()
+    return tqdm(iterable, total=total, desc=desc, disable=not show, file=sys.stderr, dynamic_ncols=True)
