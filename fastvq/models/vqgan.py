@@ -578,13 +578,17 @@ class _Placeholder:
 
 def _safe_load(path: Path, map_location):
     """torch.load(weights_only=True), retried with placeholders for the globals it refused."""
+    not_readable = f"load_taming_vqgan: {path} is not a checkpoint torch.load can read"
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         pass
     except Exception as e:  # torch's legacy reader raises assorted errors on a file it cannot parse
-        raise ValueError(f"load_taming_vqgan: {path} is not a checkpoint torch.load can read ({e!r})") from e
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        raise ValueError(f"{not_readable} ({e!r})") from e
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError as e:  # only torch.save's zip format can be scanned (legacy files are older than taming's)
+        raise ValueError(f"{not_readable} safely ({e})") from e
     placeholders = [(type(name.rsplit(".", 1)[-1], (_Placeholder,), {"_qualified_name": name}), name)
                     for name in names]
     try:
