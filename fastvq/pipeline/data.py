@@ -69,7 +69,7 @@ def _check_arguments(owner: str, size, split, length, scale, seed, heldout_fract
         raise ValueError(f"{owner}: scale must be a positive number, got {scale!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"{owner}: seed must be a non-negative integer, got {seed!r}")
-    if not 0 < heldout_fraction < 1:
+    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, numbers.Real) or not 0 < heldout_fraction < 1:
         raise ValueError(f"{owner}: heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
 
 
