@@ -119,10 +119,10 @@ def test_progress_is_hidden_without_a_terminal_unless_asked(monkeypatch):
     bar.update(1)
     bar.set_postfix(loss=0.5)
     monkeypatch.setenv("FASTVQ_PROGRESS", "1")
-    shown = progress(total=10)
+    shown = progress(total=10, initial=3)  # a run resumed at step 3
     assert not shown.disable and shown.total == 10
     shown.update(4)
-    assert shown.n == 4
+    assert shown.n == 7
     shown.close()
     assert progress(total=10, enabled=False).disable
     monkeypatch.setenv("RANK", "1")

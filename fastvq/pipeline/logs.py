@@ -212,10 +212,12 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2)
     return path
 
 
-def progress(iterable=None, total: int | None = None, desc: str | None = None, enabled: bool = True):
+def progress(iterable=None, total: int | None = None, desc: str | None = None, enabled: bool = True,
+             initial: int = 0):
     """A tqdm bar on stderr, shown only when `enabled`, on the main process, and when stderr is a
     terminal; FASTVQ_PROGRESS=1 shows it without a terminal (logs of a batch job), FASTVQ_PROGRESS=0
-    never. A hidden bar is still a tqdm: iterating, .update() and .set_postfix() work and print nothing."""
+    never. `initial` starts the count there (a resumed run). A hidden bar is still a tqdm: iterating,
+    .update() and .set_postfix() work and print nothing."""
     from tqdm import tqdm
 
     forced = os.environ.get("FASTVQ_PROGRESS", "")
@@ -223,4 +225,5 @@ def progress(iterable=None, total: int | None = None, desc: str | None = None, e
         raise ValueError(f"FASTVQ_PROGRESS must be 0 or 1 (or unset), got {forced!r}")
     wanted = sys.stderr.isatty() if forced == "" else forced == "1"
     show = bool(enabled) and wanted and is_main_process()
-    return tqdm(iterable, total=total, desc=desc, disable=not show, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=not show, file=sys.stderr,
+                dynamic_ncols=True)
