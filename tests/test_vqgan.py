@@ -168,6 +168,13 @@ class ModelCheckpoint:
     """Stands for Lightning's callback class, which taming's checkpoints hold as a dict key."""
 
 
+class HyperParameters:
+    """Stands for the hyper-parameter objects Lightning pickles (built by NEWOBJ, then BUILD)."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
 class Payload:
     """An object whose unpickling would run code: it would create the file at `path`."""
 
@@ -200,8 +207,10 @@ def write_run(tmp_path, checkpoint, params=PARAMS, target="taming.models.vqgan.V
 def lightning_checkpoint(ref):
     loss_state = {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4)}
     return {"state_dict": {**ref.state_dict(), **loss_state}, "epoch": 3, "global_step": 1234,
-            "pytorch-lightning_version": "1.0.8", "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}},
-            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6}]}]}
+            "pytorch-lightning_version": "1.0.8",
+            "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}},
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6}]}],
+            "hyper_parameters": HyperParameters(n_embed=N_EMBED, ddconfig=DDCONFIG)}
 
 
 def test_load_taming_vqgan_reconstructs_like_taming(tmp_path):
@@ -290,7 +299,8 @@ def test_config_from_taming_and_round_trip():
 @pytest.mark.parametrize("params, match", [
     ({k: v for k, v in PARAMS.items() if k != "n_embed"}, "missing 'n_embed'"),
     ({**PARAMS, "beta": 0.5}, "unknown key.*'beta'"),
-    ({**PARAMS, "ddconfig": {k: v for k, v in DDCONFIG.items() if k != "z_channels"}}, "ddconfig is missing 'z_channels'"),
+    ({**PARAMS, "ddconfig": {k: v for k, v in DDCONFIG.items() if k != "z_channels"}},
+     "ddconfig is missing 'z_channels'"),
     ({**PARAMS, "ddconfig": {k: v for k, v in DDCONFIG.items() if k != "double_z"}}, "double_z"),
     ({**PARAMS, "ddconfig": {**DDCONFIG, "give_pre_end": True}}, "give_pre_end"),
     ({**PARAMS, "ddconfig": {**DDCONFIG, "attn_type": "vanilla"}}, "unknown key.*'attn_type'"),
