@@ -1,15 +1,27 @@
 """The `fastvq` command (also `python -m fastvq`).
 
-  fastvq demo --out DIR     learn a codebook of image patches and write DIR/quantize_demo.png
-  fastvq backends           which backends work here, and why not for the others
+  fastvq demo [--out DIR]             train a VQGAN and a GPT on the embedded textures, sample, write DIR/report.md
+  fastvq train-vqgan --out DIR        train the VQGAN autoencoder (preset, YAML --config, --resume)
+  fastvq train-gpt --vqgan CKPT --out DIR   train the prior on a VQGAN's codes
+  fastvq sample --ckpt GPT_CKPT --out PNG   sample images (taller than the training crops with --height)
+  fastvq bench                        time the kernels against their torch references here
+  fastvq backends                     which backends work here, and why not for the others
+  fastvq kmeans --out DIR             k-means codebook of image patches on nearest_code (the first demo)
+
+Errors in what the user gave (configs, paths, shapes) are one line on stderr and exit status 2
+(FASTVQ_DEBUG=1 shows the traceback instead).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
 from ._backend import BACKENDS, available_backends
+
+# What a user can get wrong: reported as one line, never a traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError)
 
 
 def _positive_int(text: str) -> int:
@@ -22,14 +34,63 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _demo(args, parser) -> int:
-    from .demo import run_demo  # skimage and matplotlib load only for the demo
+def _kmeans(args, parser) -> int:
+    from .kmeans_demo import run_demo  # skimage and matplotlib load only for the demo
 
-    try:
-        run_demo(args.out, codes=args.codes, patch=args.patch, iters=args.iters, images=args.images,
-                 downscale=args.downscale, backend=args.backend, seed=args.seed, quick=args.quick)
-    except (ValueError, RuntimeError) as e:
-        parser.error(str(e))
+    run_demo(args.out, codes=args.codes, patch=args.patch, iters=args.iters, images=args.images,
+             downscale=args.downscale, backend=args.backend, seed=args.seed, quick=args.quick)
+    return 0
+
+
+def _demo(args, parser) -> int:
+    from .pipeline.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, device=args.device, show_progress=not args.no_progress)
+    return 0
+
+
+def _train_overrides(args) -> dict:
+    return {"train.steps": args.steps, "train.batch_size": args.batch_size, "train.lr": args.lr,
+            "train.seed": args.seed}
+
+
+def _train_vqgan(args, parser) -> int:
+    from .pipeline.train_vqgan import config_for, train_vqgan
+
+    overrides = {**_train_overrides(args), "train.size": args.size}
+    train_vqgan(config_for(args.config, overrides), args.out, data=args.data, resume=args.resume, device=args.device,
+                show_progress=not args.no_progress)
+    return 0
+
+
+def _train_gpt(args, parser) -> int:
+    from .pipeline.train_gpt import config_for, train_gpt
+
+    overrides = {**_train_overrides(args), "train.pkeep": args.pkeep,
+                 "train.conditional": None if args.conditional is None else args.conditional == "yes"}
+    train_gpt(config_for(args.config, overrides), args.out, args.vqgan, data=args.data, resume=args.resume,
+              device=args.device, show_progress=not args.no_progress)
+    return 0
+
+
+def _sample(args, parser) -> int:
+    from .pipeline.sample import sample_images
+
+    result = sample_images(args.ckpt, args.out, n=args.n, height=args.height, classes=args.classes,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           device=args.device or "cpu")
+    print(f"wrote {result['png']}: {args.n} images of {result['height']}x{result['width']} pixels, "
+          f"{result['tokens_per_image']} codes each")
+    return 0
+
+
+def _bench(args, parser) -> int:
+    from .pipeline.demo import kernel_timings
+
+    print(f"{'op':<36} {'shape':<30} {'backend':<8} {'fastvq ms':>10} {'torch ms':>10} {'speed-up':>9}")
+    for r in kernel_timings(args.device or "cpu"):
+        print(f"{r['op']:<36} {r['shape']:<30} {r['backend']:<8} {r['fastvq_ms']:>10.2f} "
+              f"{r['torch_reference_ms']:>10.2f} {r['speedup']:>8.1f}x")
     return 0
 
 
@@ -40,13 +101,25 @@ def _backends(args, parser) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DEFAULT_IMAGES, DEFAULTS, IMAGES, QUICK_DEFAULTS
+    from .kmeans_demo import DEFAULT_IMAGES, DEFAULTS, IMAGES, QUICK_DEFAULTS
 
     parser = argparse.ArgumentParser(prog="fastvq", description="fastvq: fused kernels for VQGAN-style models")
     parser.add_argument("--version", action="version", version=f"fastvq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="learn a codebook of image patches with k-means and show the reconstruction",
+    demo = sub.add_parser("demo", help="train a small VQGAN and GPT on the embedded textures, sample, write a report",
+                          description="The whole pipeline on scikit-image's brick, grass and gravel textures: "
+                                      "train-vqgan, train-gpt, samples (one 4x taller than the crops), kernel "
+                                      "timings, DIR/report.md. A few minutes on a 2-core CPU.")
+    demo.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default demo_out)")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (for tests)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_demo, parser=demo)
+
+    _add_training_parsers(sub)
+
+    demo = sub.add_parser("kmeans", help="learn a codebook of image patches with k-means and show the reconstruction",
                           description="Cut photographs shipped with scikit-image into patches, learn a codebook "
                                       "with k-means on fastvq.nearest_code, write DIR/quantize_demo.png and time "
                                       "nearest_code's cpp backend against the torch reference.")
@@ -64,16 +137,76 @@ def build_parser() -> argparse.ArgumentParser:
                       help="nearest_code backend for k-means (default: auto, or FASTVQ_BACKEND)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the initial codebook (default 0)")
     demo.add_argument("--quick", action="store_true", help="tiny setting for tests (smaller images, fewer codes and iterations)")
-    demo.set_defaults(run=_demo, parser=demo)
+    demo.set_defaults(run=_kmeans, parser=demo)
 
     backends = sub.add_parser("backends", help="list the backends and whether they work here")
     backends.set_defaults(run=_backends, parser=backends)
     return parser
 
 
+def _add_common_training_flags(p, default_out: str) -> None:
+    p.add_argument("--out", default=default_out, metavar="DIR", help=f"output directory (default {default_out})")
+    p.add_argument("--config", default=None, metavar="PRESET|YAML",
+                   help="a preset (demo, small, base) or a YAML file of overrides over one (default demo)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="embedded (default), embedded:brick,grass (some embedded images) or a folder of images")
+    p.add_argument("--steps", type=_positive_int, help="training steps (default from the config)")
+    p.add_argument("--batch-size", type=_positive_int, help="batch size per process (default from the config)")
+    p.add_argument("--lr", type=float, help="learning rate (default from the config)")
+    p.add_argument("--seed", type=int, help="random seed (default from the config)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue from DIR/last.ckpt (or the checkpoint given)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_training_parsers(sub) -> None:
+    vq = sub.add_parser("train-vqgan", help="train the VQGAN autoencoder",
+                        description="Train a VQGAN (L1 + perceptual + VQ + hinge GAN) on the embedded textures or "
+                                    "your images; torchrun for several processes.")
+    _add_common_training_flags(vq, "runs/vqgan")
+    vq.add_argument("--size", type=_positive_int, help="training crop size in pixels (default from the config)")
+    vq.set_defaults(run=_train_vqgan, parser=vq)
+
+    gpt = sub.add_parser("train-gpt", help="train the GPT prior on a VQGAN's codes",
+                         description="Encode training crops with a trained VQGAN and train a sliding-window, rope "
+                                     "GPT on the code sequences (raster order).")
+    _add_common_training_flags(gpt, "runs/gpt")
+    gpt.add_argument("--vqgan", default="runs/vqgan/vqgan.ckpt", metavar="CKPT",
+                     help="the VQGAN from train-vqgan (default runs/vqgan/vqgan.ckpt)")
+    gpt.add_argument("--pkeep", type=float, help="fraction of input codes kept uncorrupted (default from the config)")
+    gpt.add_argument("--conditional", choices=("yes", "no"), help="condition on the image class (default yes)")
+    gpt.set_defaults(run=_train_gpt, parser=gpt)
+
+    sample = sub.add_parser("sample", help="sample images from a trained prior",
+                            description="Draw code grids with the cached sampler and decode them with the VQGAN.")
+    sample.add_argument("--ckpt", default="runs/gpt/gpt.ckpt", help="gpt.ckpt from train-gpt (default runs/gpt/gpt.ckpt)")
+    sample.add_argument("--out", default="samples.png", metavar="PNG", help="image grid to write (default samples.png)")
+    sample.add_argument("-n", type=_positive_int, default=8, help="number of images (default 8)")
+    sample.add_argument("--height", type=_positive_int, help="image height in pixels (default the training crop; "
+                                                             "taller needs a rope prior)")
+    sample.add_argument("--class", dest="classes", nargs="+", metavar="CLASS", help="class names or indices, cycled")
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-k", type=_positive_int)
+    sample.add_argument("--top-p", type=float)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    sample.set_defaults(run=_sample, parser=sample)
+
+    bench = sub.add_parser("bench", help="time the kernels against their torch references on this machine")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    bench.set_defaults(run=_bench, parser=bench)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args, args.parser)
+    try:
+        return args.run(args, args.parser)
+    except USER_ERRORS as e:
+        if os.environ.get("FASTVQ_DEBUG"):  # the full traceback, for bug reports
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        args.parser.exit(2, f"{args.parser.prog}: error: {message}\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ with index_add_ and bincount, empty codes re-seeded at the worst-fitting patches
 then replaced by its code. The original and the reconstruction are written side by side with the
 codebook, and nearest_code's cpp backend is timed against the torch reference on the same data.
 
-`python -m fastvq demo --out DIR`, or `run_demo(DIR)` from Python.
+`python -m fastvq kmeans --out DIR`, or `run_demo(DIR)` from Python.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The demo (k-means on nearest_code over image patches) and the `fastvq` command."""
+"""The k-means demo (nearest_code over image patches) and the `fastvq` command."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastvq.cli import main
-from fastvq.demo import from_patches, kmeans, run_demo, to_patches
+from fastvq.kmeans_demo import from_patches, kmeans, run_demo, to_patches
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,11 +46,11 @@ def test_demo_quick_writes_png_with_sane_psnr(tmp_path):
 
 def test_demo_bad_arguments_are_one_clear_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        main(["demo", "--codes", "0", "--out", str(tmp_path)])
+        main(["kmeans", "--codes", "0", "--out", str(tmp_path)])
     assert e.value.code == 2
     assert "--codes" in capsys.readouterr().err.strip().splitlines()[-1]
     with pytest.raises(SystemExit):
-        main(["demo", "--quick", "--codes", "100000", "--out", str(tmp_path)])
+        main(["kmeans", "--quick", "--codes", "100000", "--out", str(tmp_path)])
     assert "must not exceed the number of patches" in capsys.readouterr().err
     assert not (tmp_path / "quantize_demo.png").exists()
 

@@ -1,0 +1,86 @@
+"""torchrun support for the training commands: one process per device, DistributedDataParallel.
+
+Under torchrun (WORLD_SIZE > 1 in the environment) `setup()` starts the process group (nccl on
+CUDA, gloo on CPU), pins each rank to its GPU, and returns a Runtime; without torchrun it returns
+a single-process Runtime and nothing else changes. Only rank 0 writes files (Runtime.is_main).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str | None = None) -> Runtime:
+    """Start torch.distributed when torchrun launched us; pick the device (cuda when present,
+    unless device says otherwise)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(rank, world_size, local_rank, dev)
+
+
+def teardown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(module: torch.nn.Module, runtime: Runtime, **kwargs) -> torch.nn.Module:
+    """DistributedDataParallel around module when distributed, module itself otherwise."""
+    if not runtime.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, **kwargs)
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+def mean_over_ranks(values: dict, runtime: Runtime) -> dict:
+    """Average a dict of float metrics over the ranks (for logging: every rank logs the same)."""
+    if not runtime.distributed or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=runtime.device if runtime.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return {k: v / runtime.world_size for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_flag(flag: bool, runtime: Runtime) -> bool:
+    """Rank 0's decision, everywhere (e.g. 'a checkpoint exists, resume from it')."""
+    if not runtime.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=runtime.device if runtime.device.type == "cuda" else "cpu")
+    dist.broadcast(t, 0)
+    return bool(t.item())

@@ -1,0 +1,242 @@
+"""train-vqgan: the VQGAN autoencoder (fastvq.models.VQGAN) with its GAN + perceptual loss.
+
+One step: the autoencoder reconstructs a batch and takes an Adam step on L1 + perceptual + VQ
+(+ the adaptive-weight hinge GAN term once global_step >= disc_start); then, after disc_start, the
+PatchGAN takes its own step on the detached reconstructions. Under torchrun the autoencoder and the
+loss are one module inside one DistributedDataParallel (both optimizer steps are forward calls of
+it), the quantizer's EMA and usage statistics are all-reduced by the quantizer itself, and only
+rank 0 evaluates and writes files.
+
+Written to --out: metrics.csv and loss_curves.png, reconstructions_<step>.png (held-out crops on
+top, reconstructions below), last.ckpt (everything needed to --resume) and vqgan.ckpt (the model
+and its config, what train-gpt and sample read). Saves are atomic.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.vqgan import VQGAN, VQGANConfig
+from ..models.vqgan_loss import VQGANLoss
+from . import distributed
+from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, resume_path, save_checkpoint
+from .config import ConfigError, load_config
+from .data import make_dataset
+from .logs import MetricsLog, plot_curves, progress, save_image_grid
+
+
+class VQGANTrainingStep(nn.Module):
+    """The autoencoder and its loss as one module, so that a single DistributedDataParallel
+    covers both optimizer steps: optimizer_idx 0 is the autoencoder's step, 1 the discriminator's."""
+
+    def __init__(self, vqgan: VQGAN, loss: VQGANLoss):
+        super().__init__()
+        self.vqgan, self.loss = vqgan, loss
+
+    def forward(self, x, optimizer_idx: int, global_step: int, xrec=None):
+        if optimizer_idx == 0:
+            xrec, qloss = self.vqgan(x)
+            total, log = self.loss(qloss, x, xrec, 0, global_step, last_layer=self.vqgan.get_last_layer(),
+                                   split="train")
+            return total, log, xrec
+        zero = torch.zeros((), device=x.device)
+        total, log = self.loss(zero, x, xrec, 1, global_step, split="train")
+        return total, log, xrec
+
+
+def build_vqgan(config: dict) -> VQGAN:
+    model = dict(config["model"])
+    model["resolution"] = config["train"]["size"]
+    return VQGAN(VQGANConfig(**model))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (compared in [0, 1])."""
+    mse = ((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) / 2).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+@torch.no_grad()
+def evaluate(vqgan: VQGAN, images: torch.Tensor, batch_size: int = 32) -> dict:
+    """Held-out PSNR, codebook usage (fraction of codes chosen at least once) and perplexity."""
+    was_training = vqgan.training
+    vqgan.eval()
+    recons, counts = [], torch.zeros(vqgan.config.n_embed, dtype=torch.float64)
+    device = next(vqgan.parameters()).device
+    for chunk in images.split(batch_size):
+        chunk = chunk.to(device)
+        idx = vqgan.encode_indices(chunk)
+        recons.append(vqgan.decode_indices(idx).cpu())
+        counts += torch.bincount(idx.flatten().cpu(), minlength=vqgan.config.n_embed).double()
+    vqgan.train(was_training)
+    recon = torch.cat(recons)
+    p = counts / counts.sum()
+    perplexity = math.exp(-float(torch.special.xlogy(p, p).sum()))
+    return {"heldout_psnr": psnr(recon, images), "codebook_usage": float((counts > 0).double().mean()),
+            "heldout_perplexity": perplexity, "recon": recon}
+
+
+def _infinite(loader, sampler):
+    """Batches forever; every epoch draws new random crops (the dataset's epoch) in a new order."""
+    epoch = 0
+    while True:
+        loader.dataset.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _loader(dataset, batch_size: int, runtime, seed: int):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, seed=seed) if runtime.distributed else None
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
+                        num_workers=0)
+    return _infinite(loader, sampler)
+
+
+def _heldout_images(data, size: int, count: int) -> torch.Tensor:
+    heldout = make_dataset(data, size, "heldout", length=count)  # evenly spaced over every image
+    return torch.stack([heldout[i][0] for i in range(len(heldout))])
+
+
+def _scalars(log: dict) -> dict:
+    """Loss-log entries as plain floats with short names ('train/rec_loss' -> 'rec_loss')."""
+    out = {}
+    for key, value in log.items():
+        name = key.split("/")[-1]
+        out[name] = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+    return out
+
+
+def train_vqgan(config: dict, out_dir, *, data: str | None = None, resume=None, device: str | None = None,
+                show_progress: bool = True, log=print) -> dict:
+    """Train (or resume) a VQGAN as `config` says; returns the final metrics. See the module doc."""
+    runtime = distributed.setup(device)
+    try:
+        return _train(config, Path(out_dir), data, resume, runtime, show_progress, log)
+    finally:
+        distributed.teardown(runtime)
+
+
+def _train(config, out_dir: Path, data, resume, runtime, show_progress, log) -> dict:
+    train_cfg = config["train"]
+    dev = runtime.device
+    torch.manual_seed(train_cfg["seed"])  # the same initial weights on every rank
+    vqgan = build_vqgan(config).to(dev)
+    loss = VQGANLoss(**config["loss"]).to(dev)
+    opt_ae = torch.optim.Adam([p for p in vqgan.parameters() if p.requires_grad], lr=train_cfg["lr"],
+                              betas=tuple(train_cfg["betas"]))
+    opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=train_cfg["disc_lr"], betas=tuple(train_cfg["betas"]))
+
+    start = 0
+    ckpt = resume_path(out_dir, resume)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, map_location=dev)
+        if state.get("kind") != "vqgan-train":
+            raise ConfigError(f"--resume: {ckpt} is not a train-vqgan checkpoint (kind {state.get('kind')!r})")
+        if state["config"]["model"] != config["model"]:
+            raise ConfigError(f"--resume: {ckpt} was trained with a different model config; use its config")
+        vqgan.load_state_dict(state["model"])
+        loss.load_state_dict(state["loss"])
+        opt_ae.load_state_dict(state["opt_ae"])
+        opt_d.load_state_dict(state["opt_d"])
+        start = int(state["step"])
+        restore_rng_state(state["rng"])
+        if runtime.is_main:
+            log(f"resumed from {ckpt} at step {start}")
+    torch.manual_seed(train_cfg["seed"] * 1000 + runtime.rank + start)  # different crops on every rank
+
+    size, steps = train_cfg["size"], train_cfg["steps"]
+    batches = _loader(make_dataset(data, size, "train"), train_cfg["batch_size"], runtime, train_cfg["seed"] + start)
+    heldout = _heldout_images(data, size, train_cfg["heldout"]) if runtime.is_main else None
+    stepper = distributed.wrap(VQGANTrainingStep(vqgan, loss), runtime, find_unused_parameters=True)
+    metrics = MetricsLog(out_dir / "metrics.csv", resume_step=start) if runtime.is_main else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    disc_start = config["loss"]["disc_start"]
+
+    bar = progress(total=steps, initial=start, desc="train-vqgan", enabled=show_progress and runtime.is_main)
+    last_eval, t0, step = {}, time.perf_counter(), start
+    for step in range(start, steps):
+        x = next(batches)[0].to(dev, non_blocking=True)
+        with autocast:
+            ae_loss, ae_log, xrec = stepper(x, 0, step)
+        opt_ae.zero_grad(set_to_none=True)
+        ae_loss.backward()
+        opt_ae.step()
+        row = _scalars(ae_log)
+        if step >= disc_start:
+            with autocast:
+                d_loss, d_log, _ = stepper(x, 1, step, xrec=xrec.detach())
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            row.update(_scalars(d_log))
+        row.update(perplexity=float(vqgan.quantize.perplexity), codebook_usage_batch=float(vqgan.quantize.codebook_usage))
+        done = step + 1
+        if done % train_cfg["log_every"] == 0 or done == steps:
+            row = distributed.mean_over_ranks(row, runtime)
+            if metrics is not None:
+                metrics.append(done, {**row, "images_per_s": _rate(t0, step - start + 1, train_cfg["batch_size"], runtime)})
+            bar.set_postfix(rec=f"{row.get('rec_loss', float('nan')):.3f}", usage=f"{row['codebook_usage_batch']:.2f}")
+        if runtime.is_main and (done % train_cfg["eval_every"] == 0 or done == steps):
+            last_eval = _evaluate_and_draw(vqgan, heldout, out_dir, done, metrics)
+        if done % train_cfg["ckpt_every"] == 0 or done == steps:
+            _save(out_dir, config, vqgan, loss, opt_ae, opt_d, done, runtime)
+        bar.update(1)
+    bar.close()
+    if runtime.is_main and metrics is not None:
+        plot_curves(out_dir / "metrics.csv", out_dir / "loss_curves.png", title="train-vqgan")
+        log(f"train-vqgan: {steps} steps; held-out PSNR {last_eval.get('heldout_psnr', float('nan')):.2f} dB, "
+            f"codebook usage {last_eval.get('codebook_usage', float('nan')):.1%}; wrote {out_dir}")
+    distributed.barrier(runtime)
+    return {k: v for k, v in last_eval.items() if k != "recon"} | {"steps": max(step + 1, start)}
+
+
+def _rate(t0: float, steps_done: int, batch_size: int, runtime) -> float:
+    return steps_done * batch_size * runtime.world_size / max(time.perf_counter() - t0, 1e-9)
+
+
+def _evaluate_and_draw(vqgan, heldout, out_dir: Path, step: int, metrics) -> dict:
+    result = evaluate(vqgan, heldout)
+    n = min(8, heldout.shape[0])
+    save_image_grid(torch.cat([heldout[:n], result["recon"][:n]]), out_dir / f"reconstructions_{step:06d}.png", nrow=n)
+    if metrics is not None:
+        metrics.append(step, {k: v for k, v in result.items() if k != "recon"})
+    return result
+
+
+def _save(out_dir: Path, config, vqgan, loss, opt_ae, opt_d, step: int, runtime) -> None:
+    """last.ckpt (resume) and vqgan.ckpt (model only), rank 0 only, both atomic."""
+    if not runtime.is_main:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out_dir / "last.ckpt", {
+        "kind": "vqgan-train", "config": config, "step": step, "model": vqgan.state_dict(), "loss": loss.state_dict(),
+        "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(), "rng": capture_rng_state()})
+    save_checkpoint(out_dir / "vqgan.ckpt", {"kind": "vqgan", "config": vqgan.config.to_dict(), "step": step,
+                                             "model": vqgan.state_dict()})
+
+
+def load_vqgan(path, map_location="cpu") -> VQGAN:
+    """A VQGAN from a vqgan.ckpt (or a train-vqgan last.ckpt) written by train-vqgan."""
+    state = load_checkpoint(path, map_location=map_location)
+    kind = state.get("kind")
+    if kind == "vqgan":
+        model = VQGAN(VQGANConfig.from_dict(state["config"]))
+    elif kind == "vqgan-train":
+        model = build_vqgan(state["config"])
+    else:
+        raise ConfigError(f"{path}: not a fastvq VQGAN checkpoint (kind {kind!r}); train one with train-vqgan "
+                          "or load a taming checkpoint with fastvq.load_taming_vqgan")
+    model.load_state_dict(state["model"])
+    return model.to(map_location).eval()
+
+
+def config_for(spec, overrides: dict) -> dict:
+    return load_config("vqgan", spec, overrides)
