@@ -1,0 +1,350 @@
+// decode_linear on CPU: y = x @ W.T (+ b) (-> GELU) (+ residual) for a few rows of x, reading W once.
+//
+// Decoding a transformer one token at a time multiplies a handful of rows (the batch) by every
+// weight matrix of the model: a matrix-vector product bound by how fast W streams from memory,
+// where a GEMM library tuned for square products reaches a fraction of the bandwidth. Here threads
+// split W's rows (the outputs), so each weight is read by exactly one thread, once per call; x
+// (M x K, M small) stays in L1/L2 and is re-read for every block of weights. W is used in
+// nn.Linear's (N, K) layout as it is: a block of weight rows is one contiguous stretch of memory,
+// a sequential stream the hardware prefetcher follows.
+//
+// The tile: NR weight rows against MB rows of x, one vector accumulator per (x row, weight row)
+// pair, accumulated over K in SIMD-width chunks; at most 16 accumulators plus the loaded vectors,
+// so they stay in the 32 AVX-512 registers. After the K loop the accumulators are summed across
+// their lanes together, by a transpose-like tree of shuffles (W sums in log2(W) adds instead of W
+// separate horizontal sums); the K % W tail is added in scalar. Weights may be fp32, fp16 or bf16
+// (converted to fp32 as they are loaded); x, the accumulation and the epilogue are fp32.
+#include <torch/extension.h>
+
+#include "parallel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#elif defined(__AVX__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline vf load(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+inline vf load(const at::Half* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__AVX__) && defined(__F16C__)
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vf v;
+  for (int i = 0; i < W; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
+
+// Pins a loaded vector to a register. Left alone, GCC folds the loads into the FMAs as memory
+// operands and so loads every x and w vector once per FMA instead of once per tile step, which
+// makes the tile bound by loads (two per FMA) rather than FMAs.
+inline vf in_register(vf v) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  asm("" : "+v"(v));
+#endif
+  return v;
+}
+
+// ---------------------------------------------------------------------------- lane sums
+// fold<h>(a, b): lanes l without bit h get a[l] + a[l + h], lanes with it b[l - h] + b[l]. Folding
+// G vectors pairwise at h = W/2, W/4, ... leaves one vector in which accumulator i's sum sits in
+// lane lane_of(i): bit b of i selects the half at level b, i.e. lane bit W/2 >> b.
+template <int h, int... l>
+constexpr vi low_mask(std::integer_sequence<int, l...>) {
+  return vi{((l & h) ? W + l - h : l)...};
+}
+template <int h, int... l>
+constexpr vi high_mask(std::integer_sequence<int, l...>) {
+  return vi{((l & h) ? W + l : l + h)...};
+}
+
+template <int h>
+inline vf fold(vf a, vf b) {
+  constexpr vi lo = low_mask<h>(std::make_integer_sequence<int, W>());
+  constexpr vi hi = high_mask<h>(std::make_integer_sequence<int, W>());
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+template <int count, int h>
+inline vf fold_all(vf* v) {
+  if constexpr (count > 1) {
+#pragma GCC unroll 16
+    for (int j = 0; j < count / 2; ++j) v[j] = fold<h>(v[2 * j], v[2 * j + 1]);
+  } else {
+    v[0] = fold<h>(v[0], v[0]);  // one vector left: finish its own lanes (each sum lands twice)
+  }
+  if constexpr (h > 1) {
+    return fold_all<(count > 1 ? count / 2 : 1), h / 2>(v);
+  } else {
+    return v[0];
+  }
+}
+
+constexpr int lane_of(int i) {
+  int lane = 0;
+  for (int b = 0; (W / 2 >> b) > 0; ++b)
+    if ((i >> b) & 1) lane |= W / 2 >> b;
+  return lane;
+}
+
+constexpr int pow2_at_least(int g) {
+  int p = 1;
+  while (p < g) p *= 2;
+  return p;
+}
+
+// s[i] = the sum of acc[i]'s lanes, i < G, in groups of up to W accumulators.
+template <int G>
+inline void lane_sums(const vf* acc, float* s) {
+  constexpr int group = std::min(pow2_at_least(G), W);
+#pragma GCC unroll 16
+  for (int g0 = 0; g0 < G; g0 += group) {
+    vf t[group];
+#pragma GCC unroll 16
+    for (int i = 0; i < group; ++i) t[i] = g0 + i < G ? acc[g0 + i] : vf{};
+    const vf r = fold_all<group, W / 2>(t);
+#pragma GCC unroll 16
+    for (int i = 0; i < group; ++i)
+      if (g0 + i < G) s[g0 + i] = r[lane_of(i)];
+  }
+}
+
+// ---------------------------------------------------------------------------- tiles
+
+// Software prefetch of the weights after a tile's own: `lines` cache lines from `next`, issued
+// evenly over the tile's K steps. The tiles that share a set of weight rows (one per four rows of
+// x) each take a share of the rows that follow, so the stream from memory keeps flowing while x
+// passes over weights already in cache. Prefetched into L2 (T1): the lines are used a block later.
+struct Ahead {
+  const char* next;
+  int64_t lines;
+};
+
+// y[r * ldy + j] = x row r . w row j for r < MB, j < NR (x and w rows K apart).
+template <int MB, int NR, typename T>
+inline void tile(const float* __restrict x, const T* __restrict w, int64_t K, float* __restrict y, int64_t ldy,
+                 Ahead ahead) {
+  vf acc[MB * NR];
+#pragma GCC unroll 32
+  for (int i = 0; i < MB * NR; ++i) acc[i] = vf{};
+  const int64_t steps = K / W;
+  const int64_t per_step = steps > 0 ? (ahead.lines + steps - 1) / steps : 0;
+  const char* pf = ahead.next;
+  const char* const pf_end = pf + ahead.lines * 64;
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    vf xv[MB];
+#pragma GCC unroll 8
+    for (int r = 0; r < MB; ++r) xv[r] = in_register(load(x + r * K + k));
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const vf wv = in_register(load(w + j * K + k));
+#pragma GCC unroll 8
+      for (int r = 0; r < MB; ++r) acc[r * NR + j] += xv[r] * wv;
+    }
+    for (int64_t i = 0; i < per_step && pf < pf_end; ++i, pf += 64) __builtin_prefetch(pf, 0, 2);
+  }
+  float s[MB * NR];
+  lane_sums<MB * NR>(acc, s);
+  for (; k < K; ++k)
+    for (int r = 0; r < MB; ++r)
+      for (int j = 0; j < NR; ++j) s[r * NR + j] += x[r * K + k] * static_cast<float>(w[j * K + k]);
+#pragma GCC unroll 32
+  for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) y[r * ldy + j] = s[r * NR + j];
+}
+
+// NR weight rows against all M rows of x, four rows of x at a time; the tiles share the prefetch
+// of the following NR rows (up to `end`, the end of this thread's weights).
+template <int NR, typename T>
+inline void weight_rows(const float* x, int64_t M, const T* w, int64_t K, float* y, int64_t ldy, const T* end) {
+  const T* next = w + NR * K;
+  const int64_t next_bytes = std::max<int64_t>(0, std::min<int64_t>(NR * K, end - next)) * sizeof(T);
+  const int64_t tiles = (M + 3) / 4, lines = (next_bytes + 63) / 64, share = (lines + tiles - 1) / tiles;
+  for (int64_t m = 0, t = 0; m < M; m += 4, ++t) {
+    const Ahead ahead{reinterpret_cast<const char*>(next) + t * share * 64,
+                      std::max<int64_t>(0, std::min(share, lines - t * share))};
+    const float* xm = x + m * K;
+    float* ym = y + m * ldy;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 4: tile<4, NR>(xm, w, K, ym, ldy, ahead); break;
+      case 3: tile<3, NR>(xm, w, K, ym, ldy, ahead); break;
+      case 2: tile<2, NR>(xm, w, K, ym, ldy, ahead); break;
+      default: tile<1, NR>(xm, w, K, ym, ldy, ahead); break;
+    }
+  }
+}
+
+// Weight rows are handed out in blocks of kBlock. One or two rows of x take all 8 rows of a block
+// at once (8 or 16 accumulators: more loads in flight for the memory-bound case); more rows of x
+// take it as two halves of 4 (at most 16 accumulators).
+constexpr int64_t kBlock = 8;
+
+template <typename T>
+void weight_block(const float* x, int64_t M, const T* w, int64_t K, int64_t rows, float* y, int64_t ldy,
+                  const T* end) {
+  if (rows == kBlock && M <= 2) {
+    weight_rows<8>(x, M, w, K, y, ldy, end);
+    return;
+  }
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) weight_rows<4>(x, M, w + j * K, K, y + j, ldy, end);
+  for (; j < rows; ++j) weight_rows<1>(x, M, w + j * K, K, y + j, ldy, end);
+}
+
+// ---------------------------------------------------------------------------- epilogue
+
+// exp(x) for x <= ~0 (here erfc's exponent): 0 below -87, where fp32 exp underflows anyway.
+// Cephes' expf, branch-free so that the epilogue loop vectorises: x = n ln2 + r, |r| <= ln2 / 2.
+inline float exp_small(float x) {
+  const bool tiny = !(x >= -87.0f);  // also NaN
+  x = tiny ? 0.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return tiny ? 0.0f : p * scale;
+}
+
+// nn.GELU(): v * Phi(v) = 0.5 v erfc(-v / sqrt 2). erfc(z), z >= 0, from the Chebyshev fit of
+// Numerical Recipes (erfcc: relative error below 1.2e-7 for every z), so the small negative tail
+// keeps its relative accuracy; for v >= 0, erfc(-z) = 2 - erfc(z).
+inline float gelu(float v) {
+  const float z = std::fabs(v) * 0.70710678118654752f;
+  const float t = 1.0f / (1.0f + 0.5f * z);
+  float p = 0.17087277f;
+  p = p * t - 0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t - 1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t - 0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t - 1.26551223f;
+  const float tail = t * exp_small(p - z * z);  // erfc(|v| / sqrt 2)
+  return 0.5f * v * (v < 0.0f ? tail : 2.0f - tail);
+}
+
+// y[m, n] = act(y[m, n] + bias[n]) + residual[m, n] over the columns [n0, n1) of every row.
+void epilogue(float* y, int64_t M, int64_t N, int64_t n0, int64_t n1, const float* bias, const float* residual,
+              bool use_gelu) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = y + m * N;
+    if (bias)
+      for (int64_t n = n0; n < n1; ++n) row[n] += bias[n];
+    if (use_gelu)
+      for (int64_t n = n0; n < n1; ++n) row[n] = gelu(row[n]);
+    if (residual) {
+      const float* res = residual + m * N;
+      for (int64_t n = n0; n < n1; ++n) row[n] += res[n];
+    }
+  }
+}
+
+template <typename T>
+void run(const float* x, int64_t M, const T* w, int64_t N, int64_t K, const float* bias, const float* residual,
+         bool use_gelu, float* y) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  // A task streams at least ~128 KiB of weights: waking the other thread for less costs more.
+  const int64_t block_bytes = kBlock * std::max<int64_t>(K, 1) * static_cast<int64_t>(sizeof(T));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / block_bytes);
+  fastvq::parallel_ranges(blocks, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * kBlock, n1 = std::min(N, b1 * kBlock);
+    for (int64_t n = n0; n < n1; n += kBlock)
+      weight_block(x, M, w + n * K, K, std::min(kBlock, n1 - n), y + n, N, w + n1 * K);
+    epilogue(y, M, N, n0, n1, bias, residual, use_gelu);
+  });
+}
+
+at::Tensor decode_linear(const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& residual, bool use_gelu) {
+  TORCH_CHECK(x_in.dim() == 2 && weight_in.dim() == 2, "decode_linear: x must be (M, K) and weight (N, K)");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0);
+  TORCH_CHECK(weight_in.size(1) == K, "decode_linear: weight must be (N, K=", K, ")");
+  const auto dtype = weight_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "decode_linear: weight must be float32, float16 or bfloat16");
+  TORCH_CHECK(x_in.scalar_type() == dtype, "decode_linear: x and weight must have the same dtype");
+  const auto x = x_in.to(at::kFloat).contiguous();
+  const auto weight = weight_in.contiguous();
+  at::Tensor b, res;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "decode_linear: bias must be (N,)");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N,
+                "decode_linear: residual must be (M, N)");
+    res = residual->to(at::kFloat).contiguous();
+  }
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y.to(dtype);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* rp = res.defined() ? res.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (dtype == at::kFloat) {
+    run(xp, M, weight.data_ptr<float>(), N, K, bp, rp, use_gelu, yp);
+  } else if (dtype == at::kHalf) {
+    run(xp, M, weight.data_ptr<at::Half>(), N, K, bp, rp, use_gelu, yp);
+  } else {
+    run(xp, M, weight.data_ptr<at::BFloat16>(), N, K, bp, rp, use_gelu, yp);
+  }
+  return dtype == at::kFloat ? y : y.to(dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastvq, m) {
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool gelu) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
+  m.impl("decode_linear", &decode_linear);
+}

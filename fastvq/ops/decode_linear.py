@@ -1,0 +1,112 @@
+"""decode_linear: nn.Linear for the few rows of a decoding step, reading every weight once.
+
+Public:
+  decode_linear(x, weight, bias=None, *, residual=None, activation=None, backend=None) -> (..., N)
+  decode_linear_reference(x, weight, bias, residual, activation): the oracle (F.linear and friends)
+
+What every backend computes, with x (..., K) flattened to M = prod(...) rows and weight (N, K) in
+nn.Linear's layout:
+    y = act(x @ weight.T + bias) + residual
+act is None or "gelu" (exact erf GELU, nn.GELU()); bias (N,) and residual (..., N) are optional.
+That covers a GPT block at decode time: the MLP's first layer is gelu(fc1(h)), the attention and MLP
+outputs are x + proj(h). The sum over K is accumulated in fp32 whatever the dtype (float32,
+float16 or bfloat16, the same for every tensor); the result has x's dtype.
+
+Why a separate op: sampling a token multiplies a handful of rows (the batch) by every weight
+matrix of the model, so the time is the time to stream the weights from memory. A GEMM library
+tuned for large products reaches a fraction of the bandwidth there (MKL's F.linear on the AMD CPU
+here: ~10 GB/s at M = 1 out of ~28). The cpp backend (csrc/decode_linear.cpp) splits the output
+columns over threads so each weight is read by one thread exactly once, with register-tiled fp32
+FMAs against x held in cache; the triton backend (kernels/decode_linear.py) is the same split-N
+product, one program per block of outputs. Any M works, but the kernels are built for M up to
+about 32: for a prefill or a training batch, F.linear is the faster product.
+
+Inference only: no backend has a backward. A call under grad mode with an input that requires
+grad raises (wrap decoding in torch.no_grad(), or use nn.Linear where gradients are needed).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import cpp_ops, resolve_backend
+from .._checks import FLOATS, check_tensor
+
+ACTIVATIONS = (None, "gelu")
+_OP = "decode_linear"
+
+
+def _check(x, weight, bias, residual, activation) -> None:
+    check_tensor(_OP, "weight", weight, ("N", "K"))
+    N, K = weight.shape
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{_OP}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"{_OP}: x must be (..., K={K}) to match weight {tuple(weight.shape)}, got shape {tuple(x.shape)}")
+    lead = tuple(x.shape[:-1])
+    for name, t, shape in (("x", x, None), ("bias", bias, (N,)), ("residual", residual, lead + (N,))):
+        if t is None:
+            continue
+        if shape is not None:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{_OP}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{_OP}: {name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != weight.dtype:
+            allowed = "" if t.dtype in FLOATS else " (float32, float16 or bfloat16)"
+            raise TypeError(f"{_OP}: {name} must have weight's dtype {weight.dtype}{allowed}, got {t.dtype}")
+        if t.device != weight.device:
+            raise ValueError(f"{_OP}: {name} is on {t.device} but weight is on {weight.device}; they must share a device")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{_OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        raise RuntimeError(f"{_OP}: inference only (no backward); call it under torch.no_grad(), or use "
+                           "F.linear / nn.Linear where gradients are needed")
+
+
+def decode_linear_reference(x, weight, bias=None, residual=None, activation=None):
+    """act(F.linear(x, weight, bias)) + residual, computed by torch in the inputs' dtype."""
+    y = F.linear(x, weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    return y if residual is None else y + residual
+
+
+def _run_torch(x2, weight, bias, residual2, activation):
+    return decode_linear_reference(x2, weight, bias, residual2, activation)
+
+
+def _run_cpp(x2, weight, bias, residual2, activation):
+    return cpp_ops().decode_linear(x2, weight, bias, residual2, activation == "gelu")
+
+
+def _run_triton(x2, weight, bias, residual2, activation):
+    from fastvq.kernels.decode_linear import decode_linear as triton_decode_linear
+
+    return triton_decode_linear(x2, weight, bias, residual2, activation == "gelu")
+
+
+_RUN = {"torch": _run_torch, "cpp": _run_cpp, "triton": _run_triton}
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  residual: torch.Tensor | None = None, activation: str | None = None,
+                  backend: str | None = None) -> torch.Tensor:
+    """y = act(x @ weight.T + bias) + residual for a skinny x (..., K) -> (..., N).
+
+    weight (N, K) as in nn.Linear; bias (N,) or None; residual (..., N) or None, added after the
+    activation; activation None or "gelu" (erf GELU). All the same float dtype and device; fp32
+    accumulation. Built for few rows (M = prod(x.shape[:-1]) up to ~32, e.g. one token per
+    sequence of a decoding batch). Inference only: see the module docstring. backend: "auto"
+    (default, or FASTVQ_BACKEND), "cpp", "triton" or "torch".
+    """
+    _check(x, weight, bias, residual, activation)
+    name = resolve_backend(backend, weight.device, _OP)
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    M = math.prod(lead)
+    x2 = x.reshape(M, K)
+    residual2 = None if residual is None else residual.reshape(M, N)
+    return _RUN[name](x2, weight, bias, residual2, activation).reshape(*lead, N)
