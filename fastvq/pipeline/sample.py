@@ -35,7 +35,8 @@ def load_prior(path, map_location="cpu") -> tuple[GPT, VQGAN, dict]:
 
 
 def _class_tokens(layout: dict, classes, n: int) -> torch.Tensor:
-    """The conditioning token of every sample: the classes asked for (names or indices), cycled."""
+    """The conditioning token of every sample: the classes asked for (names or indices) in equal
+    consecutive runs, so a grid of n = rows x 8 images shows one class after another."""
     if layout["classes"] == 0:
         if classes:
             raise ConfigError("--class: this prior was trained without class conditioning")
@@ -53,7 +54,7 @@ def _class_tokens(layout: dict, classes, n: int) -> torch.Tensor:
             if not 0 <= i < layout["classes"]:
                 raise ConfigError(f"--class: class index must be in [0, {layout['classes']}), got {i}")
             indices.append(i)
-    return layout["n_embed"] + torch.tensor([indices[i % len(indices)] for i in range(n)], dtype=torch.int64)
+    return layout["n_embed"] + torch.tensor([indices[i * len(indices) // n] for i in range(n)], dtype=torch.int64)
 
 
 @torch.no_grad()

@@ -205,7 +205,9 @@ def _rate(t0: float, steps_done: int, batch_size: int, runtime) -> float:
 def _evaluate_and_draw(vqgan, heldout, out_dir: Path, step: int, metrics) -> dict:
     result = evaluate(vqgan, heldout)
     n = min(8, heldout.shape[0])
-    save_image_grid(torch.cat([heldout[:n], result["recon"][:n]]), out_dir / f"reconstructions_{step:06d}.png", nrow=n)
+    pick = torch.linspace(0, heldout.shape[0] - 1, n).round().long()  # crops from every image, not just the first
+    save_image_grid(torch.cat([heldout[pick], result["recon"][pick]]), out_dir / f"reconstructions_{step:06d}.png",
+                    nrow=n)
     if metrics is not None:
         metrics.append(step, {k: v for k, v in result.items() if k != "recon"})
     return result
