@@ -84,3 +84,17 @@ def broadcast_flag(flag: bool, runtime: Runtime) -> bool:
     t = torch.tensor([int(flag)], device=runtime.device if runtime.device.type == "cuda" else "cpu")
     dist.broadcast(t, 0)
     return bool(t.item())
+
+
+def check_same_on_every_rank(tensors: dict, runtime: Runtime) -> None:
+    """Raise if any of the named tensors differs between ranks (e.g. the codebook and its EMA
+    statistics, which the quantizer keeps in sync by all-reduce: a cheap end-of-run invariant)."""
+    if not runtime.distributed:
+        return
+    for name, t in tensors.items():
+        mine = t.detach().double().sum().reshape(1).to("cpu" if runtime.device.type != "cuda" else runtime.device)
+        low, high = mine.clone(), mine.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError(f"{name} differs between ranks (sums from {low.item()} to {high.item()})")
