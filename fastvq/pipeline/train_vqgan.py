@@ -190,8 +190,8 @@ def _train(config, out_dir: Path, data, resume, runtime, show_progress, log) -> 
             _save(out_dir, config, vqgan, loss, opt_ae, opt_d, done, runtime)
         bar.update(1)
     bar.close()
-    distributed.check_same_on_every_rank(dict(vqgan.quantize.named_buffers(), codebook=vqgan.quantize.embedding.weight),
-                                         runtime)
+    # the persistent state (codebook, EMA statistics); perplexity is per batch, and rank 0's eval changed it
+    distributed.check_same_on_every_rank(vqgan.quantize.state_dict(), runtime)
     if runtime.is_main and metrics is not None:
         plot_curves(out_dir / "metrics.csv", out_dir / "loss_curves.png", title="train-vqgan")
         log(f"train-vqgan: {steps} steps; held-out PSNR {last_eval.get('heldout_psnr', float('nan')):.2f} dB, "
