@@ -10,15 +10,20 @@ TORCH_SPEC ?= torch==2.13.0
 
 all: test
 
-$(VENV)/.deps: requirements-test.txt requirements-nodeps.txt
+# The demo needs only the runtime dependencies; the tests add requirements-test.txt (triton, faiss, ...).
+$(VENV)/.deps: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, on its own: a CPU wheel is on disk here; never let another package pull a CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -r requirements-test.txt
+	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
-setup: $(VENV)/.deps
+$(VENV)/.deps-test: $(VENV)/.deps requirements-test.txt
+	$(PIP) install -q -r requirements-test.txt
+	touch $@
+
+setup: $(VENV)/.deps $(VENV)/.deps-test
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
@@ -26,16 +31,16 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 
 build: $(VENV)/.built
 
-test: build
+test: build $(VENV)/.deps-test
 	$(PY) -m pytest -q -ra tests
 
 demo: build
 	$(PY) -m fastvq demo --out demo_out
 
-bench: build
+bench: build $(VENV)/.deps-test
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
-compare: build
+compare: build $(VENV)/.deps-test
 	$(PY) benchmarks/compare_quantize.py
 	$(PY) benchmarks/compare_window_attention.py
 	$(PY) benchmarks/report.py
