@@ -230,34 +230,36 @@ void weight_block(const float* x, int64_t M, const T* w, int64_t K, int64_t rows
 
 // ---------------------------------------------------------------------------- epilogue
 
-// exp(x) for x <= ~0 (here erfc's exponent): 0 below -87, where fp32 exp underflows anyway.
-// Cephes' expf, branch-free so that the epilogue loop vectorises: x = n ln2 + r, |r| <= ln2 / 2.
-inline float exp_small(float x) {
-  const bool tiny = !(x >= -87.0f);  // also NaN
-  x = tiny ? 0.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+// exp(x) for x <= ~0 (here erfc's exponent), W lanes at a time: 0 below -87, where fp32 exp
+// underflows anyway. Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, 2^n built in the exponent bits.
+inline vf exp_small(vf x) {
+  const vi tiny = !(x >= -87.0f);  // also NaN
+  x = tiny ? vf{} : x;
+  const vf y = x * 1.44269504088896341f + 0.5f;
+  vi n = __builtin_convertvector(y, vi);  // rounds toward 0: floor needs one less below 0
+  n = __builtin_convertvector(n, vf) > y ? n - 1 : n;
+  const vf nf = __builtin_convertvector(n, vf);
+  vf r = x - nf * 0.693359375f;
+  r = r + nf * 2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return tiny ? 0.0f : p * scale;
+  const vi bits = (n + 127) << 23;
+  return tiny ? vf{} : p * (vf)bits;
 }
 
 // nn.GELU(): v * Phi(v) = 0.5 v erfc(-v / sqrt 2). erfc(z), z >= 0, from the Chebyshev fit of
 // Numerical Recipes (erfcc: relative error below 1.2e-7 for every z), so the small negative tail
-// keeps its relative accuracy; for v >= 0, erfc(-z) = 2 - erfc(z).
-inline float gelu(float v) {
-  const float z = std::fabs(v) * 0.70710678118654752f;
-  const float t = 1.0f / (1.0f + 0.5f * z);
-  float p = 0.17087277f;
+// keeps its relative accuracy; for v >= 0, erfc(-z) = 2 - erfc(z). W lanes at a time (GCC does not
+// vectorise the scalar form), so GELU costs about as much as the bias add.
+inline vf gelu(vf v) {
+  const vf z = (v < 0.0f ? -v : v) * 0.70710678118654752f;
+  const vf t = 1.0f / (1.0f + 0.5f * z);
+  vf p = vf{} + 0.17087277f;
   p = p * t - 0.82215223f;
   p = p * t + 1.48851587f;
   p = p * t - 1.13520398f;
@@ -267,19 +269,32 @@ inline float gelu(float v) {
   p = p * t + 0.37409196f;
   p = p * t + 1.00002368f;
   p = p * t - 1.26551223f;
-  const float tail = t * exp_small(p - z * z);  // erfc(|v| / sqrt 2)
+  const vf tail = t * exp_small(p - z * z);  // erfc(|v| / sqrt 2)
   return 0.5f * v * (v < 0.0f ? tail : 2.0f - tail);
 }
 
+inline void gelu_inplace(float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const vf g = gelu(load(y + i));
+    std::memcpy(y + i, &g, sizeof g);
+  }
+  if (i < n) {  // the tail through a zero-padded vector
+    float buf[W] = {};
+    std::memcpy(buf, y + i, (n - i) * sizeof(float));
+    const vf g = gelu(load(buf));
+    std::memcpy(y + i, &g, (n - i) * sizeof(float));
+  }
+}
+
 // y[m, n] = act(y[m, n] + bias[n]) + residual[m, n] over the columns [n0, n1) of every row.
-void epilogue(float* y, int64_t M, int64_t N, int64_t n0, int64_t n1, const float* bias, const float* residual,
-              bool use_gelu) {
+void epilogue(float* __restrict y, int64_t M, int64_t N, int64_t n0, int64_t n1, const float* __restrict bias,
+              const float* __restrict residual, bool use_gelu) {
   for (int64_t m = 0; m < M; ++m) {
     float* row = y + m * N;
     if (bias)
       for (int64_t n = n0; n < n1; ++n) row[n] += bias[n];
-    if (use_gelu)
-      for (int64_t n = n0; n < n1; ++n) row[n] = gelu(row[n]);
+    if (use_gelu) gelu_inplace(row + n0, n1 - n0);
     if (residual) {
       const float* res = residual + m * N;
       for (int64_t n = n0; n < n1; ++n) row[n] += res[n];

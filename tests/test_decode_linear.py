@@ -183,3 +183,46 @@ def test_argument_checks():
         decode_linear(x, w.requires_grad_())
     with torch.no_grad():
         assert decode_linear(x, w).shape == (3, 5)
+
+
+# ----------------------------------------------------------------------------- in the models' decode steps
+
+def test_linear_for_decoding_takes_the_kernel_only_where_it_can():
+    from fastvq.ops.decode_linear import linear_for_decoding
+
+    x, w, b, r = make(4, 24, 40, bias=True, residual=True, seed=11)
+    ref = reference64(x, w, b, r, "gelu")
+    with torch.no_grad():
+        torch.testing.assert_close(linear_for_decoding(x, w, b, residual=r, activation="gelu").double(), ref,
+                                   rtol=1e-5, atol=1e-5)
+        many = torch.randn(100, 24)  # more rows than a decode step: torch's product
+        torch.testing.assert_close(linear_for_decoding(many, w, b), F.linear(many, w, b), rtol=0, atol=0)
+    w.requires_grad_()
+    y = linear_for_decoding(x, w, b, residual=r, activation="gelu")  # with gradients: torch, differentiable
+    y.sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
+
+
+def test_stacked_qkv_follows_weight_changes():
+    """SlidingWindowSelfAttention.forward_cached runs query/key/value as one product on a stacked
+    copy of their weights: loading new weights must refresh it."""
+    from fastvq.nn.attention import SlidingWindowSelfAttention
+
+    torch.manual_seed(0)
+    attn = SlidingWindowSelfAttention(32, 4, window=8).eval()
+    other = SlidingWindowSelfAttention(32, 4, window=8).eval()
+    x = torch.randn(2, 1, 32)
+
+    def step(module):
+        k, v = module.new_cache(2)
+        with torch.no_grad():
+            return module.forward_cached(x, k, v, 0)
+
+    first = step(attn)
+    attn.load_state_dict(other.state_dict())  # in-place copies into the same tensors
+    torch.testing.assert_close(step(attn), step(other), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(first, step(attn))
+    with torch.no_grad():
+        attn.value.bias.add_(1.0)
+    torch.testing.assert_close(step(attn), step(other) + F.linear(torch.ones(32), attn.proj.weight),
+                               rtol=1e-5, atol=1e-5)

@@ -9,7 +9,9 @@ checkpoints load unchanged (GPT.from_mingpt) and give the same logits. What diff
     absent), so positions are not bounded by block_size and a window + rope model samples
     arbitrarily long sequences from a ring-buffer cache of `window` slots per layer;
   * sampling goes through a preallocated KVCache (GPT.prefill, GPT.step) instead of taming's
-    growing list of presents, and through the fused fastvq.sample_logits.
+    growing list of presents, and through the fused fastvq.sample_logits;
+  * a decode step's Linear layers (on CPU, without gradients) run through fastvq's decode_linear,
+    which streams each weight once at memory speed, GELU and the residual add fused in.
 
 sample_with_past(x, model, steps, ...) is taming's sampler (taming.modules.transformer.mingpt) with
 the same call and result on a fastvq.GPT; convert a taming model first with GPT.from_mingpt.
@@ -24,6 +26,7 @@ from torch import nn
 
 from ..nn.attention import SlidingWindowSelfAttention
 from ..nn.kv_cache import KVCache
+from ..ops.decode_linear import linear_for_decoding
 from ..ops.sampling import sample_logits as fused_sample_logits
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -67,7 +70,12 @@ class Block(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos) -> torch.Tensor:
         x = x + self.attn.forward_cached(self.ln1(x), cache_k, cache_v, pos)
-        return x + self.mlp(self.ln2(x))
+        if self.training and self.mlp[3].p > 0:
+            return x + self.mlp(self.ln2(x))
+        # the MLP as two decode products: gelu(fc1(h)), then x + fc2(...) with the residual fused
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        h = linear_for_decoding(self.ln2(x), fc1.weight, fc1.bias, activation="gelu")
+        return linear_for_decoding(h, fc2.weight, fc2.bias, residual=x)
 
 
 class GPT(nn.Module):
@@ -173,7 +181,8 @@ class GPT(nn.Module):
         return self.drop(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.ln_f(x))
+        # a decode step's few rows go through fastvq's decode_linear kernel on CPU, anything else through torch
+        return linear_for_decoding(self.ln_f(x), self.head.weight, self.head.bias)
 
     # ------------------------------------------------------------------------- public
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.decode_linear import linear_for_decoding
 from ..ops.window_attention import sliding_window_attention, sliding_window_decode
 
 ROPE_BASE = 10000.0
@@ -128,6 +129,39 @@ class SlidingWindowSelfAttention(nn.Module):
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = y.shape
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, self.n_embd)))
+
+    # A decode step multiplies a few rows by every weight: its products go through
+    # linear_for_decoding (fastvq's decode_linear kernel on CPU, torch elsewhere or with gradients),
+    # query, key and value as one product on their stacked weights.
+
+    def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """query, key and value's weights (3 n_embd, n_embd) and biases stacked, built once and
+        rebuilt when any of them is replaced or changed in place (data_ptr and version counter;
+        writes through .data bypass the counter: delete _qkv_stacked after those)."""
+        parts = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
+        stamp = tuple((p.data_ptr(), p._version) for p in parts)
+        stacked = self.__dict__.get("_qkv_stacked")
+        if stacked is None or stacked[0] != stamp:
+            with torch.no_grad():
+                stacked = (stamp, torch.cat(parts[:3]), torch.cat(parts[3:]))
+            self.__dict__["_qkv_stacked"] = stacked
+        return stacked[1], stacked[2]
+
+    def _qkv_step(self, x: torch.Tensor, positions: torch.Tensor | None):
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return self._qkv(x, positions)  # the stacked copy is outside autograd
+        b, t, _ = x.shape
+        qkv = linear_for_decoding(x, *self._stacked_qkv()).view(b, t, 3, self.n_head, self.head_dim)
+        q, k, v = (h.transpose(1, 2) for h in qkv.unbind(2))  # each (B, nh, T, hs)
+        if self.rope:
+            q, k = rotary(q, positions), rotary(k, positions)
+        return q, k, v
+
+    def _output_step(self, y: torch.Tensor) -> torch.Tensor:
+        if self.training and self.resid_drop.p > 0:
+            return self._output(y)
+        b, _, t, _ = y.shape
+        return linear_for_decoding(y.transpose(1, 2).reshape(b, t, self.n_embd), self.proj.weight, self.proj.bias)
 
     def _masked_attention(self, q, k, v, past_len: int) -> torch.Tensor:
         """minGPT's explicit softmax (with attn_drop on the probabilities) under the window rule;
@@ -242,11 +276,11 @@ class SlidingWindowSelfAttention(nn.Module):
         else:
             pos = _check_int("pos", pos, 0)
         positions = torch.as_tensor(pos, device=x.device).long() + torch.arange(n, device=x.device)
-        q, k, v = self._qkv(x, positions)  # nothing written yet: a dtype mismatch still leaves the cache as it was
+        q, k, v = self._qkv_step(x, positions)  # nothing written yet: a dtype mismatch still leaves the cache as it was
         if cache_k.dtype != k.dtype or cache_v.dtype != k.dtype:
             raise TypeError(f"SlidingWindowSelfAttention.forward_cached: the caches are {cache_k.dtype}/{cache_v.dtype} "
                             f"but the new keys/values are {k.dtype}; they must match")
         slot_index = torch.remainder(positions, slots)
         cache_k.index_copy_(2, slot_index, k)
         cache_v.index_copy_(2, slot_index, v)
-        return self._output(sliding_window_decode(q, cache_k, cache_v, pos, self.window))
+        return self._output_step(sliding_window_decode(q, cache_k, cache_v, pos, self.window))

@@ -3,6 +3,8 @@
 Public:
   decode_linear(x, weight, bias=None, *, residual=None, activation=None, backend=None) -> (..., N)
   decode_linear_reference(x, weight, bias, residual, activation): the oracle (F.linear and friends)
+  linear_for_decoding(x, weight, bias=None, *, residual=None, activation=None): what the models'
+      decode steps call: decode_linear's cpp kernel where it is the faster product, torch elsewhere
 
 What every backend computes, with x (..., K) flattened to M = prod(...) rows and weight (N, K) in
 nn.Linear's layout:
@@ -26,16 +28,21 @@ grad raises (wrap decoding in torch.no_grad(), or use nn.Linear where gradients 
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-from .._backend import cpp_ops, resolve_backend
+from .._backend import _cpp_error, cpp_ops, resolve_backend
 from .._checks import FLOATS, check_tensor
 
 ACTIVATIONS = (None, "gelu")
 _OP = "decode_linear"
+# Rows up to which the cpp kernel beats F.linear here: x is re-read from cache for every block of
+# weights, so past a few dozen rows a GEMM's blocking wins.
+DECODE_ROWS = 32
 
 
 def _check(x, weight, bias, residual, activation) -> None:
@@ -110,3 +117,33 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x2 = x.reshape(M, K)
     residual2 = None if residual is None else residual.reshape(M, N)
     return _RUN[name](x2, weight, bias, residual2, activation).reshape(*lead, N)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_kernel_ready() -> bool:
+    if _cpp_error() is not None:
+        return False
+    return hasattr(torch.ops.fastvq, "decode_linear")  # an extension built before the op lacks it
+
+
+def linear_for_decoding(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                        residual: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+    """act(F.linear(x, weight, bias)) + residual, through the cpp kernel where that is the faster
+    product: CPU tensors of one dtype, at most DECODE_ROWS rows, no gradient needed, the extension
+    built with the op and FASTVQ_BACKEND unset, "auto" or "cpp". Everywhere else torch computes it
+    (differentiable). For callers that already hold consistent shapes (an nn.Linear's own weight
+    and an input of its width): nothing is checked beyond what picks the path.
+    """
+    K = weight.shape[-1]
+    rows = x.numel() // K if K else 0
+    fast = (K > 0 and x.device.type == "cpu" and weight.device.type == "cpu" and rows <= DECODE_ROWS
+            and x.dtype == weight.dtype and (residual is None or residual.dtype == x.dtype)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (x, weight, bias, residual)))
+            and os.environ.get("FASTVQ_BACKEND", "auto").lower() in ("auto", "cpp") and _cpp_kernel_ready())
+    if not fast:
+        return decode_linear_reference(x, weight, bias, residual, activation)
+    lead, N = x.shape[:-1], weight.shape[0]
+    y = torch.ops.fastvq.decode_linear(x.reshape(rows, K), weight, bias,
+                                       None if residual is None else residual.reshape(rows, N), activation == "gelu")
+    return y.reshape(*lead, N)
