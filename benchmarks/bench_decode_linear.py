@@ -6,8 +6,11 @@ and 2048 -> 512 (MLP out) on B rows: 12 * 512^2 weights a layer, ~100 MB in fp32
 three times the L3 cache here. This script builds 8 such layers and sweeps them in model order, so
 every weight comes from memory as in sampling; each call is timed on its own and summed per shape.
 
-  fastvq_cpp    fastvq.ops.decode_linear.decode_linear(backend="cpp") (csrc/decode_linear.cpp)
-  torch_linear  F.linear (MKL on this CPU)
+  fastvq_cpp     fastvq.ops.decode_linear.decode_linear(backend="cpp") (csrc/decode_linear.cpp),
+                 the public function with its argument checks (~10 us of Python a call)
+  fastvq_cpp_op  the kernel alone, torch.ops.fastvq.decode_linear: what a GPT decode step calls
+                 (through linear_for_decoding, which checks nothing)
+  torch_linear   F.linear (MKL on this CPU)
 
 Reported per shape and for the whole sweep: time (median over the sweeps, and the best) and the
 weight bandwidth, weight bytes / time. Plain product with bias, no epilogue. The CPU is shared with
@@ -31,12 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine_info  # noqa: E402
+from fastvq._backend import cpp_ops  # noqa: E402
 from fastvq.ops.decode_linear import decode_linear  # noqa: E402
 
 SHAPES = [(512, 1536), (512, 512), (512, 2048), (2048, 512)]  # (in, out) of one layer, in model order
 LAYERS = 8
 IMPLS = {
     "fastvq_cpp": lambda x, w, b: decode_linear(x, w, b, backend="cpp"),
+    "fastvq_cpp_op": lambda x, w, b: cpp_ops().decode_linear(x, w, b, None, False),
     "torch_linear": F.linear,
 }
 
@@ -88,11 +93,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads)
     rows = []
-    print(f"{'impl':13s} {'B':>3s} {'shape':>10s} {'MB':>6s} {'median ms':>10s} {'GB/s':>6s} {'best ms':>8s} {'GB/s':>6s}")
+    print(f"{'impl':14s} {'B':>3s} {'shape':>10s} {'MB':>6s} {'median ms':>10s} {'GB/s':>6s} {'best ms':>8s} {'GB/s':>6s}")
     for batch in args.batches:
         for r in measure(batch, getattr(torch, args.dtype), args.sweeps):
             rows.append(r)
-            print(f"{r['impl']:13s} {r['batch']:3d} {r['shape']:>10s} {r['weight_mb']:6.1f} {r['median_ms']:10.3f} "
+            print(f"{r['impl']:14s} {r['batch']:3d} {r['shape']:>10s} {r['weight_mb']:6.1f} {r['median_ms']:10.3f} "
                   f"{r['median_gb_s']:6.1f} {r['best_ms']:8.3f} {r['best_gb_s']:6.1f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -317,16 +317,21 @@ void run(const float* x, int64_t M, const T* w, int64_t N, int64_t K, const floa
   });
 }
 
+// x (..., K) -> (..., N); residual (..., N). Shapes and dtypes are checked with friendlier
+// messages in fastvq/ops/decode_linear.py; these checks keep a direct call from reading out of bounds.
 at::Tensor decode_linear(const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias,
                          const c10::optional<at::Tensor>& residual, bool use_gelu) {
-  TORCH_CHECK(x_in.dim() == 2 && weight_in.dim() == 2, "decode_linear: x must be (M, K) and weight (N, K)");
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0);
+  TORCH_CHECK(x_in.dim() >= 1 && weight_in.dim() == 2, "decode_linear: x must be (..., K) and weight (N, K)");
+  const int64_t K = x_in.size(-1), N = weight_in.size(0);
+  const int64_t M = c10::multiply_integers(x_in.sizes().begin(), x_in.sizes().end() - 1);
   TORCH_CHECK(weight_in.size(1) == K, "decode_linear: weight must be (N, K=", K, ")");
+  auto out_sizes = x_in.sizes().vec();
+  out_sizes.back() = N;
   const auto dtype = weight_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "decode_linear: weight must be float32, float16 or bfloat16");
   TORCH_CHECK(x_in.scalar_type() == dtype, "decode_linear: x and weight must have the same dtype");
-  const auto x = x_in.to(at::kFloat).contiguous();
+  const auto x = x_in.reshape({M, K}).to(at::kFloat).contiguous();
   const auto weight = weight_in.contiguous();
   at::Tensor b, res;
   if (bias.has_value() && bias->defined()) {
@@ -334,11 +339,10 @@ at::Tensor decode_linear(const at::Tensor& x_in, const at::Tensor& weight_in, co
     b = bias->to(at::kFloat).contiguous();
   }
   if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N,
-                "decode_linear: residual must be (M, N)");
-    res = residual->to(at::kFloat).contiguous();
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_sizes), "decode_linear: residual must be (..., N) like the output");
+    res = residual->reshape({M, N}).to(at::kFloat).contiguous();
   }
-  auto y = at::empty({M, N}, x.options());
+  auto y = at::empty(out_sizes, x.options());
   if (M == 0 || N == 0) return y.to(dtype);
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* rp = res.defined() ? res.data_ptr<float>() : nullptr;

@@ -81,18 +81,22 @@ def decode_linear_reference(x, weight, bias=None, residual=None, activation=None
     return y if residual is None else y + residual
 
 
-def _run_torch(x2, weight, bias, residual2, activation):
-    return decode_linear_reference(x2, weight, bias, residual2, activation)
+def _run_torch(x, weight, bias, residual, activation):
+    return decode_linear_reference(x, weight, bias, residual, activation)
 
 
-def _run_cpp(x2, weight, bias, residual2, activation):
-    return cpp_ops().decode_linear(x2, weight, bias, residual2, activation == "gelu")
+def _run_cpp(x, weight, bias, residual, activation):
+    return cpp_ops().decode_linear(x, weight, bias, residual, activation == "gelu")  # takes (..., K) as it is
 
 
-def _run_triton(x2, weight, bias, residual2, activation):
+def _run_triton(x, weight, bias, residual, activation):
     from fastvq.kernels.decode_linear import decode_linear as triton_decode_linear
 
-    return triton_decode_linear(x2, weight, bias, residual2, activation == "gelu")
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    M = math.prod(lead)
+    residual = None if residual is None else residual.reshape(M, N)
+    return triton_decode_linear(x.reshape(M, K), weight, bias, residual, activation == "gelu").reshape(*lead, N)
 
 
 _RUN = {"torch": _run_torch, "cpp": _run_cpp, "triton": _run_triton}
@@ -110,20 +114,16 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     (default, or FASTVQ_BACKEND), "cpp", "triton" or "torch".
     """
     _check(x, weight, bias, residual, activation)
-    name = resolve_backend(backend, weight.device, _OP)
-    N, K = weight.shape
-    lead = x.shape[:-1]
-    M = math.prod(lead)
-    x2 = x.reshape(M, K)
-    residual2 = None if residual is None else residual.reshape(M, N)
-    return _RUN[name](x2, weight, bias, residual2, activation).reshape(*lead, N)
+    return _RUN[resolve_backend(backend, weight.device, _OP)](x, weight, bias, residual, activation)
 
 
 @functools.lru_cache(maxsize=None)
-def _cpp_kernel_ready() -> bool:
-    if _cpp_error() is not None:
-        return False
-    return hasattr(torch.ops.fastvq, "decode_linear")  # an extension built before the op lacks it
+def _cpp_kernel():
+    """torch.ops.fastvq.decode_linear's overload, or None where the extension or the op is missing
+    (an extension built before the op lacks it)."""
+    if _cpp_error() is not None or not hasattr(torch.ops.fastvq, "decode_linear"):
+        return None
+    return torch.ops.fastvq.decode_linear.default
 
 
 def linear_for_decoding(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -132,18 +132,18 @@ def linear_for_decoding(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     product: CPU tensors of one dtype, at most DECODE_ROWS rows, no gradient needed, the extension
     built with the op and FASTVQ_BACKEND unset, "auto" or "cpp". Everywhere else torch computes it
     (differentiable). For callers that already hold consistent shapes (an nn.Linear's own weight
-    and an input of its width): nothing is checked beyond what picks the path.
+    and an input of its width): nothing is checked beyond what picks the path, which costs a few
+    microseconds (it runs for every Linear of every decode step).
     """
-    K = weight.shape[-1]
-    rows = x.numel() // K if K else 0
-    fast = (K > 0 and x.device.type == "cpu" and weight.device.type == "cpu" and rows <= DECODE_ROWS
-            and x.dtype == weight.dtype and (residual is None or residual.dtype == x.dtype)
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                     for t in (x, weight, bias, residual)))
-            and os.environ.get("FASTVQ_BACKEND", "auto").lower() in ("auto", "cpp") and _cpp_kernel_ready())
+    kernel = _cpp_kernel()
+    K = weight.shape[1]
+    fast = (kernel is not None and K > 0 and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.numel() <= DECODE_ROWS * K and x.dtype == weight.dtype
+            and (residual is None or residual.dtype == x.dtype)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)
+                                                  or (residual is not None and residual.requires_grad)))
+            and os.environ.get("FASTVQ_BACKEND", "auto").lower() in ("auto", "cpp"))
     if not fast:
         return decode_linear_reference(x, weight, bias, residual, activation)
-    lead, N = x.shape[:-1], weight.shape[0]
-    y = torch.ops.fastvq.decode_linear(x.reshape(rows, K), weight, bias,
-                                       None if residual is None else residual.reshape(rows, N), activation == "gelu")
-    return y.reshape(*lead, N)
+    return kernel(x, weight, bias, residual, activation == "gelu")
