@@ -132,7 +132,7 @@ class SlidingWindowSelfAttention(nn.Module):
 
     # A decode step multiplies a few rows by every weight: its products go through
     # linear_for_decoding (fastvq's decode_linear kernel on CPU, torch elsewhere or with gradients),
-    # query, key and value as one product on their stacked weights.
+    # on CPU query, key and value as one product on their stacked weights.
 
     def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """query, key and value's weights (3 n_embd, n_embd) and biases stacked, built once and
@@ -148,8 +148,11 @@ class SlidingWindowSelfAttention(nn.Module):
         return stacked[1], stacked[2]
 
     def _qkv_step(self, x: torch.Tensor, positions: torch.Tensor | None):
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return self._qkv(x, positions)  # the stacked copy is outside autograd
+        # The stacked copy is outside autograd, and only the CPU kernel gains much from one product
+        # (elsewhere the three products stay as they were, free of host-side bookkeeping).
+        if x.device.type != "cpu" or (torch.is_grad_enabled()
+                                      and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return self._qkv(x, positions)
         b, t, _ = x.shape
         qkv = linear_for_decoding(x, *self._stacked_qkv()).view(b, t, 3, self.n_head, self.head_dim)
         q, k, v = (h.transpose(1, 2) for h in qkv.unbind(2))  # each (B, nh, T, hs)
