@@ -7,6 +7,10 @@ summed over K (no tl.dot: M is often 1, below tl.dot's minimum of 16). With M <=
 grid is one column of programs and every weight is read exactly once, which is what bounds a
 decoding step. Loads are widened to fp32 and the sum, bias, GELU and residual are fp32; the store
 rounds to the output's dtype.
+
+Limits: tested through the interpreter only (no GPU here). With 16 outputs a program, a layer of
+N outputs makes N / 16 programs, fewer than a large GPU has SMs for N below ~2000; a split-K
+variant (partial sums over K in several programs, then a reduction) would fill them.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if M == 0 or N == 0:
         return y.to(dtype)
     block_m = min(_MAX_BLOCK_M, triton.next_power_of_2(M))
-    block_n = 32 if block_m <= 4 else 16
+    block_n = 16
     # the (BLOCK_M, BLOCK_N, BLOCK_K) product lives in registers: ~64 fp32 per thread on a GPU;
     # the interpreter runs numpy on whole tiles, so bigger ones are faster there
     block_k = (_MAX_TILE_INTERPRET if _INTERPRET else _MAX_TILE) // (block_m * block_n)
