@@ -22,9 +22,9 @@ VQGAN_PRESETS = {
         "model": {"resolution": 32, "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [8],
                   "z_channels": 32, "embed_dim": 16, "n_embed": 128, "beta": 0.25, "legacy": False,
                   "ema": True, "restart_dead": True},
-        "loss": {"disc_start": 250, "disc_weight": 0.5, "perceptual_weight": 1.0, "codebook_weight": 1.0,
+        "loss": {"disc_start": 400, "disc_weight": 0.5, "perceptual_weight": 1.0, "codebook_weight": 1.0,
                  "disc_ndf": 32, "disc_num_layers": 2},
-        "train": {"steps": 400, "batch_size": 16, "size": 32, "lr": 1e-3, "disc_lr": 2e-4, "betas": [0.5, 0.9],
+        "train": {"steps": 600, "batch_size": 16, "size": 32, "lr": 1e-3, "disc_lr": 2e-4, "betas": [0.5, 0.9],
                   "log_every": 10, "eval_every": 100, "ckpt_every": 100, "heldout": 64, "seed": 0},
     },
     "small": {

@@ -91,8 +91,10 @@ def run_demo(out_dir, *, quick: bool = False, device: str | None = None, show_pr
     t0 = time.perf_counter()
     log("[3/4] sampling")
     ckpt = out / "gpt" / "gpt.ckpt"
-    grid = sample_images(ckpt, out / "samples.png", n=8 if quick else 24, top_k=None, seed=1, device=device)
-    tall = sample_images(ckpt, out / "sample_tall.png", n=3, height=4 * grid["height"], seed=2, device=device)
+    zoom = max(1, 96 // vq_cfg["train"]["size"])
+    grid = sample_images(ckpt, out / "samples.png", n=8 if quick else 24, seed=1, zoom=zoom, device=device)
+    tall = sample_images(ckpt, out / "sample_tall.png", n=6, height=4 * grid["height"], seed=2, nrow=6, zoom=zoom,
+                         device=device)  # two of every texture
     timings["sampling"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -128,7 +130,7 @@ def write_report(out: Path, vq_cfg, gpt_cfg, vq, gpt, grid, tall, kernels, timin
         f"- held-out loss: **{gpt.get('heldout_loss', float('nan')):.3f} nats/code** (uniform would be "
         f"{torch.log(torch.tensor(float(m['n_embed']))).item():.3f})", "",
         "Samples, one texture after another (brick, grass, gravel):\n\n![samples](samples.png)", "",
-        f"Three images {tall['height']}x{tall['width']} pixels: {tall['tokens_per_image']} codes each, 4x the "
+        f"Six images {tall['height']}x{tall['width']} pixels: {tall['tokens_per_image']} codes each, 4x the "
         "tokens of a training crop, sampled through the ring-buffer cache:\n\n![tall samples](sample_tall.png)", "",
         "![GPT loss curves](gpt/loss_curves.png)", "",
         "## Kernels against their torch references (median of 5 calls)", "",

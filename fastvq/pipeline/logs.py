@@ -184,9 +184,10 @@ def plot_curves(csv_path, png_path, title: str | None = None):
     return fig
 
 
-def save_image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> Path:
+def save_image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2, zoom: int = 1) -> Path:
     """Write (B, 3, H, W) images in [-1, 1] as a PNG grid, `nrow` images per row, separated and
-    framed by `padding` black pixels. Values outside [-1, 1] are clipped. Returns the Path."""
+    framed by `padding` black pixels. Values outside [-1, 1] are clipped. zoom > 1 enlarges every
+    pixel to zoom x zoom (small crops stay visible in a report). Returns the Path."""
     from PIL import Image
 
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
@@ -196,6 +197,10 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2)
         raise ValueError(f"save_image_grid: nrow must be a positive integer, got {nrow!r}")
     if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
         raise ValueError(f"save_image_grid: padding must be a non-negative integer, got {padding!r}")
+    if isinstance(zoom, bool) or not isinstance(zoom, numbers.Integral) or zoom < 1:
+        raise ValueError(f"save_image_grid: zoom must be a positive integer, got {zoom!r}")
+    if zoom > 1:
+        images = images.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
     pixels = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
     count, _, height, width = pixels.shape
     cols = min(nrow, count)

@@ -74,9 +74,10 @@ def sample_codes(gpt: GPT, layout: dict, n: int, rows: int, *, classes=None, tem
 
 def sample_images(ckpt, out_path, *, n: int = 8, height: int | None = None, classes=None, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int = 0, nrow: int | None = None,
-                  device: str = "cpu") -> dict:
+                  zoom: int = 1, device: str = "cpu") -> dict:
     """Sample n images (height in pixels, default the training crop; width always the training
-    crop) and write them as one PNG grid. Returns the path, the images and the sizes used."""
+    crop) and write them as one PNG grid (pixels enlarged zoom x zoom). Returns the path, the
+    images and the sizes used."""
     gpt, vqgan, layout = load_prior(ckpt, map_location=device)
     factor = layout["size"] // layout["h"]
     height = layout["size"] if height is None else height
@@ -88,6 +89,6 @@ def sample_images(ckpt, out_path, *, n: int = 8, height: int | None = None, clas
     images = vqgan.decode_indices(codes.to(device)).clamp(-1, 1).cpu()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(images, out_path, nrow=nrow or min(n, 8))
+    save_image_grid(images, out_path, nrow=nrow or min(n, 8), zoom=zoom)
     return {"png": out_path, "images": images, "codes": codes, "height": height, "width": layout["size"],
             "tokens_per_image": codes[0].numel()}

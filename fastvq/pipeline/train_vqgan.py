@@ -209,7 +209,7 @@ def _evaluate_and_draw(vqgan, heldout, out_dir: Path, step: int, metrics) -> dic
     n = min(8, heldout.shape[0])
     pick = torch.linspace(0, heldout.shape[0] - 1, n).round().long()  # crops from every image, not just the first
     save_image_grid(torch.cat([heldout[pick], result["recon"][pick]]), out_dir / f"reconstructions_{step:06d}.png",
-                    nrow=n)
+                    nrow=n, zoom=max(1, 96 // heldout.shape[-1]))
     if metrics is not None:
         metrics.append(step, {k: v for k, v in result.items() if k != "recon"})
     return result
