@@ -1,5 +1,7 @@
 from .quantize import nearest_code, nearest_code_reference, vector_quantize
 from .window_attention import sliding_window_attention, sliding_window_decode
 from .sampling import sample_logits, sampling_probs
+from .decode_linear import decode_linear, decode_linear_reference
 
-__all__ = ["nearest_code", "nearest_code_reference", "vector_quantize", "sliding_window_attention", "sliding_window_decode", "sample_logits", "sampling_probs"]
+__all__ = ["nearest_code", "nearest_code_reference", "vector_quantize", "sliding_window_attention", "sliding_window_decode", "sample_logits", "sampling_probs",
+           "decode_linear", "decode_linear_reference"]
