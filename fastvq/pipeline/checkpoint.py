@@ -88,6 +88,12 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _first_line(error: Exception) -> str:
+    """torch's unpickling errors run to a dozen lines of advice; the first sentence says what failed."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0].split(". ")[0] if lines else ""
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """The state dict saved at `path`, loaded with weights_only=True (no pickled code runs).
 
@@ -102,7 +108,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by failure kind
         raise ValueError(f"load_checkpoint: {path} is not a loadable checkpoint (corrupt, truncated or not "
-                         f"weights-only): {type(e).__name__}: {e}") from e
+                         f"weights-only): {type(e).__name__}: {_first_line(e)}") from e
     if not isinstance(state, dict):
         raise ValueError(f"load_checkpoint: {path} holds a {type(state).__name__}, expected a dict")
     return state
