@@ -122,7 +122,7 @@ def write_report(out: Path, vq_cfg, gpt_cfg, vq, gpt, grid, tall, kernels, timin
         "## VQGAN",
         f"{vq_cfg['train']['size']}x{vq_cfg['train']['size']} crops of scikit-image's brick, grass and gravel "
         f"textures; ch {m['ch']}, ch_mult {m['ch_mult']}, {m['n_embed']} codes of dimension {m['embed_dim']}; "
-        f"{vq['steps']} steps of batch {vq_cfg['train']['batch_size']}.", "",
+        f"{vq['steps']} steps of batch {vq_cfg['train']['batch_size']}; perceptual term: {vq['perceptual']}.", "",
         f"- held-out PSNR: **{vq.get('heldout_psnr', float('nan')):.2f} dB** (crops from a strip of every "
         "texture that training never sees)",
         f"- codebook usage on held-out crops: **{vq.get('codebook_usage', float('nan')):.0%}** of "

@@ -197,7 +197,8 @@ def _train(config, out_dir: Path, data, resume, runtime, show_progress, log) -> 
         log(f"train-vqgan: {steps} steps; held-out PSNR {last_eval.get('heldout_psnr', float('nan')):.2f} dB, "
             f"codebook usage {last_eval.get('codebook_usage', float('nan')):.1%}; wrote {out_dir}")
     distributed.barrier(runtime)
-    return {k: v for k, v in last_eval.items() if k != "recon"} | {"steps": max(step + 1, start)}
+    perceptual = loss.perceptual_loss.source if loss.perceptual_loss is not None else "none (perceptual_weight 0)"
+    return {k: v for k, v in last_eval.items() if k != "recon"} | {"steps": max(step + 1, start), "perceptual": perceptual}
 
 
 def _rate(t0: float, steps_done: int, batch_size: int, runtime) -> float:
