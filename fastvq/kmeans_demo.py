@@ -11,13 +11,13 @@ codebook, and nearest_code's cpp backend is timed against the torch reference on
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ._timing import median_seconds
 from ._backend import available_backends, resolve_backend
 from .ops.quantize import nearest_code, nearest_code_reference
 
@@ -81,26 +81,16 @@ def kmeans(x: torch.Tensor, k: int, iters: int, *, backend: str | None = None, s
     return codebook, idx, dist
 
 
-def _median_time(fn, runs: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def throughput(x: torch.Tensor, codebook: torch.Tensor, log=print) -> dict:
     """Vectors per second of nearest_code (cpp) and of the torch reference on the same data."""
-    ref_s = _median_time(lambda: nearest_code_reference(x, codebook))
+    ref_s = median_seconds(lambda: nearest_code_reference(x, codebook))
     out = {"n": x.shape[0], "torch_reference_vectors_per_s": x.shape[0] / ref_s}
     cpp = available_backends()["cpp"]
     if not cpp.available:
         log(f"nearest_code throughput: cpp backend unavailable ({cpp.reason}); torch reference "
             f"{out['torch_reference_vectors_per_s']:.3g} vectors/s")
         return out
-    cpp_s = _median_time(lambda: nearest_code(x, codebook, backend="cpp"))
+    cpp_s = median_seconds(lambda: nearest_code(x, codebook, backend="cpp"))
     out.update(cpp_vectors_per_s=x.shape[0] / cpp_s, speedup=ref_s / cpp_s)
     log(f"nearest_code throughput (N={x.shape[0]}, K={codebook.shape[0]}, D={x.shape[1]}, "
         f"{torch.get_num_threads()} threads): cpp {out['cpp_vectors_per_s']:.3g} vectors/s, torch reference "

@@ -174,3 +174,27 @@ def restore_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state.cpu(), device)
+
+
+def training_state(kind: str, config: dict, step: int, parts: dict, **extra) -> dict:
+    """What a train-* command's last.ckpt holds: its kind, config and step, the state dict of every
+    part (models, losses, optimizers, by name) and the RNG states, so --resume continues the run."""
+    return {"kind": kind, "config": config, "step": step, "rng": capture_rng_state(),
+            **{name: part.state_dict() for name, part in parts.items()}, **extra}
+
+
+def resume_training(path, kind: str, config: dict, parts: dict, map_location="cpu") -> int:
+    """Load a training_state from path into parts (same names) and the RNGs; return its step.
+    Refuses a checkpoint of another command or with another model config (before touching parts)."""
+    state = load_checkpoint(path, map_location=map_location)
+    if state.get("kind") != kind:
+        raise ValueError(f"--resume: {path} is not a {kind} checkpoint (kind {state.get('kind')!r})")
+    if state["config"]["model"] != config["model"]:
+        raise ValueError(f"--resume: {path} was trained with a different model config; resume with its config")
+    missing = [name for name in parts if name not in state]
+    if missing:
+        raise ValueError(f"--resume: {path} lacks {', '.join(missing)}")
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    restore_rng_state(state["rng"])
+    return int(state["step"])

@@ -11,23 +11,13 @@ The demo preset fits a few minutes on a 2-core CPU; on a GPU the `small` preset'
 """
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from .._timing import median_seconds
 from .config import load_config
-
-
-def _median_seconds(fn, runs: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def kernel_timings(device: str = "cpu") -> list[dict]:
@@ -55,8 +45,8 @@ def kernel_timings(device: str = "cpu") -> list[dict]:
     ]
     rows = []
     for name, shape, fn in cases:
-        t_fast = _median_seconds(lambda: fn(fast))
-        t_ref = _median_seconds(lambda: fn("torch"))
+        t_fast = median_seconds(lambda: fn(fast))
+        t_ref = median_seconds(lambda: fn("torch"))
         rows.append({"op": name, "shape": shape, "backend": fast, "fastvq_ms": t_fast * 1e3,
                      "torch_reference_ms": t_ref * 1e3, "speedup": t_ref / t_fast})
     return rows

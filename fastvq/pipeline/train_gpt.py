@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from ..models.gpt import GPT
 from . import distributed
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, resume_path, save_checkpoint
-from .config import ConfigError, load_config
+from .checkpoint import resume_path, resume_training, save_checkpoint, training_state
+from .config import load_config
 from .data import make_dataset, num_classes
 from .logs import MetricsLog, plot_curves, progress
 from .train_vqgan import load_vqgan
@@ -107,16 +107,9 @@ def _train(config, out_dir: Path, vqgan_path: Path, data, resume, runtime, show_
     no_decay = [p for n, p in gpt.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=tuple(cfg["betas"]))
-    start = 0
-    ckpt = resume_path(out_dir, resume)
+    start, ckpt = 0, resume_path(out_dir, resume)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, map_location=dev)
-        if state.get("kind") != "gpt-train":
-            raise ConfigError(f"--resume: {ckpt} is not a train-gpt checkpoint (kind {state.get('kind')!r})")
-        gpt.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = int(state["step"])
-        restore_rng_state(state["rng"])
+        start = resume_training(ckpt, "gpt-train", config, {"model": gpt, "opt": opt}, map_location=dev)
         if runtime.is_main:
             log(f"resumed from {ckpt} at step {start}")
 
@@ -188,10 +181,8 @@ def heldout_loss(gpt: GPT, seqs: torch.Tensor, batch_size: int = 64) -> float:
 def _save(out_dir: Path, config, layout, gpt, opt, step, vqgan_record: dict, runtime) -> None:
     if not runtime.is_main:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out_dir / "last.ckpt", {"kind": "gpt-train", "config": config, "layout": layout, "step": step,
-                                            "model": gpt.state_dict(), "opt": opt.state_dict(),
-                                            "rng": capture_rng_state()})
+    save_checkpoint(out_dir / "last.ckpt", training_state("gpt-train", config, step, {"model": gpt, "opt": opt},
+                                                          layout=layout))
     save_checkpoint(out_dir / "gpt.ckpt", {"kind": "gpt", "config": config, "layout": layout, "step": step,
                                            "model": gpt.state_dict(), "vqgan": vqgan_record})
 

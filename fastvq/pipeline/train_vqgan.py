@@ -23,7 +23,7 @@ from torch import nn
 from ..models.vqgan import VQGAN, VQGANConfig
 from ..models.vqgan_loss import VQGANLoss
 from . import distributed
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, resume_path, save_checkpoint
+from .checkpoint import load_checkpoint, resume_path, resume_training, save_checkpoint, training_state
 from .config import ConfigError, load_config
 from .data import make_dataset
 from .logs import MetricsLog, plot_curves, progress, save_image_grid
@@ -134,20 +134,10 @@ def _train(config, out_dir: Path, data, resume, runtime, show_progress, log) -> 
                               betas=tuple(train_cfg["betas"]))
     opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=train_cfg["disc_lr"], betas=tuple(train_cfg["betas"]))
 
-    start = 0
-    ckpt = resume_path(out_dir, resume)
+    parts = {"model": vqgan, "loss": loss, "opt_ae": opt_ae, "opt_d": opt_d}
+    start, ckpt = 0, resume_path(out_dir, resume)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, map_location=dev)
-        if state.get("kind") != "vqgan-train":
-            raise ConfigError(f"--resume: {ckpt} is not a train-vqgan checkpoint (kind {state.get('kind')!r})")
-        if state["config"]["model"] != config["model"]:
-            raise ConfigError(f"--resume: {ckpt} was trained with a different model config; use its config")
-        vqgan.load_state_dict(state["model"])
-        loss.load_state_dict(state["loss"])
-        opt_ae.load_state_dict(state["opt_ae"])
-        opt_d.load_state_dict(state["opt_d"])
-        start = int(state["step"])
-        restore_rng_state(state["rng"])
+        start = resume_training(ckpt, "vqgan-train", config, parts, map_location=dev)
         if runtime.is_main:
             log(f"resumed from {ckpt} at step {start}")
     torch.manual_seed(train_cfg["seed"] * 1000 + runtime.rank + start)  # different crops on every rank
@@ -187,7 +177,7 @@ def _train(config, out_dir: Path, data, resume, runtime, show_progress, log) -> 
         if runtime.is_main and (done % train_cfg["eval_every"] == 0 or done == steps):
             last_eval = _evaluate_and_draw(vqgan, heldout, out_dir, done, metrics)
         if done % train_cfg["ckpt_every"] == 0 or done == steps:
-            _save(out_dir, config, vqgan, loss, opt_ae, opt_d, done, runtime)
+            _save(out_dir, config, parts, done, runtime)
         bar.update(1)
     bar.close()
     # the persistent state (codebook, EMA statistics); perplexity is per batch, and rank 0's eval changed it
@@ -216,14 +206,12 @@ def _evaluate_and_draw(vqgan, heldout, out_dir: Path, step: int, metrics) -> dic
     return result
 
 
-def _save(out_dir: Path, config, vqgan, loss, opt_ae, opt_d, step: int, runtime) -> None:
+def _save(out_dir: Path, config, parts: dict, step: int, runtime) -> None:
     """last.ckpt (resume) and vqgan.ckpt (model only), rank 0 only, both atomic."""
     if not runtime.is_main:
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out_dir / "last.ckpt", {
-        "kind": "vqgan-train", "config": config, "step": step, "model": vqgan.state_dict(), "loss": loss.state_dict(),
-        "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(), "rng": capture_rng_state()})
+    vqgan = parts["model"]
+    save_checkpoint(out_dir / "last.ckpt", training_state("vqgan-train", config, step, parts))
     save_checkpoint(out_dir / "vqgan.ckpt", {"kind": "vqgan", "config": vqgan.config.to_dict(), "step": step,
                                              "model": vqgan.state_dict()})
 
