@@ -17,15 +17,21 @@
 // few query blocks past the run's end that still see its keys go to a small per-run overflow
 // buffer, added afterwards; runs are at least that long, so no two threads touch one row.
 #include <torch/extension.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <mutex>
+#include <new>
 #include <tuple>
+#include <utility>
 #include <vector>
 #include "parallel.h"
 
@@ -275,19 +281,87 @@ at::Tensor as_rows(const at::Tensor& t, int64_t Dp) {
   return out;
 }
 
-// at::empty for the big fp32 results, backed by transparent huge pages where the kernel offers them
-// on request: tensors of 32 MiB and more come fresh from mmap on every call, and first-touch faults
-// on 4 KiB pages cost as much as the attention itself at long T (a superlinear step in time vs T).
-at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& options, bool zero = false) {
-  auto t = at::empty(sizes, options);
+// The big fp32 results (forward out, backward dq, dk, dv) come from a small cache of recently freed
+// blocks. glibc maps blocks of 32 MiB and more afresh on every call and unmaps them on free, so each
+// call paid a first-touch page fault per 4 KiB page (8192 faults, about 12 ms of kernel time for one
+// 32 MiB output at T = 16384, on a 60-90 ms forward), while malloc recycles smaller blocks without
+// faults: a superlinear step in time vs T. Training repeats its shapes, so the next call reuses a
+// freed block of the same size as is, already resident. At most kPoolBlocks blocks (enough for one
+// forward + backward: out, dq, dk, dv) and kPoolBytes bytes stay cached; fresh blocks ask for
+// transparent huge pages (advice only) so that their first touch costs few faults too.
+class BlockPool final : public c10::Allocator {
+ public:
+  static constexpr size_t kMinCached = size_t{1} << 20, kPoolBlocks = 4, kPoolBytes = size_t{512} << 20;
+  static BlockPool& self();
+
+  c10::DataPtr allocate(size_t n) override {
+    const c10::Device cpu(c10::DeviceType::CPU);
+    if (n == 0) return {nullptr, cpu};
+    void* p = take(n);
+    if (!p) p = fresh(n);
+    return {p, new Block{p, n}, &BlockPool::release, cpu};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+
+ private:
+  struct Block {
+    void* p;
+    size_t n;
+  };
+  std::mutex mu_;
+  std::vector<Block> cached_;  // oldest first
+  size_t bytes_ = 0;
+
+  static void* fresh(size_t n) {
+    constexpr size_t kHuge = size_t{2} << 20;
+    void* p = nullptr;
+    if (posix_memalign(&p, n >= 2 * kHuge ? kHuge : 64, n) != 0) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), e = (p + t.nbytes()) & ~(kHuge - 1);
-  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1);
-  if (e > b && e - b >= 2 * kHuge) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // advice only
+    if (n >= 2 * kHuge) madvise(p, n / kHuge * kHuge, MADV_HUGEPAGE);  // advice only
 #endif
-  if (zero) t.zero_();
-  return t;
+    return p;
+  }
+  void* take(size_t n) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = cached_.size(); i-- > 0;)
+      if (cached_[i].n == n) {
+        void* p = cached_[i].p;
+        cached_.erase(cached_.begin() + i);
+        bytes_ -= n;
+        return p;
+      }
+    return nullptr;
+  }
+  static void release(void* ctx) {
+    const Block b = *static_cast<Block*>(ctx);
+    delete static_cast<Block*>(ctx);
+    if (b.n < kMinCached || b.n > kPoolBytes) return std::free(b.p);
+    BlockPool& pool = self();
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(pool.mu_);
+      pool.cached_.push_back(b);
+      pool.bytes_ += b.n;
+      while (pool.cached_.size() > kPoolBlocks || pool.bytes_ > kPoolBytes) {
+        evicted.push_back(pool.cached_.front().p);
+        pool.bytes_ -= pool.cached_.front().n;
+        pool.cached_.erase(pool.cached_.begin());
+      }
+    }
+    for (void* p : evicted) std::free(p);
+  }
+};
+
+// Never destroyed: tensors may outlive static destruction at exit and still return their blocks.
+BlockPool& BlockPool::self() {
+  static BlockPool* pool = new BlockPool();
+  return *pool;
+}
+
+// An uninitialised contiguous fp32 CPU tensor from the block cache.
+at::Tensor empty_big(at::IntArrayRef sizes) {
+  return at::detail::empty_generic(sizes, &BlockPool::self(), c10::DispatchKeySet(c10::DispatchKey::CPU), at::kFloat,
+                                   std::nullopt);
 }
 
 // One key-block panel: dst[d][j] = rows[j][d] for j < kn, zero for kn <= j < BLK.
@@ -389,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor> sliding_window_attention_fwd(const at::Tensor
   auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {at::empty_like(q, at::MemoryFormat::Contiguous), lse};
   const auto qr = as_rows(q, Dp), kr = as_rows(k, Dp), vr = as_rows(v, Dp);
-  auto out = at::empty({B, H, T, Dp}, q.options().dtype(at::kFloat));
+  auto out = empty_big({B, H, T, Dp});
   const Forward a{qr.data_ptr<float>(), kr.data_ptr<float>(), vr.data_ptr<float>(), out.data_ptr<float>(),
                   lse.data_ptr<float>(), H, H / Hk, T, Dp, std::min(window, T), static_cast<float>(scale)};
   const int64_t nqb = blocks(T);
@@ -459,9 +533,15 @@ void backward_run(const Backward& a, int64_t bkv, int64_t run_index, float* S, f
         }
         gemm_band<true, true>(dV, a.Dp, S, 1, BLK, go, a.Dp, kn, a.Dp, m, queries);  // dV += P^T dO
         gemm_band<true, true>(dK, a.Dp, dP, 1, BLK, q, a.Dp, kn, a.Dp, m, queries);  // dK += dS^T Q (scale in dS)
-        float* dq = qb < kb1 ? a.dq + (bh * a.T + i0) * a.Dp
-                             : overflow + (g * a.ov + (qb - kb1)) * BLK * a.Dp;
-        gemm_band<true, true>(dq, a.Dp, dP, BLK, 1, krows, a.Dp, m, a.Dp, kn, keys);  // dQ += dS K
+        // dQ += dS K. dq is not zeroed beforehand: the first key block of the run to reach an
+        // in-run query block writes it (a fresh 32 MiB memset per call cost as much as the faults).
+        if (qb >= kb1)
+          gemm_band<true, true>(overflow + (g * a.ov + (qb - kb1)) * BLK * a.Dp, a.Dp, dP, BLK, 1, krows, a.Dp, m,
+                                a.Dp, kn, keys);
+        else if (kb == kb0 || last_query_block(kb - 1, a.T, a.window) < qb)
+          gemm_band<false, true>(a.dq + (bh * a.T + i0) * a.Dp, a.Dp, dP, BLK, 1, krows, a.Dp, m, a.Dp, kn, keys);
+        else
+          gemm_band<true, true>(a.dq + (bh * a.T + i0) * a.Dp, a.Dp, dP, BLK, 1, krows, a.Dp, m, a.Dp, kn, keys);
       }
     }
     std::memcpy(a.dk + (bkv * a.T + j0) * a.Dp, dK, kn * a.Dp * sizeof(float));
@@ -488,7 +568,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
   const int64_t group = H / Hk, nkb = blocks(T);
   const auto qr = as_rows(q, Dp), kr = as_rows(k, Dp), gr = as_rows(grad_out, Dp);
   const auto vr = as_rows(v, Dp);
-  const auto delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+  // delta = rowsum(dO * O), row by row: the product as a tensor would be one more fresh (B, H, T, Dh) block
+  const auto outr = as_rows(out, Dp);
+  auto delta = at::empty({B, H, T}, qr.options());
+  parallel_ranges(B * H * T, grain_for(2 * Dp), [&](int64_t r0, int64_t r1) {
+    const float *g = gr.data_ptr<float>(), *o = outr.data_ptr<float>();
+    float* dst = delta.data_ptr<float>();
+    for (int64_t r = r0; r < r1; ++r) {
+      vf acc{};
+      for (int64_t d = 0; d < Dp; d += VL) acc += load(g + r * Dp + d) * load(o + r * Dp + d);
+      dst[r] = hsum(acc);
+    }
+  });
   const auto lse32 = lse.to(at::kFloat).contiguous();
   // Runs of key blocks: enough tasks for every thread, each run at least ov blocks long.
   const int64_t ov = last_query_block(0, std::numeric_limits<int32_t>::max(), window);  // (BLK - 1 + window - 1) / BLK
@@ -496,9 +587,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
   const int64_t runs_wanted = std::max<int64_t>(1, (tasks_wanted + B * Hk - 1) / (B * Hk));
   const int64_t run = std::max<int64_t>({1, ov, (nkb + runs_wanted - 1) / runs_wanted});
   const int64_t runs = (nkb + run - 1) / run;
-  auto dq = empty_big({B, H, T, Dp}, qr.options(), true);
-  auto dk = empty_big({B, Hk, T, Dp}, qr.options());
-  auto dv = empty_big({B, Hk, T, Dp}, qr.options());
+  auto dq = empty_big({B, H, T, Dp});
+  auto dk = empty_big({B, Hk, T, Dp});
+  auto dv = empty_big({B, Hk, T, Dp});
   auto overflow = at::zeros({B * Hk * runs * group * std::max<int64_t>(ov, 1) * BLK * Dp}, qr.options());
   const Backward a{qr.data_ptr<float>(), kr.data_ptr<float>(), vr.data_ptr<float>(),
                    gr.data_ptr<float>(), lse32.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
@@ -581,6 +672,133 @@ void decode_rows(const at::Tensor& kc, const at::Tensor& vc, const float* qrows,
   }
 }
 
+// One new query against a long ring is a matrix-vector product over at most `window` keys: the
+// blocked path above (key tiles transposed into panels, a 6-row micro-kernel for one row) spends
+// most of its time on that reshuffling. For fp32 caches with a contiguous head_dim that is a
+// multiple of 16 (up to 128), each (batch, head, query) row instead reads its visible keys where
+// they lie in the ring: VL keys at a time, one accumulator each, whose lane sums a tree of
+// shuffles (fold_lanes) leaves in one vector; then exp2 over the scores and a pass over the values.
+constexpr int64_t kDirectMaxD = 128;
+
+// fold<h>(a, b): lanes l without bit h get a[l] + a[l + h], lanes with it b[l - h] + b[l].
+template <int h, int... l>
+constexpr vi fold_low(std::integer_sequence<int, l...>) { return vi{((l & h) ? VL + l - h : l)...}; }
+template <int h, int... l>
+constexpr vi fold_high(std::integer_sequence<int, l...>) { return vi{((l & h) ? VL + l : l + h)...}; }
+template <int h>
+inline vf fold(vf a, vf b) {
+  constexpr vi lo = fold_low<h>(std::make_integer_sequence<int, VL>());
+  constexpr vi hi = fold_high<h>(std::make_integer_sequence<int, VL>());
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+// VL vectors folded pairwise at h = VL/2, ..., 1: lane lane_of(i) of the result is the sum of v[i].
+template <int count, int h>
+inline vf fold_lanes(vf* v) {
+#pragma GCC unroll 16
+  for (int j = 0; j < count / 2; ++j) v[j] = fold<h>(v[2 * j], v[2 * j + 1]);
+  if constexpr (h > 1) {
+    return fold_lanes<count / 2, h / 2>(v);
+  } else {
+    return v[0];
+  }
+}
+constexpr int lane_of(int i) {  // bit b of i selects lane bit VL/2 >> b
+  int lane = 0;
+  for (int b = 0; (VL / 2 >> b) > 0; ++b)
+    if ((i >> b) & 1) lane |= VL / 2 >> b;
+  return lane;
+}
+
+// out[0..D) = softmax(c * q . k_p) weighted sum of v_p over positions p in [lo, hi], slot p % slots.
+// s: scratch for hi - lo + 1 scores rounded up to VL.
+void decode_row_direct(const float* q, const float* kbase, int64_t ks, const float* vbase, int64_t vs, int64_t D,
+                       int64_t slots, int64_t lo, int64_t hi, float c, float* s, float* out) {
+  const int64_t L = hi - lo + 1, nd = D / VL;
+  const int64_t first_slot = lo % slots;
+  auto slot_of = [&](int64_t j) { const int64_t t = first_slot + j; return t < slots ? t : t - slots; };
+  vf mx = splat(kNegInf);
+  for (int64_t j0 = 0; j0 < L; j0 += VL) {
+    const float* kp[VL];
+    // accumulator i takes key j0 + lane_of(i), so the folded lanes come out in key order; keys past
+    // L repeat key j0 (finite) and are masked below
+#pragma GCC unroll 16
+    for (int i = 0; i < VL; ++i) {
+      const int64_t j = j0 + lane_of(i);
+      kp[i] = kbase + slot_of(j < L ? j : j0) * ks;
+    }
+    vf acc[VL];
+#pragma GCC unroll 16
+    for (int i = 0; i < VL; ++i) acc[i] = vf{};
+    for (int64_t d = 0; d < D; d += VL) {
+      const vf qv = load(q + d);
+#pragma GCC unroll 16
+      for (int i = 0; i < VL; ++i) acc[i] += qv * load(kp[i] + d);
+    }
+    vf sv = fold_lanes<VL, VL / 2>(acc) * c;
+    if (L - j0 < VL) {
+      vi lane;
+      for (int i = 0; i < VL; ++i) lane[i] = i;
+      sv = lane < static_cast<int32_t>(L - j0) ? sv : splat(kNegInf);
+    }
+    store(s + j0, sv);
+    mx = vmax(mx, sv);
+  }
+  const float m = hmax(mx);
+  vf sum{};
+  for (int64_t j0 = 0; j0 < L; j0 += VL) {
+    const vf p = exp2v(load(s + j0) - m);  // masked lanes: exactly 0
+    store(s + j0, p);
+    sum += p;
+  }
+  // two keys at a time into separate accumulators: 2 * nd independent FMA chains
+  vf o0[kDirectMaxD / VL], o1[kDirectMaxD / VL];
+  for (int64_t d = 0; d < nd; ++d) o0[d] = o1[d] = vf{};
+  int64_t j = 0;
+  for (; j + 2 <= L; j += 2) {
+    const float* v0 = vbase + slot_of(j) * vs;
+    const float* v1 = vbase + slot_of(j + 1) * vs;
+    const vf p0 = splat(s[j]), p1 = splat(s[j + 1]);
+    for (int64_t d = 0; d < nd; ++d) {
+      o0[d] += p0 * load(v0 + d * VL);
+      o1[d] += p1 * load(v1 + d * VL);
+    }
+  }
+  if (j < L) {
+    const float* v0 = vbase + slot_of(j) * vs;
+    const vf p0 = splat(s[j]);
+    for (int64_t d = 0; d < nd; ++d) o0[d] += p0 * load(v0 + d * VL);
+  }
+  const vf inv = splat(1.f / hsum(sum));
+  for (int64_t d = 0; d < nd; ++d) store(out + d * VL, (o0[d] + o1[d]) * inv);
+}
+
+bool direct_decode_applies(const at::Tensor& kc, const at::Tensor& vc) {
+  const int64_t D = kc.size(3);
+  return kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat && kc.stride(3) == 1 && vc.stride(3) == 1 &&
+         D % DALIGN == 0 && D % VL == 0 && D <= kDirectMaxD;
+}
+
+// Every (batch, head, query) row on its own; a task is at least ~128 KiB of keys and values.
+void decode_direct(const at::Tensor& kc, const at::Tensor& vc, const float* qrows, float* out, int64_t B, int64_t H,
+                   int64_t n, int64_t pos, int64_t window, float scale) {
+  const int64_t Hk = kc.size(1), slots = kc.size(2), D = kc.size(3), group = H / Hk;
+  const float* kd = kc.data_ptr<float>();
+  const float* vd = vc.data_ptr<float>();
+  const float c = scale * kLog2e;
+  const int64_t row_bytes = 2 * std::min(window, slots) * D * static_cast<int64_t>(sizeof(float));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / row_bytes);
+  parallel_ranges(B * H * n, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> s((window + VL - 1) / VL * VL);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r % n, h = (r / n) % H, b = r / (n * H), hk = h / group;
+      const int64_t hi = pos + i, lo = std::max<int64_t>(0, hi - window + 1);
+      decode_row_direct(qrows + r * D, kd + b * kc.stride(0) + hk * kc.stride(1), kc.stride(2),
+                        vd + b * vc.stride(0) + hk * vc.stride(1), vc.stride(2), D, slots, lo, hi, c, s.data(),
+                        out + r * D);
+    }
+  });
+}
+
 at::Tensor sliding_window_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& pos, int64_t window, double scale) {
   const char* op = "sliding_window_decode (cpp)";
@@ -597,6 +815,11 @@ at::Tensor sliding_window_decode(const at::Tensor& q, const at::Tensor& k_cache,
   window = std::min(window, slots);
   const auto qr = as_rows(q, Dp);
   auto out = at::empty({B, H, n, Dp}, qr.options());
+  if (direct_decode_applies(k_cache, v_cache)) {
+    decode_direct(k_cache, v_cache, qr.data_ptr<float>(), out.data_ptr<float>(), B, H, n, p0, window,
+                  static_cast<float>(scale));
+    return finish(out, D, q.scalar_type());
+  }
   const int64_t group = H / Hk, rows_per_kv = group * n, rblocks = blocks(rows_per_kv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "sliding_window_decode", [&] {
     parallel_ranges(B * Hk * rblocks, grain_for(4 * std::min(BLK, rows_per_kv) * slots * Dp), [&](int64_t t0, int64_t t1) {

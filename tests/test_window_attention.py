@@ -266,6 +266,24 @@ def test_decode_chunks_of_queries(backend, n, extra_slots, window, heads):
         torch.testing.assert_close(out, full[:, :, p:p + m], atol=1e-5, rtol=0, msg=f"chunk at {p}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [16, 24, 64, 128, 144])
+@pytest.mark.parametrize("n, pos", [(1, 0), (1, 5), (1, 300), (3, 2), (2, 301)])
+def test_decode_against_reference_over_head_sizes(backend, d, n, pos):
+    # The cpp op has a direct path for fp32 caches whose head_dim is a multiple of 16 up to 128 and
+    # the blocked one for the rest (24, 144): both, with GQA, a window shorter than the ring, a ring
+    # that has wrapped (or not yet filled), and caches that are views of larger buffers.
+    b, h, hk, window = 2, 4, 2, 37
+    slots = window + n - 1 + 3
+    g = torch.Generator().manual_seed(d + pos)
+    q = torch.randn(b, h, n, d, generator=g)
+    k_cache = torch.randn(b, hk, slots + 5, d, generator=g)[:, :, 5:]  # views of larger rings
+    v_cache = torch.randn(b, hk, slots + 5, d, generator=g)[:, :, :slots]
+    want = wa.decode_torch(q, k_cache, v_cache, pos, window, d ** -0.5)
+    got = decode_on(backend, q, k_cache, v_cache, torch.tensor(pos), window)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
 def test_decode_step_is_one_graph_for_every_pos():
     # A tensor pos must not be read on the host: torch.compile traces the step once, with no graph
     # break and no recompile as the position advances (the precondition for CUDA-graph capture).
