@@ -130,6 +130,25 @@ def test_backward_matches_dense_oracle(backend, dtype):
             assert_close_for_dtype(g, w, y, dtype, f"{name} {(t, d, window)}")
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ kernel not built")
+def test_cpp_reused_blocks_are_fully_overwritten():
+    # The C++ kernel takes its big outputs (out, dq) from a cache of freed blocks and writes dq
+    # without zeroing it first: poison two freed blocks of that size and every row must still be
+    # written. T = 1100 makes them over the cache's 1 MiB floor and spreads the backward over runs
+    # whose overflow rows (window 150 reaches 3 blocks back) land in the next run.
+    q, k, v = make_inputs(1, 4, 2, 1100, 64, seed=3)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        poisoned = [attend("cpp", q, k, v, 150) for _ in range(2)]
+    for t in poisoned:
+        t.fill_(float("nan"))
+    del poisoned, t
+    got = with_grads(lambda *x: attend("cpp", *x, 150), (q, k, v), grad_out)
+    want = with_grads(lambda *x: dense_oracle(*x, 150), (q, k, v), grad_out)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close_for_dtype(g, w, None, torch.float32, name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     # The usual layout: projections give (B, T, H, Dh), attention wants (B, H, T, Dh); k and v are
