@@ -778,9 +778,16 @@ bool direct_decode_applies(const at::Tensor& kc, const at::Tensor& vc) {
          D % DALIGN == 0 && D % VL == 0 && D <= kDirectMaxD;
 }
 
+// Where a (batch, head, query) row's query is read and its output written: element strides of
+// the batch, head and query indices (head_dim contiguous).
+struct RowLayout {
+  int64_t b, h, i;
+  int64_t at(int64_t bi, int64_t hi, int64_t ii) const { return bi * b + hi * h + ii * i; }
+};
+
 // Every (batch, head, query) row on its own; a task is at least ~128 KiB of keys and values.
-void decode_direct(const at::Tensor& kc, const at::Tensor& vc, const float* qrows, float* out, int64_t B, int64_t H,
-                   int64_t n, int64_t pos, int64_t window, float scale) {
+void decode_direct(const at::Tensor& kc, const at::Tensor& vc, const float* q, RowLayout ql, float* out,
+                   RowLayout ol, int64_t B, int64_t H, int64_t n, int64_t pos, int64_t window, float scale) {
   const int64_t Hk = kc.size(1), slots = kc.size(2), D = kc.size(3), group = H / Hk;
   const float* kd = kc.data_ptr<float>();
   const float* vd = vc.data_ptr<float>();
@@ -792,9 +799,9 @@ void decode_direct(const at::Tensor& kc, const at::Tensor& vc, const float* qrow
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r % n, h = (r / n) % H, b = r / (n * H), hk = h / group;
       const int64_t hi = pos + i, lo = std::max<int64_t>(0, hi - window + 1);
-      decode_row_direct(qrows + r * D, kd + b * kc.stride(0) + hk * kc.stride(1), kc.stride(2),
+      decode_row_direct(q + ql.at(b, h, i), kd + b * kc.stride(0) + hk * kc.stride(1), kc.stride(2),
                         vd + b * vc.stride(0) + hk * vc.stride(1), vc.stride(2), D, slots, lo, hi, c, s.data(),
-                        out + r * D);
+                        out + ol.at(b, h, i));
     }
   });
 }
@@ -816,7 +823,8 @@ at::Tensor sliding_window_decode(const at::Tensor& q, const at::Tensor& k_cache,
   const auto qr = as_rows(q, Dp);
   auto out = at::empty({B, H, n, Dp}, qr.options());
   if (direct_decode_applies(k_cache, v_cache)) {
-    decode_direct(k_cache, v_cache, qr.data_ptr<float>(), out.data_ptr<float>(), B, H, n, p0, window,
+    const RowLayout rows{H * n * Dp, n * Dp, Dp};  // qr and out are (B, H, n, Dp), Dp = D here
+    decode_direct(k_cache, v_cache, qr.data_ptr<float>(), rows, out.data_ptr<float>(), rows, B, H, n, p0, window,
                   static_cast<float>(scale));
     return finish(out, D, q.scalar_type());
   }
@@ -838,6 +846,49 @@ at::Tensor sliding_window_decode(const at::Tensor& q, const at::Tensor& k_cache,
   return finish(out, D, q.scalar_type());
 }
 
+// A whole attention step of a decoding model on the stacked product of its q/k/v projection:
+// qkv (B, n, 3, H, D) (query, key, value of the n new tokens at positions pos .. pos + n - 1) is
+// written into the rings k_cache / v_cache (B, H, S, D) at slots (pos + i) % S, then the queries
+// attend; returns (B, n, H * D), the layout the output projection takes. One call in place of the
+// head split, two index_copy_ and the decode op with their bookkeeping (a decode step runs it once
+// per layer). fp32 and the direct path's head sizes only; fastvq/nn/attention.py checks the rest.
+at::Tensor sliding_window_decode_qkv(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
+                                     const at::Tensor& pos, int64_t window, double scale) {
+  const char* op = "sliding_window_decode_qkv (cpp)";
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3 && k_cache.dim() == 4, op,
+              ": qkv must be (B, n, 3, H, D) and the caches (B, H, S, D), got ", qkv.sizes(), " and ", k_cache.sizes());
+  const int64_t B = qkv.size(0), n = qkv.size(1), H = qkv.size(3), D = qkv.size(4), slots = k_cache.size(2);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == B && k_cache.size(1) == H &&
+                  k_cache.size(3) == D, op, ": the caches must both be (B=", B, ", H=", H, ", S, D=", D, "), got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(qkv.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
+                  qkv.scalar_type() == at::kFloat && direct_decode_applies(k_cache, v_cache), op,
+              ": needs fp32 CPU tensors with head_dim a multiple of 16 up to ", kDirectMaxD);
+  TORCH_CHECK(pos.dim() == 0 && !pos.is_floating_point() && !pos.is_complex(), op,
+              ": pos must be a 0-dim integer tensor");
+  const int64_t p0 = pos.item<int64_t>();
+  TORCH_CHECK(p0 >= 0 && window >= 1 && slots >= window + n - 1, op, ": needs pos >= 0 (got ", p0,
+              ") and S >= window + n - 1 (S = ", slots, ", window = ", window, ", n = ", n, ")");
+  const auto x = qkv.contiguous();
+  const float* src = x.data_ptr<float>();
+  const int64_t token = 3 * H * D;  // elements per new token in qkv
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t slot = (p0 + i) % slots;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* kv = src + (b * n + i) * token + h * D;
+        std::memcpy(k_cache.data_ptr<float>() + b * k_cache.stride(0) + h * k_cache.stride(1) + slot * k_cache.stride(2),
+                    kv + H * D, D * sizeof(float));
+        std::memcpy(v_cache.data_ptr<float>() + b * v_cache.stride(0) + h * v_cache.stride(1) + slot * v_cache.stride(2),
+                    kv + 2 * H * D, D * sizeof(float));
+      }
+    }
+  auto out = at::empty({B, n, H * D}, x.options());
+  decode_direct(k_cache, v_cache, src, RowLayout{n * token, D, token}, out.data_ptr<float>(),
+                RowLayout{n * H * D, D, H * D}, B, H, n, p0, std::min(window, slots), static_cast<float>(scale));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
@@ -845,10 +896,13 @@ TORCH_LIBRARY_FRAGMENT(fastvq, m) {
   m.def("sliding_window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "int window, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("sliding_window_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window, float scale) -> Tensor");
+  m.def("sliding_window_decode_qkv(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int window, "
+        "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
   m.impl("sliding_window_attention_fwd", &sliding_window_attention_fwd);
   m.impl("sliding_window_attention_bwd", &sliding_window_attention_bwd);
   m.impl("sliding_window_decode", &sliding_window_decode);
+  m.impl("sliding_window_decode_qkv", &sliding_window_decode_qkv);
 }

@@ -227,11 +227,16 @@ def test_cached_decode_equals_full_forward(backend, rope, step, extra_slots):
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=2e-5, rtol=1e-4)
 
 
-def test_cached_decode_writes_only_the_new_slots():
-    m = module(window=5, rope=True)
+@pytest.mark.parametrize("rope", [True, False])
+def test_cached_decode_writes_only_the_new_slots(rope):
+    # without rope, on CPU in fp32, the step is one fused op (ring writes inside): same contract
+    m = module(window=5, rope=rope)
     cache_k, cache_v = m.new_cache(1)
     x = torch.randn(1, 1, 48)
     with torch.no_grad():
+        fused = m._fused_step_kernel(x, cache_k) is not None
+        assert fused == (not rope and fastvq.available_backends()["cpp"].available
+                         and wa._cpp_op("sliding_window_decode_qkv") is not None)
         m.forward_cached(x, cache_k, cache_v, 12)
         _, present = m(x, return_present=True, start_pos=12)
     written = 12 % 5

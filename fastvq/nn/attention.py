@@ -26,13 +26,14 @@ sampled on longer ones through a ring-buffer cache of `window` slots (`forward_c
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops.decode_linear import linear_for_decoding
-from ..ops.window_attention import sliding_window_attention, sliding_window_decode
+from ..ops.window_attention import _cpp_op, sliding_window_attention, sliding_window_decode
 
 ROPE_BASE = 10000.0
 
@@ -166,6 +167,19 @@ class SlidingWindowSelfAttention(nn.Module):
         b, _, t, _ = y.shape
         return linear_for_decoding(y.transpose(1, 2).reshape(b, t, self.n_embd), self.proj.weight, self.proj.bias)
 
+    def _fused_step_kernel(self, x: torch.Tensor, cache_k: torch.Tensor):
+        """fastvq::sliding_window_decode_qkv where it computes this step: the whole attention of a
+        CPU fp32 inference step without rope (which would rotate q and k between the product and
+        the ring) in one call on the stacked q/k/v product (head sizes of the cpp op's direct path:
+        multiples of 16 up to 128). None elsewhere: the step then runs as separate ops (head split,
+        ring writes, sliding_window_decode)."""
+        fits = (not self.rope and x.device.type == "cpu" and x.dtype == torch.float32 and cache_k.dtype == x.dtype
+                and self.head_dim % 16 == 0 and self.head_dim <= 128
+                and not (self.training and self.resid_drop.p > 0)
+                and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+                and os.environ.get("FASTVQ_BACKEND", "auto").lower() in ("auto", "cpp"))
+        return _cpp_op("sliding_window_decode_qkv") if fits else None
+
     def _masked_attention(self, q, k, v, past_len: int) -> torch.Tensor:
         """minGPT's explicit softmax (with attn_drop on the probabilities) under the window rule;
         the n queries sit at positions past_len .. past_len + n - 1 of the S keys."""
@@ -248,7 +262,9 @@ class SlidingWindowSelfAttention(nn.Module):
         step free of host syncs). Their keys/values (rotated, with rope) are written IN PLACE into
         slots (pos + i) % S of cache_k / cache_v (B, n_head, S, head_dim), then the n queries attend
         through fastvq.sliding_window_decode. S >= window + n - 1 (S = window for one token a step).
-        Everything is checked before the cache is touched. Meant for inference (torch.no_grad());
+        Everything is checked before the cache is touched. On CPU in fp32 without rope the
+        writes and the attention are one op on the stacked q/k/v product (_fused_step_kernel).
+        Meant for inference (torch.no_grad());
         no attention dropout. Returns y (B, n, n_embd).
 
         Feeding a sequence token by token from pos = 0 gives the same outputs as forward on the
@@ -278,6 +294,12 @@ class SlidingWindowSelfAttention(nn.Module):
             pos = pos.to(x.device)
         else:
             pos = _check_int("pos", pos, 0)
+        fused = self._fused_step_kernel(x, cache_k)
+        if fused is not None:
+            qkv = linear_for_decoding(x, *self._stacked_qkv()).view(b, n, 3, self.n_head, self.head_dim)
+            pos = pos if isinstance(pos, torch.Tensor) else torch.tensor(pos)
+            y = fused(qkv, cache_k, cache_v, pos, self.window, self.head_dim ** -0.5)
+            return linear_for_decoding(y, self.proj.weight, self.proj.bias)
         positions = torch.as_tensor(pos, device=x.device).long() + torch.arange(n, device=x.device)
         q, k, v = self._qkv_step(x, positions)  # nothing written yet: a dtype mismatch still leaves the cache as it was
         if cache_k.dtype != k.dtype or cache_v.dtype != k.dtype:
