@@ -225,3 +225,42 @@ def test_stacked_qkv_follows_weight_changes():
         attn.value.bias.add_(1.0)
     torch.testing.assert_close(step(attn), step(other) + F.linear(torch.ones(32), attn.proj.weight),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_huge_page_copies_are_exact_and_aligned():
+    from fastvq.ops.decode_linear import packed_in_huge_pages
+
+    a, b = torch.randn(700, 1024), torch.randn(3, 5)  # a spans more than one 2 MiB page
+    ca, cb = packed_in_huge_pages(a, b)
+    assert torch.equal(ca, a) and torch.equal(cb, b) and ca.is_contiguous() and cb.is_contiguous()
+    assert ca.data_ptr() % (2 << 20) == 0 and cb.data_ptr() == ca.data_ptr() + a.nbytes  # one buffer, end to end
+    a.add_(1.0)
+    assert not torch.equal(ca, a)  # copies, not views
+
+
+def test_gpt_decode_copies_follow_weight_changes_and_leave_parameters_alone():
+    """GPT.step reads huge-page copies of the Linear weights: loading new weights must refresh
+    them, and the model's parameters and state_dict stay the ones torch allocated."""
+    from fastvq.models.gpt import GPT
+
+    torch.manual_seed(0)
+    model, other = GPT(50, 16, n_layer=2, n_head=2, n_embd=32).eval(), GPT(50, 16, n_layer=2, n_head=2, n_embd=32).eval()
+    params = {name: p.data_ptr() for name, p in model.named_parameters()}
+    idx = torch.randint(0, 50, (2, 1))
+
+    def step(m):
+        with torch.no_grad():
+            return m.step(idx, m.new_cache(2), 0)
+
+    first = step(model)
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == params
+    assert all(not k.startswith("_decode") for k in model.state_dict())
+    model.load_state_dict(other.state_dict())  # in-place copies into the same tensors
+    torch.testing.assert_close(step(model), step(other), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, step(model))
+    with torch.no_grad():
+        model.blocks[1].mlp[2].weight.mul_(2.0)
+        model.head.weight.mul_(-1.0)
+    with torch.no_grad():
+        want = model(idx)[0]
+    torch.testing.assert_close(step(model), want, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,9 @@ checkpoints load unchanged (GPT.from_mingpt) and give the same logits. What diff
   * sampling goes through a preallocated KVCache (GPT.prefill, GPT.step) instead of taming's
     growing list of presents, and through the fused fastvq.sample_logits;
   * a decode step's Linear layers (on CPU, without gradients) run through fastvq's decode_linear,
-    which streams each weight once at memory speed, GELU and the residual add fused in.
+    which streams each weight once at memory speed, GELU and the residual add fused in, from copies
+    of the weights in transparent huge pages (rebuilt when a parameter changes; the parameters
+    themselves are untouched). That holds a second copy of the Linear weights while decoding.
 
 sample_with_past(x, model, steps, ...) is taming's sampler (taming.modules.transformer.mingpt) with
 the same call and result on a fastvq.GPT; convert a taming model first with GPT.from_mingpt.
@@ -26,7 +28,7 @@ from torch import nn
 
 from ..nn.attention import SlidingWindowSelfAttention
 from ..nn.kv_cache import KVCache
-from ..ops.decode_linear import linear_for_decoding
+from ..ops.decode_linear import decoding_copies, linear_for_decoding, packed_in_huge_pages
 from ..ops.sampling import sample_logits as fused_sample_logits
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -36,6 +38,14 @@ def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"GPT: {name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _reads_copies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a decode step reads huge-page copies of these weights (fastvq.ops.decode_linear's
+    decoding_copies): on CPU, where the cpp kernel streams them, and when no gradient is needed
+    (a copy is outside autograd)."""
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad
+                                                                         or any(w.requires_grad for w in weights)))
 
 
 class Block(nn.Module):
@@ -74,8 +84,11 @@ class Block(nn.Module):
             return x + self.mlp(self.ln2(x))
         # the MLP as two decode products: gelu(fc1(h)), then x + fc2(...) with the residual fused
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        h = linear_for_decoding(self.ln2(x), fc1.weight, fc1.bias, activation="gelu")
-        return linear_for_decoding(h, fc2.weight, fc2.bias, residual=x)
+        w1, w2 = fc1.weight, fc2.weight
+        if _reads_copies(x, w1, w2):
+            w1, w2 = decoding_copies(self, "_decode_copies", (w1, w2), lambda: packed_in_huge_pages(fc1.weight, fc2.weight))
+        h = linear_for_decoding(self.ln2(x), w1, fc1.bias, activation="gelu")
+        return linear_for_decoding(h, w2, fc2.bias, residual=x)
 
 
 class GPT(nn.Module):
@@ -180,9 +193,13 @@ class GPT(nn.Module):
             x = x + self.pos_emb[0].index_select(0, positions)
         return self.drop(x)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        # a decode step's few rows go through fastvq's decode_linear kernel on CPU, anything else through torch
-        return linear_for_decoding(self.ln_f(x), self.head.weight, self.head.bias)
+    def _logits(self, x: torch.Tensor, decoding: bool = False) -> torch.Tensor:
+        # a decode step's few rows go through fastvq's decode_linear kernel on CPU (from a huge-page
+        # copy of the head in GPT.step), anything else through torch
+        weight = self.head.weight
+        if decoding and _reads_copies(x, weight):
+            weight = decoding_copies(self, "_decode_copies", (weight,), lambda: packed_in_huge_pages(self.head.weight))[0]
+        return linear_for_decoding(self.ln_f(x), weight, self.head.bias)
 
     # ------------------------------------------------------------------------- public
 
@@ -254,7 +271,7 @@ class GPT(nn.Module):
         x = self._embed(idx_new, positions)
         for block, (cache_k, cache_v) in zip(self.blocks, cache):
             x = block.forward_cached(x, cache_k, cache_v, pos)
-        return self._logits(x)
+        return self._logits(x, decoding=True)
 
 
 # ----------------------------------------------------------------------------- sampling

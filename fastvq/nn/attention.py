@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.decode_linear import linear_for_decoding
+from ..ops.decode_linear import decoding_copies, linear_for_decoding, packed_in_huge_pages
 from ..ops.window_attention import _cpp_op, sliding_window_attention, sliding_window_decode
 
 ROPE_BASE = 10000.0
@@ -133,20 +133,20 @@ class SlidingWindowSelfAttention(nn.Module):
 
     # A decode step multiplies a few rows by every weight: its products go through
     # linear_for_decoding (fastvq's decode_linear kernel on CPU, torch elsewhere or with gradients),
-    # on CPU query, key and value as one product on their stacked weights.
+    # on CPU query, key and value as one product on their stacked weights, all from huge-page copies.
 
-    def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """query, key and value's weights (3 n_embd, n_embd) and biases stacked, built once and
-        rebuilt when any of them is replaced or changed in place (data_ptr and version counter;
-        writes through .data bypass the counter: delete _qkv_stacked after those)."""
-        parts = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
-        stamp = tuple((p.data_ptr(), p._version) for p in parts)
-        stacked = self.__dict__.get("_qkv_stacked")
-        if stacked is None or stacked[0] != stamp:
-            with torch.no_grad():
-                stacked = (stamp, torch.cat(parts[:3]), torch.cat(parts[3:]))
-            self.__dict__["_qkv_stacked"] = stacked
-        return stacked[1], stacked[2]
+    def _decode_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies for the CPU decode step: query, key and value's weights stacked (3 n_embd, n_embd)
+        and proj's weight, packed in huge pages (packed_in_huge_pages), and the stacked biases;
+        rebuilt when any of them changes (decoding_copies)."""
+        parts = (self.query.weight, self.key.weight, self.value.weight, self.proj.weight,
+                 self.query.bias, self.key.bias, self.value.bias)
+
+        def build():
+            qkv, proj = packed_in_huge_pages(torch.cat(parts[:3]), parts[3])
+            return qkv, torch.cat(parts[4:]), proj
+
+        return decoding_copies(self, "_decode_copies", parts, build)
 
     def _qkv_step(self, x: torch.Tensor, positions: torch.Tensor | None):
         # The stacked copy is outside autograd, and only the CPU kernel gains much from one product
@@ -155,7 +155,8 @@ class SlidingWindowSelfAttention(nn.Module):
                                       and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             return self._qkv(x, positions)
         b, t, _ = x.shape
-        qkv = linear_for_decoding(x, *self._stacked_qkv()).view(b, t, 3, self.n_head, self.head_dim)
+        qkv_weight, qkv_bias, _ = self._decode_weights()
+        qkv = linear_for_decoding(x, qkv_weight, qkv_bias).view(b, t, 3, self.n_head, self.head_dim)
         q, k, v = (h.transpose(1, 2) for h in qkv.unbind(2))  # each (B, nh, T, hs)
         if self.rope:
             q, k = rotary(q, positions), rotary(k, positions)
@@ -165,7 +166,10 @@ class SlidingWindowSelfAttention(nn.Module):
         if self.training and self.resid_drop.p > 0:
             return self._output(y)
         b, _, t, _ = y.shape
-        return linear_for_decoding(y.transpose(1, 2).reshape(b, t, self.n_embd), self.proj.weight, self.proj.bias)
+        y = y.transpose(1, 2).reshape(b, t, self.n_embd)
+        if y.device.type != "cpu" or (torch.is_grad_enabled() and (y.requires_grad or self.proj.weight.requires_grad)):
+            return linear_for_decoding(y, self.proj.weight, self.proj.bias)
+        return linear_for_decoding(y, self._decode_weights()[2], self.proj.bias)
 
     def _fused_step_kernel(self, x: torch.Tensor, cache_k: torch.Tensor):
         """fastvq::sliding_window_decode_qkv where it computes this step: the whole attention of a
@@ -296,10 +300,11 @@ class SlidingWindowSelfAttention(nn.Module):
             pos = _check_int("pos", pos, 0)
         fused = self._fused_step_kernel(x, cache_k)
         if fused is not None:
-            qkv = linear_for_decoding(x, *self._stacked_qkv()).view(b, n, 3, self.n_head, self.head_dim)
+            qkv_weight, qkv_bias, proj_weight = self._decode_weights()
+            qkv = linear_for_decoding(x, qkv_weight, qkv_bias).view(b, n, 3, self.n_head, self.head_dim)
             pos = pos if isinstance(pos, torch.Tensor) else torch.tensor(pos)
             y = fused(qkv, cache_k, cache_v, pos, self.window, self.head_dim ** -0.5)
-            return linear_for_decoding(y, self.proj.weight, self.proj.bias)
+            return linear_for_decoding(y, proj_weight, self.proj.bias)
         positions = torch.as_tensor(pos, device=x.device).long() + torch.arange(n, device=x.device)
         q, k, v = self._qkv_step(x, positions)  # nothing written yet: a dtype mismatch still leaves the cache as it was
         if cache_k.dtype != k.dtype or cache_v.dtype != k.dtype:

@@ -5,6 +5,9 @@ Public:
   decode_linear_reference(x, weight, bias, residual, activation): the oracle (F.linear and friends)
   linear_for_decoding(x, weight, bias=None, *, residual=None, activation=None): what the models'
       decode steps call: decode_linear's cpp kernel where it is the faster product, torch elsewhere
+  decoding_copies(owner, name, sources, build): copies of weights for the decode steps, rebuilt
+      when the sources change; packed_in_huge_pages(*tensors): such copies in one buffer backed by
+      transparent huge pages
 
 What every backend computes, with x (..., K) flattened to M = prod(...) rows and weight (N, K) in
 nn.Linear's layout:
@@ -28,9 +31,11 @@ grad raises (wrap decoding in torch.no_grad(), or use nn.Linear where gradients 
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -147,3 +152,58 @@ def linear_for_decoding(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if not fast:
         return decode_linear_reference(x, weight, bias, residual, activation)
     return kernel(x, weight, bias, residual, activation == "gelu")
+
+
+# ----------------------------------------------------------------------------- the decode steps' weight copies
+# A decode step streams every weight of the model from memory; on 4 KiB pages that stream also walks
+# the page tables (one TLB miss per page, ~25k pages for a 100 MB GPT), and backing the weights with
+# 2 MiB pages made a batch-1 step of taming's 8-layer GPT ~10% faster here. The parameters
+# themselves stay where torch put them (state_dict, optimisers, .to() keep working): the decode path
+# reads copies, packed per module into one huge-page-advised buffer and rebuilt when a source changes.
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+
+
+@functools.lru_cache(maxsize=None)
+def _madvise():
+    """libc's madvise, or None off Linux (the advice is then skipped: plain pages, same results)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def packed_in_huge_pages(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Contiguous copies of CPU tensors of one dtype, laid end to end in one buffer whose 2 MiB-aligned
+    span is advised MADV_HUGEPAGE (advice only: the kernel may decline, the copies are the same)."""
+    dtype, item = tensors[0].dtype, tensors[0].element_size()
+    total = sum(t.numel() for t in tensors)
+    raw = torch.empty(total + _HUGE_PAGE // item, dtype=dtype)  # room to start on a 2 MiB boundary
+    start = -raw.data_ptr() % _HUGE_PAGE // item
+    buf = raw[start:start + total]
+    advise, span = _madvise(), total * item // _HUGE_PAGE * _HUGE_PAGE
+    if advise is not None and span:
+        advise(buf.data_ptr(), span, _MADV_HUGEPAGE)  # before the copy: the first touch allocates the pages
+    copies, offset = [], 0
+    for t in tensors:
+        copies.append(buf[offset:offset + t.numel()].view(t.shape).copy_(t))
+        offset += t.numel()
+    return tuple(copies)
+
+
+def decoding_copies(owner, name: str, sources: tuple[torch.Tensor, ...], build):
+    """build() (copies of `sources` for a decode step), kept in owner.__dict__[name] and rebuilt
+    when any source is replaced or changed in place (data_ptr and version counter; writes through
+    .data bypass the counter: delete the entry after those). Built outside autograd."""
+    stamp = tuple((p.data_ptr(), p._version) for p in sources)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != stamp:
+        with torch.no_grad():
+            cached = (stamp, build())
+        owner.__dict__[name] = cached
+    return cached[1]
