@@ -44,7 +44,7 @@ IMPLS = {
     "fastvq": "fastvq.sample_with_past (KVCache ring buffers, fused sample_logits)",
     "taming_past": "taming sample_with_past (concatenated past)",
     "taming_uncached": "taming sample (no cache, full recompute)",
-    "fastvq_rope": "fastvq.sample_with_past, rope GPT with window 256 (ring of 256 slots)",
+    "fastvq_rope": "fastvq.sample_with_past, rope GPT with a window (a ring of `window` slots per layer)",
 }
 SPEED_IMPLS = ("fastvq", "taming_past", "taming_uncached")
 FULL = {"vocab": 1024, "n_layer": 8, "n_head": 8, "n_embd": 512, "block_size": 256, "prefix": 1, "window": 256,
@@ -231,9 +231,9 @@ def main(argv=None) -> int:
         if time.perf_counter() - start > args.budget_s:
             r = {**case, "skipped": f"time budget of {args.budget_s:.0f} s spent (--budget-s)"}
         elif estimate is not None and 3 * estimate[0] > args.uncached_budget_s:
-            r = {**case, "skipped": f"O(n^2) sampler estimated at ~{estimate[0]:.0f} s per call ({estimate[1]}); "
+            r = {**case, "skipped": f"O(n^2) sampler estimated at ~{estimate[0]:.3g} s per call ({estimate[1]}); "
                                     f"warm-up, timed and memory calls exceed --uncached-budget-s "
-                                    f"{args.uncached_budget_s:.0f} s", "estimated_s": round(estimate[0], 1)}
+                                    f"{args.uncached_budget_s:g} s", "estimated_s": round(estimate[0], 3)}
         else:
             r = run_case(__file__, case, args.threads, args.timeout)
         doc["results"].append(r)

@@ -6,7 +6,7 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # OUT defaults to benchmarks/results
 #
 # Writes into $OUT: gpu_check.log (everything), tests.txt, gpu_quantize.txt, quantize_gpu.json,
-# gpu_window_attention.txt, window_attention_gpu.json.
+# gpu_window_attention.txt, window_attention_gpu.json, gpu_sampling.txt, sampling_cuda.json.
 # Total wall time stays under GPU_CHECK_BUDGET_S (default 470 s): each step gets at most 300 s and
 # never more than what is left.
 set -u
@@ -96,8 +96,18 @@ if ! run_step "$OUT/gpu_window_attention.txt" python3 benchmarks/gpu_window_atte
     STATUS=1
 fi
 
-# Hook: cached sampling, likewise with benchmarks/gpu_sampling.py.
-# Each new step shares the 470 s budget above: raise GPU_CHECK_BUDGET_S only if the device lease allows it.
+step "benchmark: cached sampling"
+# fastvq.sample_with_past against taming's sample_with_past, 256 new tokens at batch 1 and 16 (one
+# fresh process per case, CUDA start-up included). Shares the 470 s budget above: raise
+# GPU_CHECK_BUDGET_S only if the device lease allows it.
+BENCH_BUDGET=$(( $(step_timeout) - 60 ))
+(( BENCH_BUDGET < 30 )) && BENCH_BUDGET=30
+if ! run_step "$OUT/gpu_sampling.txt" python3 benchmarks/bench_sampling_loop.py --device cuda --lengths 256 \
+        --batches 1 16 --impls fastvq taming_past --memory-lengths --out "$OUT/sampling_cuda.json" \
+        --budget-s "$BENCH_BUDGET" --timeout "$(step_timeout)"; then
+    echo "!!! bench_sampling_loop.py --device cuda failed or did not finish (partial results stay in $OUT/sampling_cuda.json)" | tee -a "$LOG"
+    STATUS=1
+fi
 
 step "done (status $STATUS)"
 ls -l "$OUT" | tee -a "$LOG"
