@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 
+import fastvq
 from fastvq import GPT, KVCache, sample_with_past
 from fastvq.ops import window_attention as wa
 
@@ -286,3 +287,22 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="slots"):
         sample_with_past(x, model, 3, cache=model.new_cache(2, slots=BLOCK - 1))
     assert sample_with_past(x, model, 0).shape == (2, 0)
+
+
+def test_step_plan_gives_the_module_path_logits_exactly(monkeypatch):
+    # A CPU fp32 step without rope runs from GPT._decode_plan (kernels called directly); it must
+    # be the same computation as Block.forward_cached, bit for bit, cache writes included.
+    torch.manual_seed(0)
+    model = GPT(50, 16, n_layer=2, n_head=2, n_embd=32).eval()
+    idx = torch.randint(0, 50, (3, 6))
+    caches = [model.new_cache(3) for _ in range(2)]
+    with torch.no_grad():
+        planned = model._decode_plan(model.tok_emb(idx[:, :1]), caches[0]) is not None
+        assert planned == fastvq.available_backends()["cpp"].available
+        runs = []
+        for cache, use_plan in zip(caches, (True, False)):
+            if not use_plan:
+                monkeypatch.setattr(GPT, "_decode_plan", lambda self, x, c: None)
+            runs.append(torch.stack([model.step(idx[:, p:p + 1], cache, torch.tensor(p)) for p in range(6)]))
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
