@@ -120,6 +120,12 @@ def peak_extra_bytes(fn) -> int | None:
     It switches glibc to mmap for large blocks for the rest of the process, which slows allocation:
     time first, then call this.
     """
+    try:  # blocks fastvq caches for reuse would not show as new resident memory: count them afresh
+        import fastvq
+
+        fastvq.empty_cache()
+    except ImportError:
+        pass
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)

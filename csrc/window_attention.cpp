@@ -303,6 +303,26 @@ class BlockPool final : public c10::Allocator {
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 
+  // Give every cached block back to the system; returns the bytes freed (fastvq.empty_cache()).
+  size_t clear() {
+    std::vector<Block> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      blocks.swap(cached_);
+      bytes_ = 0;
+    }
+    size_t freed = 0;
+    for (const Block& b : blocks) {
+      freed += b.n;
+      std::free(b.p);
+    }
+    return freed;
+  }
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return bytes_;
+  }
+
  private:
   struct Block {
     void* p;
@@ -889,9 +909,15 @@ at::Tensor sliding_window_decode_qkv(const at::Tensor& qkv, at::Tensor& k_cache,
   return out;
 }
 
+int64_t window_attention_empty_cache() { return static_cast<int64_t>(BlockPool::self().clear()); }
+int64_t window_attention_cached_bytes() { return static_cast<int64_t>(BlockPool::self().cached_bytes()); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
+  // no tensor arguments, so no dispatch key: registered with their (catch-all) kernels here
+  m.def("window_attention_empty_cache() -> int", &window_attention_empty_cache);
+  m.def("window_attention_cached_bytes() -> int", &window_attention_cached_bytes);
   m.def("sliding_window_attention_fwd(Tensor q, Tensor k, Tensor v, int window, float scale) -> (Tensor, Tensor)");
   m.def("sliding_window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "int window, float scale) -> (Tensor, Tensor, Tensor)");

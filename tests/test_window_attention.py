@@ -456,3 +456,17 @@ def test_triton_refuses_head_dim_over_256():
 def test_public_api():
     assert fastvq.sliding_window_attention is sliding_window_attention
     assert fastvq.sliding_window_decode is sliding_window_decode
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ kernel not built")
+def test_cpp_empty_cache_gives_the_reused_blocks_back():
+    fastvq.empty_cache()
+    q = torch.randn(1, 2, 2048, 64, requires_grad=True)  # 1 MiB outputs: large enough to be cached
+    out = sliding_window_attention(q, q, q, 64, backend="cpp")
+    out.sum().backward()
+    del out
+    q.grad = None  # dq is a cached block too
+    cached = torch.ops.fastvq.window_attention_cached_bytes()
+    assert cached >= 2 * q.numel() * 4
+    assert fastvq.empty_cache() == cached
+    assert torch.ops.fastvq.window_attention_cached_bytes() == 0 and fastvq.empty_cache() == 0

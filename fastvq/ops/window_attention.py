@@ -316,3 +316,19 @@ def _check_pos(pos, device: torch.device, op: str):
     if pos < 0:
         raise ValueError(f"{op}: pos (the absolute position of the first new query) must be >= 0, got {pos}")
     return pos
+
+
+def empty_cache() -> int:
+    """Free the output blocks the C++ kernels keep for reuse; returns the bytes freed.
+
+    The cpp forward and backward take their large fp32 results (out, dq, dk, dv) from a cache of
+    at most 4 recently freed blocks of >= 1 MiB (512 MiB in all): a training loop repeats its
+    shapes, and a recycled block costs no page faults, where a fresh 32 MiB one costs ~12 ms of
+    first-touch faults per call (what made time grow faster than T). Like torch.cuda.empty_cache,
+    call this to give that memory back between phases.
+    """
+    from .._backend import available_backends, cpp_ops
+
+    if not available_backends()["cpp"].available:
+        return 0
+    return int(cpp_ops().window_attention_empty_cache())
