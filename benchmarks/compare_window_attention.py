@@ -156,7 +156,7 @@ def run_worker(case: dict, threads: int) -> dict:
         t0 = time.perf_counter()
         fn()
         extras["compile_s"] = time.perf_counter() - t0
-    timing = time_call(fn, min_runs=3, slow_runs=1, slow_s=8.0)
+    timing = time_call(fn, min_runs=case.get("min_runs", 3), slow_runs=1, slow_s=8.0)
     peak = peak_extra_bytes(fn)
     result = {**case, **timing, **extras, "peak_extra_bytes": peak}
     if case["suite"] == "forward" and case["impl"] != "fastvq_cpp":
@@ -195,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per case (default 300)")
     p.add_argument("--budget-s", type=float, default=720, help="start no new case after this many seconds (default 720)")
+    p.add_argument("--min-runs", type=int, default=3,
+                   help="timed calls per case at least (default 3; more for a tighter median, e.g. the T-scaling check)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
         "labels": IMPLS,
         "results": [],
     }
-    todo = [c for c in cases(sizes, args.quick) if c["impl"] in args.impls]
+    todo = [{**c, "min_runs": args.min_runs} for c in cases(sizes, args.quick) if c["impl"] in args.impls]
     start = time.perf_counter()
     load = os.getloadavg()[0]
     print(f"{len(todo)} cases, {args.threads} threads, writing {out}; load average {load:.2f}", flush=True)
