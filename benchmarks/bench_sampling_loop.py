@@ -28,17 +28,14 @@ torch.cuda.max_memory_allocated on CUDA). Results go to benchmarks/results/sampl
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import MIB, PEAK_MEMORY_METHOD, REPO, RESULTS_DIR, machine_info, peak_extra_bytes, run_case, time_call, worker_main  # noqa: E402
+from common import MIB, PEAK_MEMORY_METHOD, REPO, RESULTS_DIR, machine_info, peak_extra_bytes, run_cases, time_call, worker_main  # noqa: E402
 
 IMPLS = {
     "fastvq": "fastvq.sample_with_past (KVCache ring buffers, fused sample_logits)",
@@ -145,6 +142,10 @@ def plan(config: dict, impls: list[str], lengths, batches, memory_lengths, devic
     return todo
 
 
+def describe(case: dict) -> str:
+    return f"{case['suite']:<6} B={case['B']:<3} n={case['steps']:<5} {case['impl']:<16}"
+
+
 def outcome(r: dict) -> str:
     if "skipped" in r:
         return f"skipped: {r['skipped']}"
@@ -221,28 +222,18 @@ def main(argv=None) -> int:
         "results": [],
     }
     todo = plan(config, args.impls, lengths, batches, memory_lengths, args.device)
-    start = time.perf_counter()
-    load = os.getloadavg()[0]
-    print(f"{len(todo)} cases on {args.device}, {args.threads} threads, writing {out}; load average {load:.2f}", flush=True)
-    if load > 0.5:
-        print(f"warning: the machine is not quiet (load average {load:.2f}); timings will be noisy", flush=True)
-    for i, case in enumerate(todo, 1):
-        estimate = uncached_estimate(case, doc["results"]) if case["impl"] == "taming_uncached" else None
-        if time.perf_counter() - start > args.budget_s:
-            r = {**case, "skipped": f"time budget of {args.budget_s:.0f} s spent (--budget-s)"}
-        elif estimate is not None and 3 * estimate[0] > args.uncached_budget_s:
-            r = {**case, "skipped": f"O(n^2) sampler estimated at ~{estimate[0]:.3g} s per call ({estimate[1]}); "
-                                    f"warm-up, timed and memory calls exceed --uncached-budget-s "
-                                    f"{args.uncached_budget_s:g} s", "estimated_s": round(estimate[0], 3)}
-        else:
-            r = run_case(__file__, case, args.threads, args.timeout)
-        doc["results"].append(r)
-        out.write_text(json.dumps(doc, indent=1) + "\n")  # after every case: a crash keeps what was measured
-        print(f"[{i}/{len(todo)}] {case['suite']:<6} B={case['B']:<3} n={case['steps']:<5} {case['impl']:<16} {outcome(r)}",
-              flush=True)
-    doc["machine"]["load_average_1_5_15min_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    doc["elapsed_s"] = round(time.perf_counter() - start, 1)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+
+    def too_slow(case, results):
+        """taming's O(n^2) sampler at a length whose estimated calls exceed --uncached-budget-s."""
+        estimate = uncached_estimate(case, results) if case["impl"] == "taming_uncached" else None
+        if estimate is None or 3 * estimate[0] <= args.uncached_budget_s:
+            return None
+        return {**case, "skipped": f"O(n^2) sampler estimated at ~{estimate[0]:.3g} s per call ({estimate[1]}); "
+                                   f"warm-up, timed and memory calls exceed --uncached-budget-s "
+                                   f"{args.uncached_budget_s:g} s", "estimated_s": round(estimate[0], 3)}
+
+    run_cases(__file__, todo, doc, out, threads=args.threads, timeout_s=args.timeout, describe=describe,
+              outcome=outcome, budget_s=args.budget_s, skip=too_slow, label=f" on {args.device}")
     print(f"done in {doc['elapsed_s']:.0f} s; wrote {out}", flush=True)
     return 0
 

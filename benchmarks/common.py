@@ -172,3 +172,31 @@ def worker_main(case_json: str, run_worker, threads: int) -> int:
         result = {**case, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
     print("RESULT " + json.dumps(result), flush=True)
     return 0
+
+
+def run_cases(script: str, todo: list, doc: dict, out, *, threads: int, timeout_s: float, describe, outcome,
+              budget_s: float = float("inf"), skip=None, label: str = "") -> dict:
+    """Run every case of `todo` in its own process (run_case) and collect the results in doc,
+    rewriting `out` after every case so a crash keeps what was measured. No case starts once
+    budget_s seconds have passed; skip(case, results so far) may return a skipped result instead.
+    Prints one line per case (describe(case), outcome(result)) and the load average at both ends."""
+    start = time.perf_counter()
+    load = os.getloadavg()[0]
+    print(f"{len(todo)} cases{label}, {threads} threads, writing {out}; load average {load:.2f}", flush=True)
+    if load > 0.5:
+        print(f"warning: the machine is not quiet (load average {load:.2f}); timings will be noisy", flush=True)
+    for i, case in enumerate(todo, 1):
+        r = skip(case, doc["results"]) if skip is not None else None
+        if "skipped" in case:
+            r = case
+        elif time.perf_counter() - start > budget_s:
+            r = {**case, "skipped": f"time budget of {budget_s:.0f} s spent (--budget-s)"}
+        elif r is None:
+            r = run_case(script, case, threads, timeout_s)
+        doc["results"].append(r)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"[{i:>2}/{len(todo)}] {describe(case)} {outcome(r)}", flush=True)
+    doc["machine"]["load_average_1_5_15min_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    doc["elapsed_s"] = round(time.perf_counter() - start, 1)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc

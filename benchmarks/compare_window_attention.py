@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import MIB, PEAK_MEMORY_METHOD, REPO, RESULTS_DIR, machine_info, peak_extra_bytes, run_case, time_call, worker_main  # noqa: E402
+from common import MIB, PEAK_MEMORY_METHOD, REPO, RESULTS_DIR, machine_info, peak_extra_bytes, run_cases, time_call, worker_main  # noqa: E402
 
 IMPLS = {
     "fastvq_cpp": "fastvq.sliding_window_attention (cpp)",
@@ -231,24 +229,8 @@ def main(argv=None) -> int:
         "results": [],
     }
     todo = [{**c, "min_runs": args.min_runs} for c in cases(sizes, args.quick) if c["impl"] in args.impls]
-    start = time.perf_counter()
-    load = os.getloadavg()[0]
-    print(f"{len(todo)} cases, {args.threads} threads, writing {out}; load average {load:.2f}", flush=True)
-    if load > 0.5:
-        print(f"warning: the machine is not quiet (load average {load:.2f}); timings will be noisy", flush=True)
-    for i, case in enumerate(todo, 1):
-        if "skipped" in case:
-            r = case
-        elif time.perf_counter() - start > args.budget_s:
-            r = {**case, "skipped": f"time budget of {args.budget_s:.0f} s spent (--budget-s)"}
-        else:
-            r = run_case(__file__, case, args.threads, args.timeout)
-        doc["results"].append(r)
-        out.write_text(json.dumps(doc, indent=1) + "\n")  # after every case: a crash keeps what was measured
-        print(f"[{i:>2}/{len(todo)}] {describe(case)} {outcome(r)}", flush=True)
-    doc["machine"]["load_average_1_5_15min_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    doc["elapsed_s"] = round(time.perf_counter() - start, 1)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    run_cases(__file__, todo, doc, out, threads=args.threads, timeout_s=args.timeout, describe=describe,
+              outcome=outcome, budget_s=args.budget_s)
     print(f"done in {doc['elapsed_s']:.0f} s; wrote {out}; plot and table: python benchmarks/report.py", flush=True)
     return 0
 
