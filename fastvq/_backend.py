@@ -4,6 +4,9 @@ Backends: "torch" (the reference, always there), "cpp" (fastvq._C, CPU tensors) 
 tensors, or CPU tensors when TRITON_INTERPRET=1, which is how the Triton kernels are tested without
 a GPU). "auto" picks triton for CUDA tensors, cpp for CPU tensors, torch otherwise. An explicit
 choice (the backend= keyword, else FASTVQ_BACKEND) that cannot run raises; it never falls back.
+
+The environment (FASTVQ_BACKEND, TRITON_INTERPRET) is read here and nowhere else: ops, modules and
+kernels ask requested_backend() / triton_interpret().
 """
 from __future__ import annotations
 
@@ -88,10 +91,15 @@ def _unavailable_on(name: str, device: torch.device) -> str | None:
     return None
 
 
+def requested_backend(backend: str | None = None) -> str:
+    """What the caller asked for: the backend= keyword, else $FASTVQ_BACKEND, else "auto" (lower case)."""
+    return (backend if backend is not None else os.environ.get("FASTVQ_BACKEND", "auto")).lower()
+
+
 def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
-    """Apply the dispatch rule for one call of `op` on tensors living on `device`."""
-    requested = backend if backend is not None else os.environ.get("FASTVQ_BACKEND", "auto")
-    requested = requested.lower()
+    """Apply the dispatch rule for one call of `op` on tensors living on `device`: the name of the
+    backend that runs it, or an error saying why the one asked for cannot."""
+    requested = requested_backend(backend)
     if requested == "auto":
         if device.type == "cuda" and _unavailable_on("triton", device) is None:
             return "triton"

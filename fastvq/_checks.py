@@ -1,5 +1,9 @@
-"""Argument checks shared by the ops, so every op words the same mistake the same way."""
+"""Argument checks shared by the ops, modules and models, so every layer words the same mistake the
+same way: "<where>: <argument> must be <what was expected>, got <what came>"."""
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
@@ -14,4 +18,70 @@ def check_tensor(op: str, name: str, t, layout: tuple[str, ...], dtypes=FLOATS) 
     if t.dim() != len(layout):
         raise ValueError(f"{op}: {name} must be {len(layout)}-D ({', '.join(layout)}), got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:
-        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        allowed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise TypeError(f"{op}: {name} must be {allowed}, got {t.dtype}")
+
+
+def check_int(where: str, name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """value must be an integer (not a bool) in [minimum, maximum]; returns it as an int."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok and ((minimum is not None and value < minimum) or (maximum is not None and value > maximum)):
+        ok = False
+    if not ok:
+        if minimum is not None and maximum is not None:
+            bound = f" in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            bound = f" >= {minimum}"
+        elif maximum is not None:
+            bound = f" <= {maximum}"
+        else:
+            bound = ""
+        raise ValueError(f"{where}: {name} must be an integer{bound}, got {value!r}")
+    return int(value)
+
+
+def check_float(where: str, name: str, value, low: float | None = None, high: float | None = None, *,
+                high_open: bool = False) -> float:
+    """value must be a finite real number (not a bool) in [low, high] ([low, high) with high_open)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None and value < low:
+        ok = False
+    if ok and high is not None and (value >= high if high_open else value > high):
+        ok = False
+    if not ok:
+        parts = []
+        if low is not None:
+            parts.append(f">= {low}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high}")
+        bound = f" {' and '.join(parts)}" if parts else ""
+        raise ValueError(f"{where}: {name} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def check_prob(where: str, name: str, value) -> float:
+    """A dropout-style probability in [0, 1)."""
+    return check_float(where, name, value, 0.0, 1.0, high_open=True)
+
+
+def check_bool(where: str, name: str, value) -> bool:
+    if not isinstance(value, bool):  # a YAML string "False" would otherwise read as true
+        raise ValueError(f"{where}: {name} must be True or False, got {value!r}")
+    return value
+
+
+def check_pos(where: str, pos, device: torch.device):
+    """A position: a Python int >= 0, or a 0-dim integer tensor on `device` (trusted to be >= 0: it is
+    read only on the device, so a decode step needs no host sync). Returns it unchanged (int as int)."""
+    if isinstance(pos, torch.Tensor):
+        if pos.dim() != 0 or pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+            raise TypeError(f"{where}: pos must be an int or a 0-dim integer tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
+        if pos.device != device:
+            raise ValueError(f"{where}: pos is on {pos.device} but the inputs are on {device}; they must be on the same device")
+        return pos
+    if isinstance(pos, bool) or not isinstance(pos, numbers.Integral):
+        raise TypeError(f"{where}: pos must be an int or a 0-dim integer tensor, got {type(pos).__name__}")
+    if pos < 0:
+        raise ValueError(f"{where}: pos (the absolute position of the first new token) must be >= 0, got {pos}")
+    return int(pos)
