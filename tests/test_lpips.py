@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvq.models.lpips import CHANNELS, ENV_VGG_WEIGHTS, LPIPS, gradient_distance
+from helpers import assert_close
 
 # torchvision's vgg16().features: conv indices and widths (the classifier is irrelevant here).
 VGG_CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256), 14: (256, 256),
@@ -95,15 +96,15 @@ def test_matches_plain_formula(lpips, files):
     assert not lpips.fallback and str(files["vgg"]) in lpips.source
     out = lpips(x, y)
     assert out.shape == (2, 1, 1, 1)
-    torch.testing.assert_close(out, reference_lpips(x, y, files["vgg_state"], files["heads_state"]),
-                               rtol=1e-4, atol=1e-6)
+    assert_close(out, reference_lpips(x, y, files["vgg_state"], files["heads_state"]),
+                 rtol=1e-4, atol=1e-6)
     assert (out > 0).all()
 
 
 def test_identical_zero_symmetric_and_gradient(lpips):
     x, y = images(2), images(3)
     assert torch.equal(lpips(x, x), torch.zeros(2, 1, 1, 1))
-    torch.testing.assert_close(lpips(x, y), lpips(y, x))
+    assert_close(lpips(x, y), lpips(y, x))
     x.requires_grad_(True)
     lpips(x, y).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -167,7 +168,7 @@ def test_heads_from_the_lpips_package(files):
     for k in range(len(CHANNELS)):
         assert torch.equal(getattr(model, f"lin{k}").model[1].weight, shipped[f"lin{k}.model.1.weight"])
     x, y = images(4), images(5)
-    torch.testing.assert_close(model(x, y), reference_lpips(x, y, files["vgg_state"], shipped), rtol=1e-4, atol=1e-6)
+    assert_close(model(x, y), reference_lpips(x, y, files["vgg_state"], shipped), rtol=1e-4, atol=1e-6)
 
 
 def test_fallback_warns_and_works(tmp_path, monkeypatch):
@@ -180,8 +181,8 @@ def test_fallback_warns_and_works(tmp_path, monkeypatch):
     x, y = images(6), images(7)
     out = model(x, y)
     assert out.shape == (2, 1, 1, 1) and (out > 0).all()
-    torch.testing.assert_close(out, gradient_distance(x, y))
-    torch.testing.assert_close(out, model(y, x))
+    assert_close(out, gradient_distance(x, y))
+    assert_close(out, model(y, x))
     assert torch.equal(model(x, x), torch.zeros(2, 1, 1, 1))
     x.requires_grad_(True)
     model(x, y).sum().backward()
@@ -202,8 +203,8 @@ def test_gradient_distance_by_hand():
     per_scale_0 = 12 / 36  # ∂w d: 3 x 4 x 3 entries, the 12 of channel 0 equal to 1
     per_scale_1 = 4 / 6  # pooled to 2 x 2, ramp 0.5, 2.5: ∂w d has 3 x 2 x 1 entries, 2 of them equal to 2
     # pooling the 2 x 2 grid again would leave a single pixel with no neighbours: two scales only
-    torch.testing.assert_close(gradient_distance(x, torch.zeros_like(x)).flatten(),
-                               torch.tensor([(per_scale_0 + per_scale_1) / 2]))
+    assert_close(gradient_distance(x, torch.zeros_like(x)).flatten(),
+                 torch.tensor([(per_scale_0 + per_scale_1) / 2]))
 
 
 def test_bad_input_shapes(lpips):

@@ -3,11 +3,9 @@ import pytest
 import torch
 
 import fastvq
-from fastvq._backend import available_backends, resolve_backend
-from fastvq.ops.quantize import nearest_code_reference, vector_quantize
+from fastvq.ops.quantize import KERNELS, nearest_code_reference, vector_quantize
+from helpers import assert_close, device_of, interpreted, requires
 
-BACKENDS = [name for name, st in available_backends().items() if st.available]
-FAST_BACKENDS = [b for b in BACKENDS if b != "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # (N, K, D): none a multiple of a block size, plus the degenerate ones (K = 1, D = 1).
@@ -15,13 +13,8 @@ SHAPES = [(1, 1, 1), (7, 1, 3), (33, 17, 5), (100, 257, 8), (65, 31, 64), (50, 4
 TRITON_SHAPES = [(1, 1, 1), (7, 1, 3), (33, 17, 5), (70, 45, 8), (37, 33, 64), (21, 18, 130)]
 
 
-def device_of(backend):
-    """Triton runs on the GPU where there is one, else on CPU tensors through the interpreter."""
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-
-
 def shapes_for(backend):
-    return TRITON_SHAPES if backend == "triton" and device_of(backend) == "cpu" else SHAPES
+    return TRITON_SHAPES if interpreted(backend) else SHAPES
 
 
 def search(x, cb, backend, **kwargs):
@@ -57,7 +50,6 @@ def assert_nearest(x, codebook, idx, dist, metric="l2"):
     assert torch.allclose(dist.double(), chosen.clamp_min(0), atol=0, rtol=0) or ((dist.double() - chosen).abs() <= 2 * tol).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_matches_reference_fp32(backend, metric):
     g = torch.Generator().manual_seed(0)
@@ -70,10 +62,9 @@ def test_matches_reference_fp32(backend, metric):
         assert_nearest(x, cb, idx, dist, metric)
         # Random data has no near-ties at these sizes: indices agree exactly.
         assert (idx == ref_idx).float().mean() > 0.99, (n, k, d)
-        torch.testing.assert_close(dist, ref_dist, atol=1e-4 * (1 + d), rtol=1e-4)
+        assert_close(dist, ref_dist, atol=1e-4 * (1 + d), rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs_accumulate_in_fp32(backend, dtype):
     g = torch.Generator().manual_seed(1)
@@ -85,7 +76,6 @@ def test_low_precision_inputs_accumulate_in_fp32(backend, dtype):
         assert_nearest(x.float(), cb.float(), idx, dist)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_go_to_lowest_index(backend):
     g = torch.Generator().manual_seed(2)
     base = torch.randn(5, 24, generator=g)
@@ -97,7 +87,6 @@ def test_ties_go_to_lowest_index(backend):
     assert (dist[:5] <= 1e-4).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_tie_across_codebook_tiles(backend):
     # The duplicate sits far beyond any tile size, so the running min must keep the first one.
     d = 16
@@ -108,7 +97,6 @@ def test_tie_across_codebook_tiles(backend):
     assert idx.item() == 3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     g = torch.Generator().manual_seed(4)
     dev = device_of(backend)
@@ -119,10 +107,9 @@ def test_non_contiguous_inputs(backend):
     idx, dist = idx.cpu(), dist.cpu()
     ref_idx, ref_dist = nearest_code_reference(x.cpu().contiguous(), cb.cpu().contiguous())
     assert torch.equal(idx, ref_idx)
-    torch.testing.assert_close(dist, ref_dist, atol=1e-3, rtol=1e-4)
+    assert_close(dist, ref_dist, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_distances_clamped_at_zero(backend):
     # A point equal to a large code: the expanded form cancels to about +-1e-2, must come back as >= 0.
     cb = torch.randn(8, 32, generator=torch.Generator().manual_seed(5)) * 100
@@ -131,7 +118,6 @@ def test_distances_clamped_at_zero(backend):
     assert (dist >= 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_rows(backend):
     idx, dist = search(torch.empty(0, 6), torch.randn(4, 6), backend)
     assert idx.shape == (0,) and idx.dtype == torch.int64
@@ -167,30 +153,40 @@ def test_bad_metric_and_backend():
 def test_explicit_backend_never_falls_back(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="triton.*unavailable"):
-        resolve_backend("triton", torch.device("cpu"), "nearest_code")
+        fastvq.nearest_code(torch.randn(2, 3), torch.randn(2, 3), backend="triton")
     monkeypatch.setenv("FASTVQ_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="unavailable"):
         fastvq.nearest_code(torch.randn(2, 3), torch.randn(2, 3))
 
 
 def test_auto_dispatch_rule(monkeypatch):
+    ran = []
+    for name, kernels in list(KERNELS.items()):  # record which backend's search each call runs
+        monkeypatch.setitem(KERNELS, name, kernels._replace(
+            search=lambda *args, _name=name, _search=kernels.search: ran.append(_name) or _search(*args)))
+
+    def dispatched(**kwargs):
+        ran.clear()
+        fastvq.nearest_code(torch.randn(2, 3), torch.randn(4, 3), **kwargs)
+        return ran
+
     monkeypatch.delenv("FASTVQ_BACKEND", raising=False)
-    expected = "cpp" if available_backends()["cpp"].available else "torch"
-    assert resolve_backend(None, torch.device("cpu"), "op") == expected
+    expected = "cpp" if fastvq.available_backends()["cpp"].available else "torch"
+    assert dispatched() == [expected]
     monkeypatch.setenv("FASTVQ_BACKEND", "torch")
-    assert resolve_backend(None, torch.device("cpu"), "op") == "torch"
-    assert resolve_backend("auto", torch.device("cpu"), "op") == expected
+    assert dispatched() == ["torch"]
+    assert dispatched(backend="auto") == [expected]
 
 
 def test_available_backends_says_why():
-    status = available_backends()
+    status = fastvq.available_backends()
     assert set(status) == {"torch", "cpp", "triton"}
     assert status["torch"].available
     for st in status.values():
         assert st.reason  # what it runs on, or why not
 
 
-@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@requires("cpp")
 def test_cpp_allocates_no_n_by_k_matrix():
     from torch.profiler import ProfilerActivity, profile
 
@@ -212,11 +208,10 @@ def vq_by_autograd(z, cb, w_commit, w_code):
     return z + (z_q - z).detach(), loss, idx
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("weights", [(1.0, 0.25), (0.25, 1.0), (0.25, 0.0)])
 def test_vector_quantize_forward_backward(backend, weights):
     g = torch.Generator().manual_seed(6)
-    n, k, d = (45, 19, 13) if shapes_for(backend) is TRITON_SHAPES else (301, 67, 37)
+    n, k, d = (45, 19, 13) if interpreted(backend) else (301, 67, 37)
     z0, cb0 = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
     grad_out = torch.randn(n, d, generator=g)
     results = []
@@ -229,10 +224,10 @@ def test_vector_quantize_forward_backward(backend, weights):
         results.append(tuple(t.detach().cpu() for t in (z_q, loss, idx, z.grad, cb.grad)))
     (zq, loss, idx, gz, gc), (zq_r, loss_r, idx_r, gz_r, gc_r) = results
     assert torch.equal(idx, idx_r)
-    torch.testing.assert_close(zq, zq_r)
-    torch.testing.assert_close(loss, loss_r)
-    torch.testing.assert_close(gz, gz_r)
-    torch.testing.assert_close(gc, gc_r)
+    assert_close(zq, zq_r)
+    assert_close(loss, loss_r)
+    assert_close(gz, gz_r)
+    assert_close(gc, gc_r)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -243,7 +238,7 @@ def test_vector_quantize_low_precision(dtype):
     z_q, loss, idx = vector_quantize(z, cb, commitment_weight=1.0, codebook_weight=0.25)
     assert z_q.dtype == dtype and loss.dtype == torch.float32
     ref = (cb.detach().float()[idx] - z.detach().float()).pow(2).mean() * 1.25
-    torch.testing.assert_close(loss.detach(), ref, rtol=2e-3, atol=1e-3)
+    assert_close(loss.detach(), ref, rtol=2e-3, atol=1e-3)
     loss.backward()
     assert z.grad.dtype == dtype and cb.grad.dtype == dtype
     assert torch.isfinite(z.grad.float()).all() and cb.grad.abs().sum() > 0
@@ -251,12 +246,8 @@ def test_vector_quantize_low_precision(dtype):
 
 # ----------------------------------------------------------------------------- fused epilogues (gather + loss, backward)
 
-from fastvq.ops.quantize import _EPILOGUE  # noqa: E402
-
 # (N, K, D): odd sizes, K = 1, more codes than rows (most unused), few codes (many repeats).
 EPILOGUE_SHAPES = [(1, 1, 1), (7, 1, 3), (45, 19, 13), (33, 200, 5), (70, 3, 130)]
-EPILOGUE_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float16: dict(atol=1e-3, rtol=1e-3),
-                torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 
 
 def epilogue_inputs(n, k, d, dtype, seed):
@@ -269,13 +260,11 @@ def epilogue_inputs(n, k, d, dtype, seed):
     return z, cb, idx, torch.randn(n, d, generator=g).to(dtype)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_epilogue_matches_torch_reference(backend, dtype):
-    gather, backward = _EPILOGUE[backend]
-    ref_gather, ref_backward = _EPILOGUE["torch"]
-    dev = device_of(backend)
-    tol = EPILOGUE_TOL[dtype]
+def test_fused_epilogue_matches_torch_reference(fast_backend, dtype):
+    gather, backward = KERNELS[fast_backend].gather, KERNELS[fast_backend].backward
+    ref_gather, ref_backward = KERNELS["torch"].gather, KERNELS["torch"].backward
+    dev = device_of(fast_backend)
     for seed, (n, k, d) in enumerate(EPILOGUE_SHAPES):
         z, cb, idx, grad_out = epilogue_inputs(n, k, d, dtype, seed)
         out, sq = gather(z.to(dev), cb.to(dev), idx.to(dev))
@@ -283,15 +272,15 @@ def test_fused_epilogue_matches_torch_reference(backend, dtype):
         # The same two roundings as torch's z + (z_q - z): bit-for-bit equal.
         assert out.dtype == dtype and torch.equal(out.cpu(), ref_out), (n, k, d)
         assert sq.dtype == torch.float32
-        torch.testing.assert_close(sq.cpu(), ref_sq, atol=1e-5, rtol=1e-5)
+        assert_close(sq.cpu(), ref_sq, atol=1e-5, rtol=1e-5)
         gl = torch.tensor(1.7)
         for go in (grad_out, None):  # None: the loss alone was backpropagated
             gz, gc = backward(None if go is None else go.to(dev), z.to(dev), cb.to(dev), idx.to(dev), gl.to(dev),
                               -0.3, 0.7, True, True)
             ref_gz, ref_gc = ref_backward(go, z, cb, idx, gl, -0.3, 0.7, True, True)
             assert gz.dtype == dtype and gc.dtype == dtype and gc.shape == cb.shape
-            torch.testing.assert_close(gz.cpu(), ref_gz, **tol)
-            torch.testing.assert_close(gc.cpu(), ref_gc, **tol)
+            assert_close(gz.cpu(), ref_gz)
+            assert_close(gc.cpu(), ref_gc)
             unused = torch.bincount(idx, minlength=k) == 0
             assert (gc.cpu()[unused] == 0).all()
         gz, gc = backward(grad_out.to(dev), z.to(dev), cb.to(dev), idx.to(dev), gl.to(dev), -0.3, 0.7, True, False)
@@ -300,15 +289,14 @@ def test_fused_epilogue_matches_torch_reference(backend, dtype):
         assert gz is None and gc is not None
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loss_only", [False, True])
-def test_vector_quantize_fused_matches_torch_backend(backend, dtype, loss_only):
-    n, k, d = (45, 19, 13) if shapes_for(backend) is TRITON_SHAPES else (301, 67, 37)
+def test_vector_quantize_fused_matches_torch_backend(fast_backend, dtype, loss_only):
+    n, k, d = (45, 19, 13) if interpreted(fast_backend) else (301, 67, 37)
     g = torch.Generator().manual_seed(8)
     z0, cb0, grad_out = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g), torch.randn(n, d, generator=g)
     results = []
-    for name in (backend, "torch"):
+    for name in (fast_backend, "torch"):
         dev = device_of(name)
         z = z0.to(dev, dtype).requires_grad_()
         cb = cb0.to(dev, dtype).requires_grad_()
@@ -318,12 +306,12 @@ def test_vector_quantize_fused_matches_torch_backend(backend, dtype, loss_only):
         results.append([t.detach().cpu() for t in (z_q, loss, idx, z.grad, cb.grad)])
     (zq, loss, idx, gz, gc), (zq_r, loss_r, idx_r, gz_r, gc_r) = results
     assert torch.equal(idx, idx_r) and torch.equal(zq, zq_r)
-    torch.testing.assert_close(loss, loss_r, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(gz, gz_r, **EPILOGUE_TOL[dtype])
-    torch.testing.assert_close(gc, gc_r, **EPILOGUE_TOL[dtype])
+    assert_close(loss, loss_r)
+    assert_close(gz, gz_r)
+    assert_close(gc, gc_r)
 
 
-@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@requires("cpp")
 def test_cpp_fused_vq_is_deterministic():
     g = torch.Generator().manual_seed(9)
     z0, cb0 = torch.randn(20000, 24, generator=g), torch.randn(7, 24, generator=g)  # thousands of rows per code
@@ -337,32 +325,31 @@ def test_cpp_fused_vq_is_deterministic():
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+@requires("triton")
 def test_triton_codebook_grad_deterministic_mode():
     dev = device_of("triton")
     z, cb, idx, grad_out = epilogue_inputs(45, 19, 13, torch.float32, 10)
     gl = torch.tensor(0.9)
-    ref = _EPILOGUE["torch"][1](grad_out, z, cb, idx, gl, -0.5, 0.5, True, True)
+    ref = KERNELS["torch"].backward(grad_out, z, cb, idx, gl, -0.5, 0.5, True, True)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        got = _EPILOGUE["triton"][1](grad_out.to(dev), z.to(dev), cb.to(dev), idx.to(dev), gl.to(dev), -0.5, 0.5,
-                                     True, True)
+        got = KERNELS["triton"].backward(grad_out.to(dev), z.to(dev), cb.to(dev), idx.to(dev), gl.to(dev), -0.5, 0.5,
+                                         True, True)
     finally:
         torch.use_deterministic_algorithms(previous)
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a.cpu(), b)
+        assert_close(a.cpu(), b)
 
 
-@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@requires("cpp")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpp_vq_forward_is_search_then_gather(dtype):
-    from fastvq._backend import cpp_ops
-
+    cpp = KERNELS["cpp"]
     for seed, (n, k, d) in enumerate(SHAPES + [(1000, 3, 16)]):
         z, cb, _, _ = epilogue_inputs(n, k, d, dtype, seed)
-        idx, out, sq = cpp_ops().vq_forward(z, cb)
-        ref_idx, _ = cpp_ops().nearest_code(z, cb, False)
-        ref_out, ref_sq = _EPILOGUE["torch"][0](z, cb, ref_idx)
+        idx, out, sq = cpp.fused_forward(z, cb)
+        ref_idx, _ = cpp.search(z, cb, "l2")
+        ref_out, ref_sq = KERNELS["torch"].gather(z, cb, ref_idx)
         assert torch.equal(idx, ref_idx) and torch.equal(out, ref_out), (n, k, d)
-        torch.testing.assert_close(sq, ref_sq, atol=1e-5, rtol=1e-5)
+        assert_close(sq, ref_sq, atol=1e-5, rtol=1e-5)

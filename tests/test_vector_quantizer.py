@@ -10,9 +10,11 @@ from taming.modules.vqvae.quantize import VectorQuantizer2
 
 import fastvq
 from fastvq import VectorQuantizer
-from fastvq._backend import available_backends
+from helpers import assert_close, backend_params
 
-BACKENDS = [b for b in ("torch", "cpp") if available_backends()[b].available]
+# The module runs here on CPU tensors beside taming's, so the backends are the CPU ones; the triton
+# kernels behind it are tested op by op in test_quantize.py.
+CPU_BACKENDS = backend_params(("torch", "cpp"))
 
 # (B, H, W, e_dim, n_e): odd sizes everywhere, the degenerate codebook n_e = 1, and wide codes.
 SHAPES = [(1, 1, 1, 3, 1), (3, 5, 7, 3, 7), (2, 3, 5, 37, 1000), (1, 7, 9, 256, 7), (5, 1, 3, 37, 1), (3, 3, 5, 256, 1000)]
@@ -45,7 +47,7 @@ def run_with_grads(module, z, out_weight, **kwargs):
 
 # ----------------------------------------------------------------------------- drop-in equivalence
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("legacy", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_backward_match_taming(shape, legacy, backend):
@@ -62,9 +64,9 @@ def test_forward_and_backward_match_taming(shape, legacy, backend):
     # Same operations in the same order (z + (z_q - z)): bitwise the same z_q, rounding included.
     assert torch.equal(o[0], t[0])
     assert o[0].shape == (b, e_dim, h, w) and o[0].is_contiguous()
-    torch.testing.assert_close(o[1], t[1], rtol=1e-6, atol=0)
-    torch.testing.assert_close(o[3], t[3], rtol=1e-5, atol=1e-8)  # grad to z
-    torch.testing.assert_close(o[4], t[4], rtol=1e-5, atol=1e-9)  # grad to the codebook
+    assert_close(o[1], t[1], rtol=1e-6, atol=0)
+    assert_close(o[3], t[3], rtol=1e-5, atol=1e-8)  # grad to z
+    assert_close(o[4], t[4], rtol=1e-5, atol=1e-9)  # grad to the codebook
     assert o[4].abs().sum() > 0
     assert o[6] is None and isinstance(o[5], torch.Tensor) and 1.0 <= o[5].item() <= n_e + 1e-3
 
@@ -76,8 +78,8 @@ def test_legacy_flag_moves_beta():
     for legacy in (True, False):
         _, ours = make_pair(11, 5, beta=0.25, legacy=legacy)
         grads.append(run_with_grads(ours, z, torch.zeros_like(z))[3:5])
-    assert torch.allclose(grads[0][0] * 0.25, grads[1][0])  # grad to z: 1 vs beta
-    assert torch.allclose(grads[0][1], grads[1][1] * 0.25)  # grad to codebook: beta vs 1
+    assert_close(grads[0][0] * 0.25, grads[1][0])  # grad to z: 1 vs beta
+    assert_close(grads[0][1], grads[1][1] * 0.25)  # grad to codebook: beta vs 1
 
 
 def test_default_init_is_tamings():
@@ -161,12 +163,12 @@ def test_get_codebook_entry_matches_taming(used_file, remap):
     plain_taming, plain = make_pair(12, 6, sane_index_shape=True)
     z = torch.randn(2, 6, 3, 4)
     z_q, _, (_, _, idx) = plain(z)
-    torch.testing.assert_close(plain.get_codebook_entry(idx.reshape(-1), shape), z_q, rtol=0, atol=1e-6)
+    assert_close(plain.get_codebook_entry(idx.reshape(-1), shape), z_q, rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- low precision
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("module_dtype", ["fp32", "same"])
 def test_low_precision_forward(dtype, module_dtype, backend):
@@ -188,7 +190,7 @@ def test_low_precision_forward(dtype, module_dtype, backend):
     torch_err = (lowp.float() - ref_q).abs().max()
     our_err = ((z_q.float() - ref_q).abs() * same).max()
     assert our_err <= 2 * torch_err + 1e-6
-    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=0)
+    assert_close(loss, ref_loss, rtol=2e-2, atol=0)
 
 
 # ----------------------------------------------------------------------------- extras: cosine, factorised codes
@@ -209,7 +211,7 @@ def reference_forward(module, z):
     return out.reshape(b, h, w, c).permute(0, 3, 1, 2), loss, idx
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("metric,codebook_dim", [("cosine", None), ("l2", 8), ("cosine", 8), ("l2", 37)])
 def test_cosine_and_factorised_codes_match_reference(metric, codebook_dim, backend):
     torch.manual_seed(6)
@@ -226,18 +228,18 @@ def test_cosine_and_factorised_codes_match_reference(metric, codebook_dim, backe
     o_q, o_loss, (_, _, o_idx) = ours(zo)
     r_q, r_loss, r_idx = reference_forward(ref, zr)
     assert torch.equal(o_idx, r_idx)
-    torch.testing.assert_close(o_q, r_q, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(o_loss, r_loss, rtol=1e-5, atol=0)
+    assert_close(o_q, r_q, rtol=1e-5, atol=1e-6)
+    assert_close(o_loss, r_loss, rtol=1e-5, atol=0)
     ((o_q * out_weight).sum() + o_loss).backward()
     ((r_q * out_weight).sum() + r_loss).backward()
-    torch.testing.assert_close(zo.grad, zr.grad, rtol=1e-4, atol=1e-7)
+    assert_close(zo.grad, zr.grad, rtol=1e-4, atol=1e-7)
     for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters()):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-7, msg=name)
+        assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-7, msg=name)
     if metric == "cosine" and codebook_dim is None:  # outputs are unit vectors
-        torch.testing.assert_close(flat(o_q.detach()).norm(dim=1), torch.ones(len(o_idx)))
+        assert_close(flat(o_q.detach()).norm(dim=1), torch.ones(len(o_idx)))
     # get_codebook_entry gives the same vectors as the forward (through the out-projection too).
-    torch.testing.assert_close(ours.get_codebook_entry(o_idx, (2, 5, 3, 37)), o_q.detach(), rtol=1e-5, atol=1e-5)
+    assert_close(ours.get_codebook_entry(o_idx, (2, 5, 3, 37)), o_q.detach(), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- EMA codebook
@@ -255,7 +257,7 @@ def onehot_ema_step(state, x, decay, eps, metric):
     return cluster_size, embed_sum, embed_sum / smoothed[:, None]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_ema_updates_match_onehot_reference(metric, backend):
     torch.manual_seed(8)
@@ -272,13 +274,13 @@ def test_ema_updates_match_onehot_reference(metric, backend):
         if metric == "cosine":
             x = F.normalize(x, dim=1)
         state = onehot_ema_step(state, x, 0.9, 1e-3, metric)
-        torch.testing.assert_close(ours.cluster_size.double(), state[0], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(ours.embed_sum.double(), state[1], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ours.embedding.weight.double(), state[2], rtol=1e-5, atol=1e-6)
+        assert_close(ours.cluster_size.double(), state[0], rtol=1e-6, atol=1e-6)
+        assert_close(ours.embed_sum.double(), state[1], rtol=1e-5, atol=1e-6)
+        assert_close(ours.embedding.weight.double(), state[2], rtol=1e-5, atol=1e-6)
         assert not torch.equal(ours.embedding.weight, codebook_before)
         # The output and loss use the codebook from before the update: loss = beta * commitment only.
         cb = F.normalize(codebook_before, dim=1) if metric == "cosine" else codebook_before
-        torch.testing.assert_close(loss, 0.4 * F.mse_loss(x.float(), cb[idx]), rtol=1e-5, atol=0)
+        assert_close(loss, 0.4 * F.mse_loss(x.float(), cb[idx]), rtol=1e-5, atol=0)
         loss.backward()
         assert ours.embedding.weight.grad is None and z.grad is not None and z.grad.abs().sum() > 0
 
@@ -346,8 +348,8 @@ def test_ema_restart_reseeds_dead_codes_from_the_batch():
     dead = ours.embedding.weight[4:]
     assert dead.abs().max() < 50
     assert_rows_of(dead, flat(z))
-    torch.testing.assert_close(ours.cluster_size[4:], torch.full((6,), 0.3))
-    torch.testing.assert_close(ours.embed_sum[4:], dead * 0.3)
+    assert_close(ours.cluster_size[4:], torch.full((6,), 0.3))
+    assert_close(ours.embed_sum[4:], dead * 0.3)
 
 
 def test_restart_without_ema_keeps_the_searched_codebook_for_backward():

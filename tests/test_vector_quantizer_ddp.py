@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastvq import VectorQuantizer
+from helpers import assert_close
 
 WORLD = 2
 E_DIM, N_E = 5, 12
@@ -104,7 +105,7 @@ def test_ema_step_equals_one_process_on_the_concatenated_batch(rank_results):
     got = rank_results[0]["ema"]
     assert not torch.equal(got["embedding.weight"], make_module("ema").embedding.weight)
     for key in ("embedding.weight", "cluster_size", "embed_sum", "perplexity", "codebook_usage"):
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6, msg=key)
+        assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("config", ["ema_restart", "restart"])
@@ -120,9 +121,9 @@ def test_restart_seeds_come_from_rank_0(rank_results, config):
     rank0_rows = batches()[0][0].permute(0, 2, 3, 1).reshape(-1, E_DIM)
     assert torch.cdist(got[restarted], rank0_rows).min(1).values.max() < 1e-5
     # The live codes were updated exactly as in one process (restarts aside, which draw at random).
-    torch.testing.assert_close(got[~restarted], expected["embedding.weight"][~restarted], rtol=1e-6, atol=1e-6)
+    assert_close(got[~restarted], expected["embedding.weight"][~restarted], rtol=1e-6, atol=1e-6)
     if config == "ema_restart":
-        torch.testing.assert_close(rank_results[0][config]["cluster_size"][restarted], torch.full((int(restarted.sum()),), 0.9))
+        assert_close(rank_results[0][config]["cluster_size"][restarted], torch.full((int(restarted.sum()),), 0.9))
 
 
 def test_eval_statistics_stay_local(rank_results):

@@ -10,6 +10,7 @@ from torch import nn
 from fastvq.models.discriminator import ActNorm, NLayerDiscriminator
 from fastvq.models.lpips import LPIPS
 from fastvq.models.vqgan_loss import VQGANLoss, hinge_d_loss, vanilla_d_loss
+from helpers import assert_close
 
 taming_disc = pytest.importorskip("taming.modules.discriminator.model")
 
@@ -90,8 +91,8 @@ def test_discriminator_loads_taming_state_and_matches(n_layers, use_actnorm):
     x = images(n_layers)
     for training in (True, False):  # BatchNorm batch statistics / ActNorm's data init, then eval
         ours.train(training), theirs.train(training)
-        torch.testing.assert_close(ours(x), theirs(x))
-    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())  # same running stats / ActNorm init
+        assert_close(ours(x), theirs(x))
+    assert_close(ours.state_dict(), theirs.state_dict())  # same running stats / ActNorm init
 
 
 def test_actnorm_initialises_from_first_training_batch():
@@ -99,9 +100,9 @@ def test_actnorm_initialises_from_first_training_batch():
     x = images(0, n=4) * 3 + 1
     y = norm(x)
     assert norm.initialized.item() == 1
-    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(y.transpose(0, 1).reshape(3, -1).std(1), torch.ones(3), atol=1e-4, rtol=0)
-    torch.testing.assert_close(norm(x * 2), 2 * y - norm.scale * norm.loc)  # frozen after the first batch
+    assert_close(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    assert_close(y.transpose(0, 1).reshape(3, -1).std(1), torch.ones(3), atol=1e-4, rtol=0)
+    assert_close(norm(x * 2), 2 * y - norm.scale * norm.loc)  # frozen after the first batch
 
 
 def test_discriminator_initialisation_and_errors():
@@ -138,16 +139,16 @@ def test_matches_taming(taming_loss_class, metric, disc_loss, global_step):
         d_loss, d_log = loss_module(codebook_loss, x, xrec, 1, global_step)
         results.append((loss, log, grad, d_loss, d_log))
     (loss_t, log_t, grad_t, d_t, dlog_t), (loss_o, log_o, grad_o, d_o, dlog_o) = results
-    torch.testing.assert_close(loss_o, loss_t)
-    torch.testing.assert_close(grad_o, grad_t)
-    torch.testing.assert_close(d_o, d_t)
+    assert_close(loss_o, loss_t)
+    assert_close(grad_o, grad_t)
+    assert_close(d_o, d_t)
     assert set(log_o) == set(log_t) and set(dlog_o) == set(dlog_t)
     for key in dlog_t:
-        torch.testing.assert_close(dlog_o[key], dlog_t[key])
+        assert_close(dlog_o[key], dlog_t[key])
     active = global_step >= kwargs["disc_start"]
     for key in log_t:  # before disc_start taming still computes λ and g_loss (and multiplies by 0)
         if active or key not in ("train/d_weight", "train/g_loss"):
-            torch.testing.assert_close(log_o[key].float(), log_t[key].float().mean(), msg=key)
+            assert_close(log_o[key].float(), log_t[key].float().mean(), msg=key)
     if not active:
         assert log_o["train/d_weight"] == 0 and log_o["train/g_loss"] == 0
 
@@ -195,8 +196,8 @@ def test_adaptive_weight_by_hand(metric):
     expected = 0.7 * g_nll.norm() / (g_gan.norm() + 1e-4)
     xrec = decoder(z)
     loss, log = loss_module(codebook_loss, x, xrec, 0, 0, last_layer=last)
-    torch.testing.assert_close(log["train/d_weight"], expected)
-    torch.testing.assert_close(loss, nll(xrec) + expected * 0.5 * g(xrec) + 0.4 * codebook_loss)
+    assert_close(log["train/d_weight"], expected)
+    assert_close(loss, nll(xrec) + expected * 0.5 * g(xrec) + 0.4 * codebook_loss)
 
 
 def test_generator_gets_gan_gradient_only_after_disc_start(metric):
@@ -216,7 +217,7 @@ def test_generator_gets_gan_gradient_only_after_disc_start(metric):
     reconstruction_only = last.grad.clone()
     before, disc_grad_before = grad_at(2)
     after, _ = grad_at(3)
-    torch.testing.assert_close(before, reconstruction_only)
+    assert_close(before, reconstruction_only)
     assert disc_grad_before is None
     assert (after - reconstruction_only).abs().max() > 1e-6
 
@@ -227,17 +228,17 @@ def test_discriminator_step_hinge_value(metric):
     d_loss, log = loss_module(torch.zeros(()), x, xrec, 1, 1)
     real, fake = loss_module.discriminator(x), loss_module.discriminator(xrec)
     expected = 0.8 * 0.5 * ((1 - real).clamp(min=0).mean() + (1 + fake).clamp(min=0).mean())
-    torch.testing.assert_close(d_loss, expected)
-    torch.testing.assert_close(log["train/logits_fake"], fake.mean().detach())
+    assert_close(d_loss, expected)
+    assert_close(log["train/logits_fake"], fake.mean().detach())
     disc_grad, xrec_grad = torch.autograd.grad(d_loss, [loss_module.discriminator.main[0].weight, xrec],
                                                allow_unused=True)
     assert disc_grad.abs().sum() > 0 and xrec_grad is None  # trains D only; the reconstructions are detached
     before, _ = loss_module(torch.zeros(()), x, xrec, 1, 0)
     assert before == 0  # disc_factor is 0 before disc_start
     # fixed logits: 0.5 * (mean(relu(1 - [2, .5])) + mean(relu(1 + [-2, 0]))) = 0.5 * (0.25 + 0.5)
-    torch.testing.assert_close(hinge_d_loss(torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])), torch.tensor(0.375))
+    assert_close(hinge_d_loss(torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])), torch.tensor(0.375))
     softplus = torch.nn.functional.softplus
-    torch.testing.assert_close(vanilla_d_loss(torch.tensor([1.0]), torch.tensor([-1.0])), softplus(torch.tensor(-1.0)))
+    assert_close(vanilla_d_loss(torch.tensor([1.0]), torch.tensor([-1.0])), softplus(torch.tensor(-1.0)))
 
 
 def test_last_layer_required_in_training_only(metric):
