@@ -60,6 +60,18 @@ def check_float(where: str, name: str, value, low: float | None = None, high: fl
     return float(value)
 
 
+def check_positive(where: str, name: str, value, high: float | None = None, *, high_open: bool = False) -> float:
+    """value must be a finite real number (not a bool) > 0 and <= high (< high with high_open): an
+    epsilon, a scale, a fraction that cannot be zero."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if ok and high is not None and (value >= high if high_open else value > high):
+        ok = False
+    if not ok:
+        bound = "> 0" if high is None else f"> 0 and {'<' if high_open else '<='} {high}"
+        raise ValueError(f"{where}: {name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
 def check_prob(where: str, name: str, value) -> float:
     """A dropout-style probability in [0, 1)."""
     return check_float(where, name, value, 0.0, 1.0, high_open=True)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvq.pipeline.logs import (MetricsLog, is_main_process, metric_groups, plot_curves, progress, read_metrics,
-                                  save_image_grid)
+from fastvq.pipeline.distributed import is_main_process
+from fastvq.pipeline.logs import MetricsLog, metric_groups, plot_curves, progress, read_metrics, save_image_grid
 
 
 def lines(path):

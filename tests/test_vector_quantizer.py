@@ -10,6 +10,7 @@ from taming.modules.vqvae.quantize import VectorQuantizer2
 
 import fastvq
 from fastvq import VectorQuantizer
+from fastvq.ops import quantize as quantize_op
 from helpers import assert_close, backend_params
 
 # The module runs here on CPU tensors beside taming's, so the backends are the CPU ones; the triton
@@ -414,6 +415,14 @@ def test_failure_after_the_search_changes_nothing(monkeypatch):
         raise RuntimeError("broadcast failed")
 
     monkeypatch.setattr(ours, "_restart_seeds", broken)
+    with pytest.raises(RuntimeError, match="broadcast failed"):
+        ours(torch.randn(1, 4, 2, 2))
+    assert_unchanged(ours, before)
+    # and inside the op, between the search and the gather (the torch backend's two steps)
+    monkeypatch.undo()
+    ours.backend = "torch"
+    torch_kernels = quantize_op.KERNELS["torch"]
+    monkeypatch.setitem(quantize_op.KERNELS, "torch", torch_kernels._replace(gather=broken))
     with pytest.raises(RuntimeError, match="broadcast failed"):
         ours(torch.randn(1, 4, 2, 2))
     assert_unchanged(ours, before)

@@ -114,7 +114,7 @@ def test_discriminator_initialisation_and_errors():
     assert all(c.bias is None for c in convs[1:-1]) and all((n.bias == 0).all() for n in norms)
     assert abs(torch.cat([n.weight for n in norms]).mean().item() - 1.0) < 0.01
     assert disc(images(0)).shape == (2, 1, 2, 2)
-    with pytest.raises(ValueError, match="n_layers must be a positive integer"):
+    with pytest.raises(ValueError, match="n_layers must be an integer >= 1"):
         NLayerDiscriminator(n_layers=0)
 
 

@@ -9,10 +9,10 @@ in its loss module instead).
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
+
+from .._checks import check_int
 
 
 def weights_init(module: nn.Module) -> None:
@@ -48,12 +48,6 @@ class ActNorm(nn.Module):
         return self.scale * (x + self.loc)
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"NLayerDiscriminator: {name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class NLayerDiscriminator(nn.Module):
     """forward(x) -> (B, 1, h, w) patch logits of (B, input_nc, H, W) images.
 
@@ -63,8 +57,9 @@ class NLayerDiscriminator(nn.Module):
 
     def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, use_actnorm: bool = False):
         super().__init__()
-        input_nc, ndf = _check_positive_int("input_nc", input_nc), _check_positive_int("ndf", ndf)
-        n_layers = _check_positive_int("n_layers", n_layers)
+        input_nc = check_int("NLayerDiscriminator", "input_nc", input_nc, 1)
+        ndf = check_int("NLayerDiscriminator", "ndf", ndf, 1)
+        n_layers = check_int("NLayerDiscriminator", "n_layers", n_layers, 1)
         norm = ActNorm if use_actnorm else nn.BatchNorm2d
         bias = bool(use_actnorm)  # a conv bias before BatchNorm is cancelled by its mean; taming keeps it for ActNorm
 

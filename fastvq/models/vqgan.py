@@ -31,33 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_bool, check_float, check_int, check_prob
 from ..nn.quantize import METRICS, VectorQuantizer
 
 TAMING_TARGET = "taming.models.vqgan.VQModel"
 
 
 # ----------------------------------------------------------------------------- configuration
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"VQGANConfig: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_float(name: str, value, low: float, high: float | None = None) -> float:
-    """value must be a real number in [low, high) (or [low, inf) when high is None)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= low
-    if not ok or (high is not None and value >= high):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"VQGANConfig: {name} must be a number {bound}, got {value!r}")
-    return float(value)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):  # a YAML string "False" would otherwise read as true
-        raise ValueError(f"VQGANConfig: {name} must be True or False, got {value!r}")
-    return value
-
 
 def _check_ints(name: str, value, allow_empty: bool) -> tuple[int, ...]:
     ok = isinstance(value, (list, tuple)) and (allow_empty or len(value) > 0) and all(
@@ -107,17 +87,17 @@ class VQGANConfig:
     def __post_init__(self):
         for name in ("resolution", "in_channels", "out_ch", "ch", "num_res_blocks", "z_channels", "n_embed",
                      "embed_dim"):
-            setattr(self, name, _check_int(name, getattr(self, name)))
+            setattr(self, name, check_int("VQGANConfig", name, getattr(self, name), 1))
         if self.codebook_dim is not None:
-            self.codebook_dim = _check_int("codebook_dim", self.codebook_dim)
+            self.codebook_dim = check_int("VQGANConfig", "codebook_dim", self.codebook_dim, 1)
         self.ch_mult = _check_ints("ch_mult", self.ch_mult, allow_empty=False)
         self.attn_resolutions = _check_ints("attn_resolutions", self.attn_resolutions, allow_empty=True)
-        self.dropout = _check_float("dropout", self.dropout, 0.0, 1.0)
-        self.beta = _check_float("beta", self.beta, 0.0)
-        self.decay = _check_float("decay", self.decay, 0.0, 1.0)
-        self.restart_threshold = _check_float("restart_threshold", self.restart_threshold, 0.0)
+        self.dropout = check_prob("VQGANConfig", "dropout", self.dropout)
+        self.beta = check_float("VQGANConfig", "beta", self.beta, 0.0)
+        self.decay = check_prob("VQGANConfig", "decay", self.decay)
+        self.restart_threshold = check_float("VQGANConfig", "restart_threshold", self.restart_threshold, 0.0)
         for name in ("resamp_with_conv", "double_z", "legacy", "sane_index_shape", "ema", "restart_dead"):
-            _check_bool(name, getattr(self, name))
+            check_bool("VQGANConfig", name, getattr(self, name))
         if self.metric not in METRICS:
             raise ValueError(f"VQGANConfig: metric must be one of {METRICS}, got {self.metric!r}")
         if isinstance(self.remap, os.PathLike):

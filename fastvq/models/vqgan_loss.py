@@ -24,12 +24,11 @@ The submodules are `perceptual_loss` and `discriminator`, taming's names, so tam
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_float, check_int
 from .discriminator import NLayerDiscriminator
 from .lpips import LPIPS
 
@@ -45,12 +44,6 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
 DISC_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 ADAPTIVE_WEIGHT_EPS = 1e-4
 ADAPTIVE_WEIGHT_MAX = 1e4
-
-
-def _check_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"VQGANLoss: {name} must be a non-negative number, got {value!r}")
-    return float(value)
 
 
 def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
@@ -71,19 +64,17 @@ class VQGANLoss(nn.Module):
                  disc_in_channels=3, disc_factor=1.0, disc_weight=1.0, perceptual_weight=1.0, use_actnorm=False,
                  disc_conditional=False, disc_ndf=64, disc_loss="hinge", *, perceptual: nn.Module | None = None):
         super().__init__()
-        if isinstance(disc_start, bool) or not isinstance(disc_start, numbers.Integral) or disc_start < 0:
-            raise ValueError(f"VQGANLoss: disc_start must be a non-negative integer, got {disc_start!r}")
         if disc_loss not in DISC_LOSSES:
             raise ValueError(f"VQGANLoss: disc_loss must be one of {sorted(DISC_LOSSES)}, got {disc_loss!r}")
         if perceptual is not None and not isinstance(perceptual, nn.Module):
             raise TypeError(f"VQGANLoss: perceptual must be an nn.Module (e.g. LPIPS) or None, "
                             f"got {type(perceptual).__name__}")
-        self.disc_start = int(disc_start)
-        self.codebook_weight = _check_weight("codebook_weight", codebook_weight)
-        self.pixel_weight = _check_weight("pixelloss_weight", pixelloss_weight)
-        self.perceptual_weight = _check_weight("perceptual_weight", perceptual_weight)
-        self.disc_factor = _check_weight("disc_factor", disc_factor)
-        self.disc_weight = _check_weight("disc_weight", disc_weight)
+        self.disc_start = check_int("VQGANLoss", "disc_start", disc_start, 0)
+        self.codebook_weight = check_float("VQGANLoss", "codebook_weight", codebook_weight, 0.0)
+        self.pixel_weight = check_float("VQGANLoss", "pixelloss_weight", pixelloss_weight, 0.0)
+        self.perceptual_weight = check_float("VQGANLoss", "perceptual_weight", perceptual_weight, 0.0)
+        self.disc_factor = check_float("VQGANLoss", "disc_factor", disc_factor, 0.0)
+        self.disc_weight = check_float("VQGANLoss", "disc_weight", disc_weight, 0.0)
         self.disc_conditional = bool(disc_conditional)
         self.disc_loss_name = disc_loss
         self.disc_loss = DISC_LOSSES[disc_loss]

@@ -16,15 +16,9 @@ decode op, so a cache can be reused for a new sequence without zeroing it.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"KVCache: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+from .._checks import check_int
 
 
 class KVCache:
@@ -32,8 +26,9 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, slots: int, *,
                  device=None, dtype: torch.dtype = torch.float32):
-        shape = (_check_int("n_layer", n_layer, 1), _check_int("batch_size", batch_size, 1),
-                 _check_int("n_head", n_head, 1), _check_int("slots", slots, 1), _check_int("head_dim", head_dim, 1))
+        shape = tuple(check_int("KVCache", name, value, 1) for name, value in
+                      (("n_layer", n_layer), ("batch_size", batch_size), ("n_head", n_head),
+                       ("slots", slots), ("head_dim", head_dim)))
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"KVCache: dtype must be a floating torch.dtype, got {dtype!r}")
         self.k = torch.zeros(shape, device=device, dtype=dtype)

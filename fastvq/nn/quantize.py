@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_float, check_int, check_positive, check_prob
 from ..ops.quantize import vector_quantize
 
 METRICS = ("l2", "cosine")
@@ -36,29 +37,20 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _check_positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"VectorQuantizer: {name} must be a positive integer, got {value!r}")
-
-
 def _check_config(n_e, e_dim, beta, unknown_index, metric, codebook_dim, decay, eps, restart_threshold):
-    _check_positive_int("n_e", n_e)
-    _check_positive_int("e_dim", e_dim)
-    _check_positive_int("codebook_dim", codebook_dim, allow_none=True)
-    if not isinstance(beta, numbers.Real) or beta < 0:
-        raise ValueError(f"VectorQuantizer: beta must be a non-negative number, got {beta!r}")
+    where = "VectorQuantizer"
+    check_int(where, "n_e", n_e, 1)
+    check_int(where, "e_dim", e_dim, 1)
+    if codebook_dim is not None:
+        check_int(where, "codebook_dim", codebook_dim, 1)
+    check_float(where, "beta", beta, 0.0)
     if unknown_index not in ("random", "extra") and not isinstance(unknown_index, numbers.Integral):
         raise ValueError(f"VectorQuantizer: unknown_index must be 'random', 'extra' or an integer, got {unknown_index!r}")
     if metric not in METRICS:
         raise ValueError(f"VectorQuantizer: metric must be one of {METRICS}, got {metric!r}")
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"VectorQuantizer: decay must be in [0, 1), got {decay!r}")
-    if not eps > 0:
-        raise ValueError(f"VectorQuantizer: eps must be positive, got {eps!r}")
-    if not restart_threshold >= 0:
-        raise ValueError(f"VectorQuantizer: restart_threshold must be >= 0, got {restart_threshold!r}")
+    check_prob(where, "decay", decay)
+    check_positive(where, "eps", eps)
+    check_float(where, "restart_threshold", restart_threshold, 0.0)
 
 
 def _check_gumbel_args(temp, rescale_logits, return_logits):

@@ -1,10 +1,11 @@
 """Checkpoints that survive a kill at any moment, load with weights_only=True, and resume exactly.
 
-save_checkpoint writes the new state to a temporary file beside the target, fsyncs it, renames it
-onto the target (os.replace is atomic on POSIX and Windows) and fsyncs the directory so that the
-rename itself is durable. A process killed at any point leaves at `path` either the previous
-complete checkpoint or the new one, never a partial file; the killed save's temporary file
-(".<name>.<random>.tmp") is never read by load_checkpoint and is deleted by the next save to `path`.
+write_atomically writes a file through a temporary beside the target, fsyncs it, renames it onto
+the target (os.replace is atomic on POSIX and Windows) and fsyncs the directory so that the rename
+itself is durable. A process killed at any point leaves at `path` either the previous complete file
+or the new one, never a partial file; the killed write's temporary file (".<name>.<pid>-<random>.tmp")
+is never read by load_checkpoint and is deleted by the next write to `path`. save_checkpoint writes
+through it, and so do the logs (metrics CSV, plots, image grids).
 
 The state format keeps to what torch.load(weights_only=True) accepts, so loading a checkpoint runs
 no pickled code: tensors, numbers, strings, bytes, None, dtypes, devices and dicts / lists / tuples
@@ -51,21 +52,20 @@ def _temporary_files(path: Path) -> list[Path]:
     return list(path.parent.glob(f".{path.name}.*.tmp"))
 
 
-def save_checkpoint(path, state: dict) -> Path:
-    """Atomically write `state` (a dict, see the module docstring) to `path`; returns the Path."""
+def write_atomically(path, write, *, text: bool = False) -> Path:
+    """Call write(f) on a new temporary file beside `path`, then make it `path` atomically and
+    durably (see the module docstring); returns the Path. The file is binary, or with text=True
+    text without newline translation (what the csv module expects)."""
     path = Path(path)
-    if not isinstance(state, dict):
-        raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
-    _check_plain(state, "state")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in _temporary_files(path):  # from saves killed before their rename
+    for leftover in _temporary_files(path):  # from writes killed before their rename
         leftover.unlink(missing_ok=True)
-    # Not tempfile.mkstemp: its files are private (0600) whatever the umask, and a checkpoint is not.
+    # Not tempfile.mkstemp: its files are private (0600) whatever the umask, and these are not.
     temporary = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with os.fdopen(fd, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -74,6 +74,14 @@ def save_checkpoint(path, state: dict) -> Path:
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Atomically write `state` (a dict, see the module docstring) to `path`; returns the Path."""
+    if not isinstance(state, dict):
+        raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
+    _check_plain(state, "state")
+    return write_atomically(path, lambda f: torch.save(state, f))
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -1,31 +1,182 @@
 """Training configurations: named presets, YAML files over them, command-line overrides.
 
-A configuration is a dict of sections. For train-vqgan: `model` (VQGANConfig fields), `loss`
-(VQGANLoss arguments) and `train`; for train-gpt: `model` (GPT arguments) and `train`. A YAML file
-holds the same sections and starts from a preset: `preset: demo` (default: the preset the command
-uses by default) and only the keys it changes. Unknown sections or keys are errors naming the key,
-so a typo never trains silently with a default.
+A configuration is a dict of sections. For train-vqgan (TrainVQGANConfig): `model` (VQGANConfig
+fields), `loss` (VQGANLossSection: VQGANLoss arguments) and `train` (VQGANTrainSection); for
+train-gpt (TrainGPTConfig): `model` (GPT arguments) and `train` (GPTTrainSection). load_config
+returns the plain dicts (what YAML files and checkpoints hold); the trainers read them through
+TrainVQGANConfig.from_dict / TrainGPTConfig.from_dict, which also convert the dicts stored in
+checkpoints. A YAML file holds the same sections and starts from a preset: `preset: demo` (default:
+the preset the command uses by default) and only the keys it changes. Unknown sections or keys are
+errors naming the key, so a typo never trains silently with a default.
 
 Presets:
-  demo   what `make demo` trains on a 2-core CPU in a few minutes (32x32 crops, f = 4, 8x8 codes)
-  small  a CPU-hours / small-GPU model (64x64 crops, f = 8)
+  demo   the smallest, what `make demo` trains on a CPU (32x32 crops, f = 4, 8x8 codes)
+  small  for a small GPU or a long CPU run (64x64 crops, f = 8)
   base   taming's f16 1024-code ImageNet autoencoder shape (256x256, attention at 16) and a
          24-layer GPT; for GPUs
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from .._checks import check_bool, check_float, check_int, check_positive, check_prob
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and key."""
+
+
+class _Section:
+    """A config section as a dataclass: from_dict refuses unknown keys by name, to_dict gives plain
+    types back (lists, not tuples) for YAML and checkpoints."""
+
+    @classmethod
+    def from_dict(cls, values, where: str):
+        if isinstance(values, cls):
+            return values
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+        known = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _check_betas(section: str, betas) -> tuple[float, float]:
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ConfigError(f"config: {section}.betas must be two numbers in [0, 1), got {betas!r}")
+    return tuple(check_prob("config", f"{section}.betas", b) for b in betas)
+
+
+@dataclass
+class VQGANLossSection(_Section):
+    """train-vqgan's `loss` section: VQGANLoss arguments (which VQGANLoss checks). Defaults: the demo preset."""
+    disc_start: int = 400  # steps before the GAN term and the discriminator's updates start
+    disc_weight: float = 0.5
+    perceptual_weight: float = 1.0
+    codebook_weight: float = 1.0
+    disc_ndf: int = 32
+    disc_num_layers: int = 2
+
+
+@dataclass
+class VQGANTrainSection(_Section):
+    """train-vqgan's `train` section. Defaults: the demo preset."""
+    steps: int = 600
+    batch_size: int = 16  # per process
+    size: int = 32  # training crop side in pixels (the VQGAN's resolution)
+    lr: float = 1e-3
+    disc_lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.9)  # Adam's, for both optimizers
+    log_every: int = 10
+    eval_every: int = 100  # held-out PSNR, codebook usage and a reconstruction grid
+    ckpt_every: int = 100
+    heldout: int = 64  # held-out crops evaluated
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "size", "log_every", "eval_every", "ckpt_every", "heldout"):
+            setattr(self, name, check_int("config", f"train.{name}", getattr(self, name), 1))
+        self.seed = check_int("config", "train.seed", self.seed, 0)
+        self.lr = check_positive("config", "train.lr", self.lr)
+        self.disc_lr = check_positive("config", "train.disc_lr", self.disc_lr)
+        self.betas = _check_betas("train", self.betas)
+
+
+@dataclass
+class GPTTrainSection(_Section):
+    """train-gpt's `train` section. Defaults: the demo preset."""
+    steps: int = 400
+    batch_size: int = 32  # per process
+    lr: float = 1e-3  # peak, after `warmup` steps; cosine decay to 10% of it at `steps`
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    pkeep: float = 0.9  # fraction of input codes kept; the others are replaced by random codes
+    conditional: bool = True  # a class token (the crop's source image) before the codes
+    codes: int = 4096  # crops encoded into the training bank (shared out among the processes)
+    warmup: int = 50
+    log_every: int = 20
+    ckpt_every: int = 200
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "codes", "log_every", "ckpt_every"):
+            setattr(self, name, check_int("config", f"train.{name}", getattr(self, name), 1))
+        self.warmup = check_int("config", "train.warmup", self.warmup, 0)
+        self.seed = check_int("config", "train.seed", self.seed, 0)
+        self.lr = check_positive("config", "train.lr", self.lr)
+        self.weight_decay = check_float("config", "train.weight_decay", self.weight_decay, 0.0)
+        self.betas = _check_betas("train", self.betas)
+        self.pkeep = check_float("config", "train.pkeep", self.pkeep, 0.0, 1.0)
+        check_bool("config", "train.conditional", self.conditional)
+
+
+def _sections(config, names: tuple[str, ...], where: str) -> Mapping:
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(config).__name__}")
+    for name in config:
+        if name not in names:
+            raise ConfigError(f"{where}: unknown section {name!r} (known: {', '.join(names)})")
+    missing = [name for name in names if name not in config]
+    if missing:
+        raise ConfigError(f"{where}: missing section(s) {', '.join(missing)}")
+    if not isinstance(config["model"], Mapping):
+        raise ConfigError(f"{where}.model: expected a mapping, got {type(config['model']).__name__}")
+    return config
+
+
+@dataclass
+class TrainVQGANConfig:
+    """train-vqgan's configuration: `model` VQGANConfig fields (resolution comes from train.size)."""
+    model: dict
+    loss: VQGANLossSection = field(default_factory=VQGANLossSection)
+    train: VQGANTrainSection = field(default_factory=VQGANTrainSection)
+
+    @classmethod
+    def from_dict(cls, config, where: str = "config") -> "TrainVQGANConfig":
+        """From load_config's dict or a checkpoint's (an instance is returned as it is)."""
+        if isinstance(config, cls):
+            return config
+        sections = _sections(config, ("model", "loss", "train"), where)
+        return cls(dict(sections["model"]), VQGANLossSection.from_dict(sections["loss"], f"{where}.loss"),
+                   VQGANTrainSection.from_dict(sections["train"], f"{where}.train"))
+
+    def to_dict(self) -> dict:
+        return {"model": dict(self.model), "loss": self.loss.to_dict(), "train": self.train.to_dict()}
+
+
+@dataclass
+class TrainGPTConfig:
+    """train-gpt's configuration: `model` GPT arguments (vocab_size and block_size come from the VQGAN)."""
+    model: dict
+    train: GPTTrainSection = field(default_factory=GPTTrainSection)
+
+    @classmethod
+    def from_dict(cls, config, where: str = "config") -> "TrainGPTConfig":
+        """From load_config's dict or a checkpoint's (an instance is returned as it is)."""
+        if isinstance(config, cls):
+            return config
+        sections = _sections(config, ("model", "train"), where)
+        return cls(dict(sections["model"]), GPTTrainSection.from_dict(sections["train"], f"{where}.train"))
+
+    def to_dict(self) -> dict:
+        return {"model": dict(self.model), "train": self.train.to_dict()}
+
 
 VQGAN_PRESETS = {
     "demo": {
         "model": {"resolution": 32, "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [8],
                   "z_channels": 32, "embed_dim": 16, "n_embed": 128, "beta": 0.25, "legacy": False,
                   "ema": True, "restart_dead": True},
-        "loss": {"disc_start": 400, "disc_weight": 0.5, "perceptual_weight": 1.0, "codebook_weight": 1.0,
-                 "disc_ndf": 32, "disc_num_layers": 2},
-        "train": {"steps": 600, "batch_size": 16, "size": 32, "lr": 1e-3, "disc_lr": 2e-4, "betas": [0.5, 0.9],
-                  "log_every": 10, "eval_every": 100, "ckpt_every": 100, "heldout": 64, "seed": 0},
+        "loss": VQGANLossSection().to_dict(),
+        "train": VQGANTrainSection().to_dict(),
     },
     "small": {
         "model": {"resolution": 64, "ch": 64, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 2, "attn_resolutions": [8],
@@ -54,9 +205,7 @@ GPT_PRESETS = {
         # prior from memorising them (without, held-out loss rises after ~200 steps)
         "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "window": 32, "rope": True, "embd_pdrop": 0.1,
                   "resid_pdrop": 0.1, "attn_pdrop": 0.0},
-        "train": {"steps": 400, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95],
-                  "pkeep": 0.9, "conditional": True, "codes": 4096, "warmup": 50, "log_every": 20,
-                  "ckpt_every": 200, "seed": 0},
+        "train": GPTTrainSection().to_dict(),
     },
     "small": {
         "model": {"n_layer": 8, "n_head": 8, "n_embd": 256, "window": 64, "rope": True, "embd_pdrop": 0.0,
@@ -75,10 +224,7 @@ GPT_PRESETS = {
 }
 
 PRESETS = {"vqgan": VQGAN_PRESETS, "gpt": GPT_PRESETS}
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the file and key."""
+CONFIGS = {"vqgan": TrainVQGANConfig, "gpt": TrainGPTConfig}
 
 
 def _merge(base: dict, update: dict, where: str) -> dict:
@@ -96,9 +242,10 @@ def _merge(base: dict, update: dict, where: str) -> dict:
 
 
 def load_config(kind: str, spec: str | None = None, overrides: dict | None = None) -> dict:
-    """The configuration for `kind` ("vqgan" or "gpt"): spec is a preset name, a YAML file or None
-    (the demo preset); overrides is {"section.key": value} from the command line (None values are
-    skipped, so unset flags keep the file's value)."""
+    """The configuration for `kind` ("vqgan" or "gpt") as a dict of sections, checked by its
+    dataclasses (CONFIGS[kind]): spec is a preset name, a YAML file or None (the demo preset);
+    overrides is {"section.key": value} from the command line (None values are skipped, so unset
+    flags keep the file's value)."""
     presets = PRESETS[kind]
     if spec is None or spec in presets:
         config = copy.deepcopy(presets[spec or "demo"])
@@ -109,6 +256,7 @@ def load_config(kind: str, spec: str | None = None, overrides: dict | None = Non
             continue
         section, key = dotted.split(".")
         config = _merge(config, {section: {key: value}}, "command line")
+    CONFIGS[kind].from_dict(config, spec or "config")
     return config
 
 

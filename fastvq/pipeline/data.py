@@ -25,12 +25,13 @@ as a uint8 (3, H, W) tensor; an item is a slice, a conversion to float and perha
 from __future__ import annotations
 
 import math
-import numbers
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
+
+from .._checks import check_int, check_positive
 
 # The images scikit-image ships inside its package (skimage.data loads them without pooch or a
 # download), restricted to natural photographs and textures of at least 300 pixels a side.
@@ -59,18 +60,14 @@ def _rgb_uint8(image, scale: float) -> torch.Tensor:
 
 
 def _check_arguments(owner: str, size, split, length, scale, seed, heldout_fraction) -> None:
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"{owner}: size must be a positive integer, got {size!r}")
+    check_int(owner, "size", size, 1)
     if split not in SPLITS:
         raise ValueError(f"{owner}: split must be one of {SPLITS}, got {split!r}")
-    if length is not None and (isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 1):
-        raise ValueError(f"{owner}: length must be None or a positive integer, got {length!r}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
-        raise ValueError(f"{owner}: scale must be a positive number, got {scale!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"{owner}: seed must be a non-negative integer, got {seed!r}")
-    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, numbers.Real) or not 0 < heldout_fraction < 1:
-        raise ValueError(f"{owner}: heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
+    if length is not None:
+        check_int(owner, "length", length, 1)
+    check_positive(owner, "scale", scale)
+    check_int(owner, "seed", seed, 0)
+    check_positive(owner, "heldout_fraction", heldout_fraction, 1.0, high_open=True)
 
 
 class _RegionCrops(Dataset):
@@ -118,9 +115,7 @@ class _RegionCrops(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the training crops of this epoch (no effect on the held-out split)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
-            raise ValueError(f"{type(self).__name__}.set_epoch: epoch must be a non-negative integer, got {epoch!r}")
-        self.epoch = int(epoch)
+        self.epoch = check_int(f"{type(self).__name__}.set_epoch", "epoch", epoch, 0)
 
     def __len__(self) -> int:
         return self.length

@@ -2,7 +2,8 @@
 
 Under torchrun (WORLD_SIZE > 1 in the environment) `setup()` starts the process group (nccl on
 CUDA, gloo on CPU), pins each rank to its GPU, and returns a Runtime; without torchrun it returns
-a single-process Runtime and nothing else changes. Only rank 0 writes files (Runtime.is_main).
+a single-process Runtime and nothing else changes. Only the main process, rank 0, writes files
+(is_main_process, Runtime.is_main).
 """
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+def is_main_process(rank: int | None = None) -> bool:
+    """Whether `rank` is the main process: rank 0, the one that writes files, logs and shows progress.
+    rank None means this process: its rank in the process group once there is one, before that the
+    RANK variable torchrun sets (none without torchrun: a single process is the main one)."""
+    if rank is None:
+        initialised = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if initialised else int(os.environ.get("RANK", "0"))
+    return rank == 0
 
 
 @dataclass
@@ -26,7 +37,7 @@ class Runtime:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return is_main_process(self.rank)
 
 
 def setup(device: str | None = None) -> Runtime:

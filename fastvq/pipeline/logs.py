@@ -4,11 +4,12 @@ MetricsLog keeps one CSV row per logged step ("step" then one column per metric,
 appearance). A metric that appears later (the GAN loss once the discriminator starts) adds a
 column: the file is rewritten with the wider header, earlier rows left blank there. On resume from
 a checkpoint at step s, rows with step > s (logged after that checkpoint by the run that died) are
-dropped, so the curves never hold two histories. Rewrites go through a temporary file and
-os.replace, so a kill never leaves half a CSV or half a PNG.
+dropped, so the curves never hold two histories. Rewrites go through checkpoint.write_atomically,
+so a kill never leaves half a CSV or half a PNG.
 
 Metric names of the form "group/name" ("loss/rec", "loss/vq") share a subplot in plot_curves;
-other names get one each. Only the main process (is_main_process) should write any of these.
+other names get one each. Only the main process (distributed.is_main_process) should write any of
+these.
 """
 from __future__ import annotations
 
@@ -20,27 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-
-def is_main_process() -> bool:
-    """True on rank 0 of an initialised process group, and when not distributed at all. Before
-    init_process_group, the RANK variable torchrun sets decides."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _write_atomically(path: Path, write, mode: str = "w") -> None:
-    """write(file) into a temporary beside `path`, then rename it onto `path`."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, mode, **({"newline": ""} if "b" not in mode else {})) as f:
-            write(f)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+from .._checks import check_int
+from .checkpoint import write_atomically
+from .distributed import is_main_process
 
 
 def read_metrics(path) -> tuple[list[int], dict[str, list[float]]]:
@@ -77,8 +61,7 @@ class MetricsLog:
 
     def append(self, step: int, metrics) -> None:
         """Add the row for `step`; metrics maps names to numbers (or one-element tensors)."""
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"MetricsLog.append: step must be a non-negative integer, got {step!r}")
+        check_int("MetricsLog.append", "step", step, 0)
         values = {name: self._number(name, value) for name, value in metrics.items()}
         new = [name for name in values if name not in self.columns]
         if new:
@@ -117,7 +100,7 @@ class MetricsLog:
                 padded = row + [math.nan] * (len(self.columns) - len(row))
                 writer.writerow([row[0]] + [_cell(v) for v in padded[1:]])
 
-        _write_atomically(self.path, write)
+        write_atomically(self.path, write, text=True)
 
 
 def _cell(value: float) -> str:
@@ -179,8 +162,7 @@ def plot_curves(csv_path, png_path, title: str | None = None):
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    png_path = Path(png_path)
-    _write_atomically(png_path, lambda f: fig.savefig(f, format="png"), mode="wb")
+    write_atomically(png_path, lambda f: fig.savefig(f, format="png"))
     return fig
 
 
@@ -193,12 +175,9 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2,
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"save_image_grid: images must be a (B, 3, H, W) tensor with B >= 1, got {shape}")
-    if isinstance(nrow, bool) or not isinstance(nrow, numbers.Integral) or nrow < 1:
-        raise ValueError(f"save_image_grid: nrow must be a positive integer, got {nrow!r}")
-    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
-        raise ValueError(f"save_image_grid: padding must be a non-negative integer, got {padding!r}")
-    if isinstance(zoom, bool) or not isinstance(zoom, numbers.Integral) or zoom < 1:
-        raise ValueError(f"save_image_grid: zoom must be a positive integer, got {zoom!r}")
+    check_int("save_image_grid", "nrow", nrow, 1)
+    check_int("save_image_grid", "padding", padding, 0)
+    check_int("save_image_grid", "zoom", zoom, 1)
     if zoom > 1:
         images = images.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
     pixels = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
@@ -210,11 +189,8 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2,
         top = padding + (i // cols) * (height + padding)
         left = padding + (i % cols) * (width + padding)
         grid[:, top:top + height, left:left + width] = image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    _write_atomically(path, lambda f: picture.save(f, format="PNG"), mode="wb")
-    return path
+    return write_atomically(path, lambda f: picture.save(f, format="PNG"))
 
 
 def progress(iterable=None, total: int | None = None, desc: str | None = None, enabled: bool = True,

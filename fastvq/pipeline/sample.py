@@ -15,7 +15,7 @@ import torch
 from ..models.gpt import GPT, sample_with_past
 from ..models.vqgan import VQGAN, VQGANConfig
 from .checkpoint import load_checkpoint
-from .config import ConfigError
+from .config import ConfigError, TrainGPTConfig
 from .logs import save_image_grid
 
 
@@ -27,7 +27,7 @@ def load_prior(path, map_location="cpu") -> tuple[GPT, VQGAN, dict]:
     if state.get("kind") != "gpt" or not state.get("vqgan"):
         raise ConfigError(f"{path}: not a fastvq gpt.ckpt from train-gpt (kind {state.get('kind')!r})")
     layout = state["layout"]
-    gpt = build_gpt(state["config"], layout)
+    gpt = build_gpt(TrainGPTConfig.from_dict(state["config"], f"{path}: config"), layout)  # a dict in every version
     gpt.load_state_dict(state["model"])
     vqgan = VQGAN(VQGANConfig.from_dict(state["vqgan"]["config"]))
     vqgan.load_state_dict(state["vqgan"]["model"])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..models.gpt import GPT
 from . import distributed
 from .checkpoint import resume_path, resume_training, save_checkpoint, training_state
-from .config import load_config
+from .config import GPTTrainSection, TrainGPTConfig, load_config
 from .data import make_dataset, num_classes
 from .logs import MetricsLog, plot_curves, progress
 from .train_vqgan import load_vqgan
@@ -63,23 +63,26 @@ def corrupt(x: torch.Tensor, pkeep: float, n_embed: int, generator=None) -> torc
     return torch.where(keep, x, noise)
 
 
-def lr_at(step: int, cfg: dict) -> float:
-    """Linear warm-up to cfg['lr'], then cosine decay to 10% of it at cfg['steps']."""
-    warmup, steps, lr = cfg["warmup"], cfg["steps"], cfg["lr"]
+def lr_at(step: int, cfg: GPTTrainSection) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to 10% of it at cfg.steps."""
+    warmup, steps, lr = cfg.warmup, cfg.steps, cfg.lr
     if step < warmup:
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(steps - warmup, 1)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def build_gpt(config: dict, layout: dict) -> GPT:
+def build_gpt(config, layout: dict) -> GPT:
+    """The GPT of a TrainGPTConfig (or its dict) over the code layout of its VQGAN."""
     vocab = layout["n_embed"] + max(layout["classes"], 1)
-    return GPT(vocab_size=vocab, block_size=1 + layout["h"] * layout["w"], **config["model"])
+    return GPT(vocab_size=vocab, block_size=1 + layout["h"] * layout["w"], **TrainGPTConfig.from_dict(config).model)
 
 
-def train_gpt(config: dict, out_dir, vqgan_path, *, data: str | None = None, resume=None, device: str | None = None,
+def train_gpt(config, out_dir, vqgan_path, *, data: str | None = None, resume=None, device: str | None = None,
               show_progress: bool = True, log=print) -> dict:
-    """Train (or resume) the prior on the codes of the VQGAN in vqgan_path; returns final metrics."""
+    """Train (or resume) the prior on the codes of the VQGAN in vqgan_path as `config` (a
+    TrainGPTConfig or load_config's dict) says; returns final metrics."""
+    config = TrainGPTConfig.from_dict(config)
     runtime = distributed.setup(device)
     try:
         return _train(config, Path(out_dir), Path(vqgan_path), data, resume, runtime, show_progress, log)
@@ -95,69 +98,70 @@ def _layout(vqgan, dataset, conditional: bool) -> dict:
     return {"n_embed": vqgan.config.n_embed, "h": h, "w": w, "size": size, "classes": classes, "class_names": names}
 
 
-def _train(config, out_dir: Path, vqgan_path: Path, data, resume, runtime, show_progress, log) -> dict:
-    cfg = config["train"]
+def _train(config: TrainGPTConfig, out_dir: Path, vqgan_path: Path, data, resume, runtime, show_progress,
+           log) -> dict:
+    cfg = config.train
     dev = runtime.device
     vqgan = load_vqgan(vqgan_path, map_location=dev)
     train_set = make_dataset(data, vqgan.config.resolution, "train")
-    layout = _layout(vqgan, train_set, cfg["conditional"])
-    torch.manual_seed(cfg["seed"])
+    layout = _layout(vqgan, train_set, cfg.conditional)
+    torch.manual_seed(cfg.seed)
     gpt = build_gpt(config, layout).to(dev)
     decay = [p for n, p in gpt.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in gpt.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=tuple(cfg["betas"]))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
     start, ckpt = 0, resume_path(out_dir, resume)
     if ckpt is not None:
-        start = resume_training(ckpt, "gpt-train", config, {"model": gpt, "opt": opt}, map_location=dev)
+        start = resume_training(ckpt, "gpt-train", config.to_dict(), {"model": gpt, "opt": opt}, map_location=dev)
         if runtime.is_main:
             log(f"resumed from {ckpt} at step {start}")
 
     # every rank encodes its own crops (different seeds), so the code bank grows with the world size
-    torch.manual_seed(cfg["seed"] * 1000 + runtime.rank)
-    share = max(cfg["codes"] // runtime.world_size, cfg["batch_size"])
+    torch.manual_seed(cfg.seed * 1000 + runtime.rank)
+    share = max(cfg.codes // runtime.world_size, cfg.batch_size)
     codes, labels = encode_dataset(vqgan, train_set, share, device=dev, show_progress=show_progress and runtime.is_main)
-    seqs = sequences(codes, labels, layout["n_embed"], cfg["conditional"]).to(dev)
+    seqs = sequences(codes, labels, layout["n_embed"], cfg.conditional).to(dev)
     heldout = make_dataset(data, vqgan.config.resolution, "heldout")
     h_codes, h_labels = encode_dataset(vqgan, heldout, len(heldout), device=dev)
-    heldout_seqs = sequences(h_codes, h_labels, layout["n_embed"], cfg["conditional"]).to(dev)
+    heldout_seqs = sequences(h_codes, h_labels, layout["n_embed"], cfg.conditional).to(dev)
     vqgan_record = {"config": vqgan.config.to_dict(), "model": {k: v.cpu() for k, v in vqgan.state_dict().items()}}
     del vqgan
 
     model = distributed.wrap(gpt, runtime)
     metrics = MetricsLog(out_dir / "metrics.csv", resume_step=start) if runtime.is_main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    gen = torch.Generator(device=dev).manual_seed(cfg["seed"] * 7919 + runtime.rank + start)
-    bar = progress(total=cfg["steps"], initial=start, desc="train-gpt", enabled=show_progress and runtime.is_main)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + runtime.rank + start)
+    bar = progress(total=cfg.steps, initial=start, desc="train-gpt", enabled=show_progress and runtime.is_main)
     t0, result, step = time.perf_counter(), {}, start
-    for step in range(start, cfg["steps"]):
-        batch = seqs[torch.randint(0, seqs.shape[0], (cfg["batch_size"],), device=dev, generator=gen)]
+    for step in range(start, cfg.steps):
+        batch = seqs[torch.randint(0, seqs.shape[0], (cfg.batch_size,), device=dev, generator=gen)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with autocast:
-            logits, _ = model(corrupt(batch[:, :-1], cfg["pkeep"], layout["n_embed"], gen))
+            logits, _ = model(corrupt(batch[:, :-1], cfg.pkeep, layout["n_embed"], gen))
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
         opt.step()
         done = step + 1
-        if done % cfg["log_every"] == 0 or done == cfg["steps"]:
+        if done % cfg.log_every == 0 or done == cfg.steps:
             row = distributed.mean_over_ranks({"loss": loss.item(), "lr": lr_at(step, cfg)}, runtime)
             if runtime.is_main:
                 row["heldout_loss"] = heldout_loss(gpt, heldout_seqs)
-                row["tokens_per_s"] = ((step - start + 1) * cfg["batch_size"] * (seqs.shape[1] - 1)
+                row["tokens_per_s"] = ((step - start + 1) * cfg.batch_size * (seqs.shape[1] - 1)
                                        * runtime.world_size / (time.perf_counter() - t0))
                 metrics.append(done, row)
                 result = row
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if done % cfg["ckpt_every"] == 0 or done == cfg["steps"]:
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
             _save(out_dir, config, layout, gpt, opt, done, vqgan_record, runtime)
         bar.update(1)
     bar.close()
     if runtime.is_main:
         plot_curves(out_dir / "metrics.csv", out_dir / "loss_curves.png", title="train-gpt")
-        log(f"train-gpt: {cfg['steps']} steps; loss {result.get('loss', float('nan')):.3f}, held-out "
+        log(f"train-gpt: {cfg.steps} steps; loss {result.get('loss', float('nan')):.3f}, held-out "
             f"{result.get('heldout_loss', float('nan')):.3f} nats/code; wrote {out_dir}")
     distributed.barrier(runtime)
     return {**result, "steps": max(step + 1, start)}
@@ -178,9 +182,10 @@ def heldout_loss(gpt: GPT, seqs: torch.Tensor, batch_size: int = 64) -> float:
     return total / max(count, 1)
 
 
-def _save(out_dir: Path, config, layout, gpt, opt, step, vqgan_record: dict, runtime) -> None:
+def _save(out_dir: Path, config: TrainGPTConfig, layout, gpt, opt, step, vqgan_record: dict, runtime) -> None:
     if not runtime.is_main:
         return
+    config = config.to_dict()  # checkpoints hold plain dicts (TrainGPTConfig.from_dict reads them back)
     save_checkpoint(out_dir / "last.ckpt", training_state("gpt-train", config, step, {"model": gpt, "opt": opt},
                                                           layout=layout))
     save_checkpoint(out_dir / "gpt.ckpt", {"kind": "gpt", "config": config, "layout": layout, "step": step,

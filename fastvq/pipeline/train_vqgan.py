@@ -24,7 +24,7 @@ from ..models.vqgan import VQGAN, VQGANConfig
 from ..models.vqgan_loss import VQGANLoss
 from . import distributed
 from .checkpoint import load_checkpoint, resume_path, resume_training, save_checkpoint, training_state
-from .config import ConfigError, load_config
+from .config import ConfigError, TrainVQGANConfig, load_config
 from .data import make_dataset
 from .logs import MetricsLog, plot_curves, progress, save_image_grid
 
@@ -48,10 +48,10 @@ class VQGANTrainingStep(nn.Module):
         return total, log, xrec
 
 
-def build_vqgan(config: dict) -> VQGAN:
-    model = dict(config["model"])
-    model["resolution"] = config["train"]["size"]
-    return VQGAN(VQGANConfig(**model))
+def build_vqgan(config) -> VQGAN:
+    """The VQGAN of a TrainVQGANConfig (or its dict): the model section at resolution train.size."""
+    config = TrainVQGANConfig.from_dict(config)
+    return VQGAN(VQGANConfig(**{**config.model, "resolution": config.train.size}))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -114,9 +114,11 @@ def _scalars(log: dict) -> dict:
     return out
 
 
-def train_vqgan(config: dict, out_dir, *, data: str | None = None, resume=None, device: str | None = None,
+def train_vqgan(config, out_dir, *, data: str | None = None, resume=None, device: str | None = None,
                 show_progress: bool = True, log=print) -> dict:
-    """Train (or resume) a VQGAN as `config` says; returns the final metrics. See the module doc."""
+    """Train (or resume) a VQGAN as `config` (a TrainVQGANConfig or load_config's dict) says; returns
+    the final metrics. See the module doc."""
+    config = TrainVQGANConfig.from_dict(config)
     runtime = distributed.setup(device)
     try:
         return _train(config, Path(out_dir), data, resume, runtime, show_progress, log)
@@ -124,31 +126,31 @@ def train_vqgan(config: dict, out_dir, *, data: str | None = None, resume=None, 
         distributed.teardown(runtime)
 
 
-def _train(config, out_dir: Path, data, resume, runtime, show_progress, log) -> dict:
-    train_cfg = config["train"]
+def _train(config: TrainVQGANConfig, out_dir: Path, data, resume, runtime, show_progress, log) -> dict:
+    train_cfg = config.train
     dev = runtime.device
-    torch.manual_seed(train_cfg["seed"])  # the same initial weights on every rank
+    torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
     vqgan = build_vqgan(config).to(dev)
-    loss = VQGANLoss(**config["loss"]).to(dev)
-    opt_ae = torch.optim.Adam([p for p in vqgan.parameters() if p.requires_grad], lr=train_cfg["lr"],
-                              betas=tuple(train_cfg["betas"]))
-    opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=train_cfg["disc_lr"], betas=tuple(train_cfg["betas"]))
+    loss = VQGANLoss(**config.loss.to_dict()).to(dev)
+    opt_ae = torch.optim.Adam([p for p in vqgan.parameters() if p.requires_grad], lr=train_cfg.lr,
+                              betas=train_cfg.betas)
+    opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=train_cfg.disc_lr, betas=train_cfg.betas)
 
     parts = {"model": vqgan, "loss": loss, "opt_ae": opt_ae, "opt_d": opt_d}
     start, ckpt = 0, resume_path(out_dir, resume)
     if ckpt is not None:
-        start = resume_training(ckpt, "vqgan-train", config, parts, map_location=dev)
+        start = resume_training(ckpt, "vqgan-train", config.to_dict(), parts, map_location=dev)
         if runtime.is_main:
             log(f"resumed from {ckpt} at step {start}")
-    torch.manual_seed(train_cfg["seed"] * 1000 + runtime.rank + start)  # different crops on every rank
+    torch.manual_seed(train_cfg.seed * 1000 + runtime.rank + start)  # different crops on every rank
 
-    size, steps = train_cfg["size"], train_cfg["steps"]
-    batches = _loader(make_dataset(data, size, "train"), train_cfg["batch_size"], runtime, train_cfg["seed"] + start)
-    heldout = _heldout_images(data, size, train_cfg["heldout"]) if runtime.is_main else None
+    size, steps = train_cfg.size, train_cfg.steps
+    batches = _loader(make_dataset(data, size, "train"), train_cfg.batch_size, runtime, train_cfg.seed + start)
+    heldout = _heldout_images(data, size, train_cfg.heldout) if runtime.is_main else None
     stepper = distributed.wrap(VQGANTrainingStep(vqgan, loss), runtime, find_unused_parameters=True)
     metrics = MetricsLog(out_dir / "metrics.csv", resume_step=start) if runtime.is_main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    disc_start = config["loss"]["disc_start"]
+    disc_start = config.loss.disc_start
 
     bar = progress(total=steps, initial=start, desc="train-vqgan", enabled=show_progress and runtime.is_main)
     last_eval, t0, step = {}, time.perf_counter(), start
@@ -169,14 +171,14 @@ def _train(config, out_dir: Path, data, resume, runtime, show_progress, log) -> 
             row.update(_scalars(d_log))
         row.update(perplexity=float(vqgan.quantize.perplexity), codebook_usage_batch=float(vqgan.quantize.codebook_usage))
         done = step + 1
-        if done % train_cfg["log_every"] == 0 or done == steps:
+        if done % train_cfg.log_every == 0 or done == steps:
             row = distributed.mean_over_ranks(row, runtime)
             if metrics is not None:
-                metrics.append(done, {**row, "images_per_s": _rate(t0, step - start + 1, train_cfg["batch_size"], runtime)})
+                metrics.append(done, {**row, "images_per_s": _rate(t0, step - start + 1, train_cfg.batch_size, runtime)})
             bar.set_postfix(rec=f"{row.get('rec_loss', float('nan')):.3f}", usage=f"{row['codebook_usage_batch']:.2f}")
-        if runtime.is_main and (done % train_cfg["eval_every"] == 0 or done == steps):
+        if runtime.is_main and (done % train_cfg.eval_every == 0 or done == steps):
             last_eval = _evaluate_and_draw(vqgan, heldout, out_dir, done, metrics)
-        if done % train_cfg["ckpt_every"] == 0 or done == steps:
+        if done % train_cfg.ckpt_every == 0 or done == steps:
             _save(out_dir, config, parts, done, runtime)
         bar.update(1)
     bar.close()
@@ -206,12 +208,12 @@ def _evaluate_and_draw(vqgan, heldout, out_dir: Path, step: int, metrics) -> dic
     return result
 
 
-def _save(out_dir: Path, config, parts: dict, step: int, runtime) -> None:
+def _save(out_dir: Path, config: TrainVQGANConfig, parts: dict, step: int, runtime) -> None:
     """last.ckpt (resume) and vqgan.ckpt (model only), rank 0 only, both atomic."""
     if not runtime.is_main:
         return
     vqgan = parts["model"]
-    save_checkpoint(out_dir / "last.ckpt", training_state("vqgan-train", config, step, parts))
+    save_checkpoint(out_dir / "last.ckpt", training_state("vqgan-train", config.to_dict(), step, parts))
     save_checkpoint(out_dir / "vqgan.ckpt", {"kind": "vqgan", "config": vqgan.config.to_dict(), "step": step,
                                              "model": vqgan.state_dict()})
 
@@ -222,8 +224,8 @@ def load_vqgan(path, map_location="cpu") -> VQGAN:
     kind = state.get("kind")
     if kind == "vqgan":
         model = VQGAN(VQGANConfig.from_dict(state["config"]))
-    elif kind == "vqgan-train":
-        model = build_vqgan(state["config"])
+    elif kind == "vqgan-train":  # its config a dict, as the checkpoints of every version store it
+        model = build_vqgan(TrainVQGANConfig.from_dict(state["config"], f"{path}: config"))
     else:
         raise ConfigError(f"{path}: not a fastvq VQGAN checkpoint (kind {kind!r}); train one with train-vqgan "
                           "or load a taming checkpoint with fastvq.load_taming_vqgan")
