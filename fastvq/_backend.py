@@ -59,6 +59,13 @@ def cpp_ops():
     return torch.ops.fastvq
 
 
+@functools.lru_cache(maxsize=None)
+def cpp_op(name: str):
+    """torch.ops.fastvq.<name>.default, looked up once (calling an overload directly skips the
+    packet's overload resolution: a few microseconds on every call of a decode step's kernels)."""
+    return getattr(cpp_ops(), name).default
+
+
 def available_backends() -> dict[str, BackendStatus]:
     """Which backends work on this machine and, for the others, why not."""
     out = {"torch": BackendStatus("torch", True, "reference implementation, any device")}

@@ -14,13 +14,13 @@ variant (partial sums over K in several programs, then a reduction) would fill t
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+from fastvq._backend import triton_interpret
+
+_INTERPRET = triton_interpret()  # read once, when the kernels are defined
 _MAX_BLOCK_M = 16
 _MAX_TILE, _MAX_TILE_INTERPRET = 8192, 65536
 

@@ -18,13 +18,13 @@ before the dot there; autotuning, which needs the GPU driver, is replaced by one
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+from fastvq._backend import triton_interpret
+
+_INTERPRET = triton_interpret()  # read once, when the kernels are defined
 _EPS = 1e-12  # same norm floor as fastvq.ops.quantize.nearest_code_reference: zero vectors get distance 1
 # Up to this many elements per row (by element size), a row block's x tile stays loaded for the
 # whole codebook sweep (the flash-attention pattern): codebook tiles are then the only loop traffic

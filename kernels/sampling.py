@@ -28,13 +28,13 @@ programs would need a grid-wide reduction per sweep).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+from fastvq._backend import triton_interpret
+
+_INTERPRET = triton_interpret()  # read once, when the kernels are defined
 # Elements of a (ROWS, BLOCK) chunk; each also meets 16 candidate keys per radix sweep. Short rows
 # share a program. The interpreter runs programs one after another, so it gets wider chunks.
 _MAX_TILE = 8192 if _INTERPRET else 1024

@@ -30,13 +30,13 @@ Everything here compiles with Triton 3.2 (hence no *args in kernel calls, no tl.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+from fastvq._backend import triton_interpret
+
+_INTERPRET = triton_interpret()  # read once, when the kernels are defined
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores run in base 2: exp2 is the cheap instruction
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 MAX_HEAD_DIM = 256  # a whole head row lives in registers; beyond this the tiles no longer fit

@@ -8,7 +8,6 @@ import torch
 
 import fastvq
 from fastvq import GPT, KVCache, sample_with_past
-from fastvq.ops import window_attention as wa
 
 
 def _taming_mingpt():
@@ -34,7 +33,7 @@ mingpt = _taming_mingpt()
 VOCAB, BLOCK, LAYERS, HEADS, EMBD = 37, 24, 2, 2, 32
 
 # the auto path on CPU is cpp when the kernel is built; the torch reference is always checked too
-BACKENDS = ["torch"] + (["cpp"] if wa._cpp_op("sliding_window_decode") is not None else [])
+BACKENDS = [b for b in ("torch", "cpp") if fastvq.available_backends()[b].available]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -289,20 +288,20 @@ def test_bad_arguments_are_refused():
     assert sample_with_past(x, model, 0).shape == (2, 0)
 
 
-def test_step_plan_gives_the_module_path_logits_exactly(monkeypatch):
-    # A CPU fp32 step without rope runs from GPT._decode_plan (kernels called directly); it must
-    # be the same computation as Block.forward_cached, bit for bit, cache writes included.
+def test_step_is_inference_and_reads_copies_not_parameters():
+    # GPT.step reads its decode weights (stacked q/k/v, huge-page copies on CPU), never builds a
+    # graph, and follows a parameter change at the next step.
     torch.manual_seed(0)
     model = GPT(50, 16, n_layer=2, n_head=2, n_embd=32).eval()
-    idx = torch.randint(0, 50, (3, 6))
-    caches = [model.new_cache(3) for _ in range(2)]
+    idx = torch.randint(0, 50, (3, 2))
+    logits = model.step(idx[:, :1], model.new_cache(3), 0)
+    assert not logits.requires_grad
+    weights = model.decode_weights()
+    assert weights.layers[0].attn.qkv_weight.shape == (96, 32)
+    assert weights.head.data_ptr() != model.head.weight.data_ptr()
     with torch.no_grad():
-        planned = model._decode_plan(model.tok_emb(idx[:, :1]), caches[0]) is not None
-        assert planned == fastvq.available_backends()["cpp"].available
-        runs = []
-        for cache, use_plan in zip(caches, (True, False)):
-            if not use_plan:
-                monkeypatch.setattr(GPT, "_decode_plan", lambda self, x, c: None)
-            runs.append(torch.stack([model.step(idx[:, p:p + 1], cache, torch.tensor(p)) for p in range(6)]))
-    assert torch.equal(runs[0], runs[1])
-    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+        model.head.weight.mul_(2)
+    again = model.step(idx[:, :1], model.new_cache(3), 0)
+    torch.testing.assert_close(again, 2 * logits)
+    model.free_decode_weights()
+    torch.testing.assert_close(model.step(idx[:, :1], model.new_cache(3), 0), again)

@@ -4,21 +4,14 @@ import torch
 import torch.nn.functional as F
 
 import fastvq
-from fastvq._backend import available_backends
-from fastvq.ops import window_attention as wa
-from fastvq.ops.window_attention import sliding_window_attention, sliding_window_decode
+from fastvq.ops.window_attention import (sliding_window_attention, sliding_window_attention_backward_reference,
+                                         sliding_window_attention_reference, sliding_window_decode,
+                                         sliding_window_decode_qkv, sliding_window_decode_reference)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _backends():
-    names = [name for name, st in available_backends().items() if st.available]
-    if "cpp" in names and wa._cpp_op("sliding_window_attention_fwd") is None:
-        names.remove("cpp")  # the C++ kernel for this op is not in fastvq._C yet
-    return names
-
-
-BACKENDS = _backends()
+BACKENDS = [name for name, st in fastvq.available_backends().items() if st.available]
 
 # (B, H, H_kv, T, Dh, window): odd T, windows of 1, small, T - 1, T and beyond, GQA, Dh not a
 # power of two. The interpreter is slow, so triton gets small shapes that still span several blocks.
@@ -222,13 +215,13 @@ def test_forward_saves_only_row_lse(backend):
 def test_torch_reference_chunking_is_exact(chunk):
     q, k, v = make_inputs(1, 2, 1, 50, 16, seed=7)
     window = 13
-    out, lse = wa.attention_forward_torch(q, k, v, window, 0.25, chunk=chunk)
-    dense_out, dense_lse = wa.attention_forward_torch(q, k, v, window, 0.25, chunk=50)
+    out, lse = sliding_window_attention_reference(q, k, v, window, 0.25, chunk=chunk)
+    dense_out, dense_lse = sliding_window_attention_reference(q, k, v, window, 0.25, chunk=50)
     torch.testing.assert_close(out, dense_out)
     torch.testing.assert_close(lse, dense_lse)
     go = torch.randn_like(out)
-    grads = wa.attention_backward_torch(go, q, k, v, out, lse, window, 0.25, chunk=chunk)
-    dense = wa.attention_backward_torch(go, q, k, v, dense_out, dense_lse, window, 0.25, chunk=50)
+    grads = sliding_window_attention_backward_reference(go, q, k, v, out, lse, window, 0.25, chunk=chunk)
+    dense = sliding_window_attention_backward_reference(go, q, k, v, dense_out, dense_lse, window, 0.25, chunk=50)
     for a, b in zip(grads, dense):
         torch.testing.assert_close(a, b)
 
@@ -298,7 +291,7 @@ def test_decode_against_reference_over_head_sizes(backend, d, n, pos):
     q = torch.randn(b, h, n, d, generator=g)
     k_cache = torch.randn(b, hk, slots + 5, d, generator=g)[:, :, 5:]  # views of larger rings
     v_cache = torch.randn(b, hk, slots + 5, d, generator=g)[:, :, :slots]
-    want = wa.decode_torch(q, k_cache, v_cache, pos, window, d ** -0.5)
+    want = sliding_window_decode_reference(q, k_cache, v_cache, pos, window, d ** -0.5)
     got = decode_on(backend, q, k_cache, v_cache, torch.tensor(pos), window)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
@@ -421,19 +414,6 @@ def test_bad_scale_and_backend():
         sliding_window_attention(t["q"], t["k"], t["v"], 2, backend="cuda")
 
 
-def test_cpp_dispatch_until_the_kernel_exists(monkeypatch):
-    # auto on CPU may use the reference while fastvq._C lacks the op; an explicit cpp must raise.
-    monkeypatch.delenv("FASTVQ_BACKEND", raising=False)
-    monkeypatch.setattr(wa, "_cpp_op", lambda name: None)
-    monkeypatch.setattr(wa, "resolve_backend", lambda backend, device, op: "cpp" if backend in (None, "auto", "cpp") else backend)
-    assert wa._resolve(None, torch.device("cpu"), "op", "sliding_window_attention_fwd") == "torch"
-    with pytest.raises(RuntimeError, match="not built yet"):
-        wa._resolve("cpp", torch.device("cpu"), "op", "sliding_window_attention_fwd")
-    monkeypatch.setenv("FASTVQ_BACKEND", "cpp")
-    with pytest.raises(RuntimeError, match="not built yet"):
-        wa._resolve(None, torch.device("cpu"), "op", "sliding_window_attention_fwd")
-
-
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
 def test_triton_never_touches_keys_outside_the_band():
     # O(T * window) work: the first 16 keys and values are NaN, and 0 * NaN = NaN in any dot that
@@ -456,6 +436,92 @@ def test_triton_refuses_head_dim_over_256():
 def test_public_api():
     assert fastvq.sliding_window_attention is sliding_window_attention
     assert fastvq.sliding_window_decode is sliding_window_decode
+    assert fastvq.sliding_window_decode_qkv is sliding_window_decode_qkv
+
+
+# ----------------------------------------------------------------------------- the fused decode step
+
+def _dense_step_oracle(qkv, k_ring, v_ring, pos, window, scale):
+    """decode_qkv built independently, in float64: write the ring by hand, then a dense masked
+    softmax over the absolute positions each slot holds."""
+    b, n, _, h, d = qkv.shape
+    slots = k_ring.shape[2]
+    k_ring, v_ring = k_ring.double().clone(), v_ring.double().clone()
+    x = qkv.double()
+    for i in range(n):
+        k_ring[:, :, (pos + i) % slots] = x[:, i, 1]
+        v_ring[:, :, (pos + i) % slots] = x[:, i, 2]
+    last = pos + n - 1
+    held = torch.tensor([last - ((last - s) % slots) for s in range(slots)])
+    out = torch.empty(b, n, h, d, dtype=torch.float64)
+    for i in range(n):
+        t = pos + i
+        seen = (held >= 0) & (held <= t) & (held > t - window)
+        scores = torch.einsum("bhd,bhsd->bhs", x[:, i, 0], k_ring) * scale
+        p = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+        out[:, i] = torch.einsum("bhs,bhsd->bhd", p, v_ring)
+    return out.reshape(b, n, h * d), k_ring, v_ring
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d, n, pos, window, extra", [
+    (16, 1, 0, 5, 0), (64, 1, 9, 5, 0), (24, 3, 7, 6, 1), (32, 2, 40, 9, 4), (144, 1, 3, 8, 0), (128, 4, 100, 16, 0),
+])
+def test_decode_qkv_against_the_dense_oracle(backend, dtype, d, n, pos, window, extra):
+    # fp32 heads of 16..128 take the cpp one-pass kernel; other head sizes and dtypes the ring
+    # writes + decode path: every backend must write the same slots and return the same rows.
+    b, h = 2, 3
+    slots = window + n - 1 + extra
+    g = torch.Generator().manual_seed(d * 7 + pos)
+    qkv = torch.randn(b, n, 3, h, d, generator=g).to(dtype)
+    k_ring = torch.randn(b, h, slots, d, generator=g).to(dtype)
+    v_ring = torch.randn(b, h, slots, d, generator=g).to(dtype)
+    want, want_k, want_v = _dense_step_oracle(qkv, k_ring, v_ring, pos, window, d ** -0.5)
+    dev = device_of(backend)
+    k_dev, v_dev = k_ring.to(dev), v_ring.to(dev)
+    got = sliding_window_decode_qkv(qkv.to(dev), k_dev, v_dev, pos, window, backend=backend).cpu()
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    assert torch.equal(k_dev.cpu(), want_k.to(dtype)) and torch.equal(v_dev.cpu(), want_v.to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_qkv_steps_equal_the_full_forward_and_reuse_the_ring(backend):
+    # a sequence 4x the window through a ring of `window` slots, one token a step: the same rows
+    # as sliding_window_attention on the whole sequence, and the rings are never reallocated
+    b, h, d, t, window = 1, 2, 32, 40, 10
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(b, t, 3, h, d, generator=g)
+    full = sliding_window_attention_reference(*(x.transpose(1, 2) for x in qkv.unbind(2)), window, d ** -0.5)[0]
+    dev = device_of(backend)
+    k_ring, v_ring = torch.zeros(b, h, window, d, device=dev), torch.zeros(b, h, window, d, device=dev)
+    ptrs = (k_ring.data_ptr(), v_ring.data_ptr())
+    steps = [sliding_window_decode_qkv(qkv[:, p:p + 1].to(dev), k_ring, v_ring, torch.tensor(p, device=dev), window,
+                                       backend=backend).cpu() for p in range(t)]
+    torch.testing.assert_close(torch.cat(steps, 1), full.transpose(1, 2).reshape(b, t, h * d), atol=2e-5, rtol=1e-4)
+    assert (k_ring.data_ptr(), v_ring.data_ptr()) == ptrs
+
+
+def test_decode_qkv_refusals_leave_the_rings_as_they_were():
+    qkv = torch.randn(1, 2, 3, 2, 16)
+    k_ring, v_ring = torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
+    before = k_ring.clone(), v_ring.clone()
+    bad = [
+        (dict(window=6), ValueError, r"window \+ n - 1 = 7"),          # ring too small for 2 tokens
+        (dict(pos=-1), ValueError, "pos"),
+        (dict(qkv=torch.randn(1, 2, 2, 2, 16)), ValueError, r"\(B, n, 3, H, Dh\)"),
+        (dict(qkv=qkv.double()), TypeError, "float32, float16 or bfloat16"),
+        (dict(qkv=qkv.half()), TypeError, "share a dtype"),
+        (dict(v_cache=v_ring[:, :1]), ValueError, "k_cache and v_cache must both be"),
+        (dict(qkv=qkv.clone().requires_grad_()), RuntimeError, "inference only"),
+        (dict(scale="x"), TypeError, "scale"),
+    ]
+    for change, exc, words in bad:
+        args = dict(qkv=qkv, k_cache=k_ring, v_cache=v_ring, pos=0, window=3) | change
+        with pytest.raises(exc, match=words):
+            sliding_window_decode_qkv(**args)
+    assert torch.equal(k_ring, before[0]) and torch.equal(v_ring, before[1])
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ kernel not built")

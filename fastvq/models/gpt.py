@@ -10,10 +10,13 @@ checkpoints load unchanged (GPT.from_mingpt) and give the same logits. What diff
     arbitrarily long sequences from a ring-buffer cache of `window` slots per layer;
   * sampling goes through a preallocated KVCache (GPT.prefill, GPT.step) instead of taming's
     growing list of presents, and through the fused fastvq.sample_logits;
-  * a decode step's Linear layers (on CPU, without gradients) run through fastvq's decode_linear,
-    which streams each weight once at memory speed, GELU and the residual add fused in, from copies
-    of the weights in transparent huge pages (rebuilt when a parameter changes; the parameters
-    themselves are untouched). That holds a second copy of the Linear weights while decoding.
+  * one decode step (GPT.step -> Block._step -> SlidingWindowSelfAttention._step) for every
+    device and dtype: its Linear layers run through fastvq.decode_linear, which streams each weight
+    once at memory speed with GELU and the residual add fused in, and the attention through
+    fastvq.sliding_window_decode_qkv. The weights it reads are an explicit GPTDecodeWeights
+    (model.decode_weights(): q/k/v stacked, in transparent huge pages on CPU, rebuilt when a
+    parameter changes; the parameters themselves are untouched). On CPU that holds a second copy
+    of the Linear weights while decoding; model.free_decode_weights() gives it back.
 
 sample_with_past(x, model, steps, ...) is taming's sampler (taming.modules.transformer.mingpt) with
 the same call and result on a fastvq.GPT; convert a taming model first with GPT.from_mingpt.
@@ -21,32 +24,37 @@ the same call and result on a fastvq.GPT; convert a taming model first with GPT.
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import SlidingWindowSelfAttention
+from .._checks import check_int, check_pos
+from ..nn.attention import AttentionDecodeWeights, SlidingWindowSelfAttention, StepKernels, step_kernels
+from ..nn.decode_state import DecodeWeights, packed_in_huge_pages
 from ..nn.kv_cache import KVCache
-from ..ops.decode_linear import DECODE_ROWS, decoding_copies, linear_for_decoding, packed_in_huge_pages
-from ..ops.decode_linear import _cpp_kernel as _decode_linear_kernel
 from ..ops.sampling import sample_logits as fused_sample_logits
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"GPT: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int("GPT", name, value, minimum)
 
 
-def _reads_copies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether a decode step reads huge-page copies of these weights (fastvq.ops.decode_linear's
-    decoding_copies): on CPU, where the cpp kernel streams them, and when no gradient is needed
-    (a copy is outside autograd)."""
-    return x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad
-                                                                         or any(w.requires_grad for w in weights)))
+class BlockDecodeWeights(NamedTuple):
+    """What a Block's decode step reads: its attention's weights and the MLP's two weights."""
+    attn: AttentionDecodeWeights
+    fc1: torch.Tensor
+    fc2: torch.Tensor
+
+
+class GPTDecodeWeights(NamedTuple):
+    """What GPT.step reads: one BlockDecodeWeights a layer and the head's weight (copies, see
+    fastvq.nn.decode_state)."""
+    layers: tuple
+    head: torch.Tensor
 
 
 class Block(nn.Module):
@@ -63,6 +71,13 @@ class Block(nn.Module):
             nn.Linear(4 * n_embd, n_embd),
             nn.Dropout(resid_pdrop),
         )
+        self._mlp_copies = DecodeWeights(self._mlp_weights, self._build_mlp_copies)
+
+    def _mlp_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mlp[0].weight, self.mlp[2].weight
+
+    def _build_mlp_copies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed_in_huge_pages(*self._mlp_weights())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -79,21 +94,18 @@ class Block(nn.Module):
         x = x + y
         return x + self.mlp(self.ln2(x))
 
-    def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos) -> torch.Tensor:
-        x = x + self.attn.forward_cached(self.ln1(x), cache_k, cache_v, pos)
-        if self.training and self.mlp[3].p > 0:
-            return x + self.mlp(self.ln2(x))
-        # the MLP as two decode products: gelu(fc1(h)), then x + fc2(...) with the residual fused
-        fc1, fc2 = self.mlp[0], self.mlp[2]
-        w1, w2 = self._mlp_decode_weights() if _reads_copies(x, fc1.weight, fc2.weight) else (fc1.weight, fc2.weight)
-        h = linear_for_decoding(self.ln2(x), w1, fc1.bias, activation="gelu")
-        return linear_for_decoding(h, w2, fc2.bias, residual=x)
+    def decode_weights(self) -> BlockDecodeWeights:
+        """The tensors _step reads, rebuilt when a parameter changes (fastvq.nn.decode_state)."""
+        return BlockDecodeWeights(self.attn.decode_weights(), *self._mlp_copies.get())
 
-    def _mlp_decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Huge-page copies of the MLP's two weights for the CPU decode step (decoding_copies)."""
-        fc1, fc2 = self.mlp[0], self.mlp[2]
-        return decoding_copies(self, "_decode_copies", (fc1.weight, fc2.weight),
-                               lambda: packed_in_huge_pages(fc1.weight, fc2.weight))
+    def _step(self, x, cache_k, cache_v, pos, positions, weights: BlockDecodeWeights, kernels: StepKernels):
+        """One decode step of the block on checked arguments (inference: no dropout)."""
+        c = x.shape[-1]
+        x = self.attn._step(F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.ln1.eps), cache_k, cache_v,
+                            pos, positions, weights.attn, kernels, residual=x)
+        h = kernels.linear(F.layer_norm(x, (c,), self.ln2.weight, self.ln2.bias, self.ln2.eps), weights.fc1,
+                           self.mlp[0].bias, None, "gelu")
+        return kernels.linear(h, weights.fc2, self.mlp[2].bias, x, None)
 
 
 class GPT(nn.Module):
@@ -123,6 +135,7 @@ class GPT(nn.Module):
         self.head = nn.Linear(n_embd, self.vocab_size, bias=False)
         self.n_head, self.n_embd = n_head, n_embd
         self.apply(self._init_weights)
+        self._decode_weights = DecodeWeights(self.parameters, self._build_decode_weights)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -198,13 +211,8 @@ class GPT(nn.Module):
             x = x + self.pos_emb[0].index_select(0, positions)
         return self.drop(x)
 
-    def _logits(self, x: torch.Tensor, decoding: bool = False) -> torch.Tensor:
-        # a decode step's few rows go through fastvq's decode_linear kernel on CPU (from a huge-page
-        # copy of the head in GPT.step), anything else through torch
-        weight = self.head.weight
-        if decoding and _reads_copies(x, weight):
-            weight = decoding_copies(self, "_decode_copies", (weight,), lambda: packed_in_huge_pages(self.head.weight))[0]
-        return linear_for_decoding(self.ln_f(x), weight, self.head.bias)
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln_f(x))
 
     # ------------------------------------------------------------------------- public
 
@@ -256,74 +264,56 @@ class GPT(nn.Module):
         return self._logits(x)
 
     def step(self, idx_new: torch.Tensor, cache: KVCache, pos) -> torch.Tensor:
-        """Cached decoding: idx_new (B, n) are the tokens at absolute positions pos .. pos + n - 1
-        (pos an int or a 0-dim integer tensor on idx's device; a tensor stays on the device, no host
-        sync), attending to the earlier positions held in cache, whose slots they overwrite in
-        place. Returns logits (B, n, vocab_size). Without rope pos + n <= block_size (checked for an
-        int pos, trusted for a tensor); with rope any position works.
+        """Cached decoding (inference: no gradients, no dropout): idx_new (B, n) are the tokens at
+        absolute positions pos .. pos + n - 1 (pos an int or a 0-dim integer tensor on idx's device;
+        a tensor stays on the device, no host sync), attending to the earlier positions held in
+        cache, whose slots they overwrite in place. Returns logits (B, n, vocab_size). Without rope
+        pos + n <= block_size (checked for an int pos, trusted for a tensor); with rope any position
+        works. Everything is checked before the cache is touched.
         """
         self._check_idx(idx_new, "idx_new")
         self._check_cache(cache, idx_new.shape[0])
-        n = idx_new.shape[1]
-        if isinstance(pos, torch.Tensor):
-            if pos.dim() != 0 or pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
-                raise TypeError(f"GPT.step: pos must be an int or a 0-dim integer tensor, got {pos.dtype} "
-                                f"of shape {tuple(pos.shape)}")
-        else:
-            pos = _check_int("pos", pos, 0)
+        b, n = idx_new.shape
+        if cache.slots < self.window + n - 1:
+            raise ValueError(f"GPT.step: the cache has {cache.slots} slots but {n} new tokens with window {self.window} "
+                             f"need window + n - 1 = {self.window + n - 1}")
+        pos = check_pos("GPT.step", pos, idx_new.device)
+        if not isinstance(pos, torch.Tensor):
             self._check_length(pos + n, "the step reaches")
-        positions = torch.as_tensor(pos, device=idx_new.device).long() + torch.arange(n, device=idx_new.device)
-        x = self._embed(idx_new, positions)
-        plan = self._decode_plan(x, cache)
-        if plan is not None:
-            return self._run_plan(plan, x, cache, pos)
-        for block, (cache_k, cache_v) in zip(self.blocks, cache):
-            x = block.forward_cached(x, cache_k, cache_v, pos)
-        return self._logits(x, decoding=True)
+        with torch.no_grad():
+            weights = self.decode_weights()
+            if cache.k.dtype != weights.head.dtype or cache.k.device != weights.head.device:
+                raise TypeError(f"GPT.step: the cache is {cache.k.dtype} on {cache.k.device} but the model is "
+                                f"{weights.head.dtype} on {weights.head.device}; they must match")
+            kernels = step_kernels(idx_new.device, b * n, "GPT.step")
+            pos = torch.as_tensor(pos, dtype=torch.int64, device=idx_new.device)  # once, not per layer
+            positions = pos + torch.arange(n, device=idx_new.device)
+            x = self.tok_emb(idx_new)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb[0].index_select(0, positions)
+            rope_positions = positions if self.rope else None
+            for block, layer, (cache_k, cache_v) in zip(self.blocks, weights.layers, cache):
+                x = block._step(x, cache_k, cache_v, pos, rope_positions, layer, kernels)
+            c = x.shape[-1]
+            return kernels.linear(F.layer_norm(x, (c,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps),
+                                  weights.head, self.head.bias, None, None)
 
-    # A CPU fp32 inference step of a model without rope is a fixed chain of kernel calls: layer norm,
-    # q/k/v product, fastvq::sliding_window_decode_qkv, output product (+ residual), layer norm, MLP
-    # (GELU, residual fused), ... Running it from a list of the tensors each layer reads skips the
-    # module tree (attribute lookups, per-call path checks), ~0.3 ms of Python per step at batch 1;
-    # the kernels, their order and so the results are those of Block.forward_cached.
+    def _build_decode_weights(self) -> GPTDecodeWeights:
+        return GPTDecodeWeights(tuple(block.decode_weights() for block in self.blocks),
+                                packed_in_huge_pages(self.head.weight)[0])
 
-    def _decode_plan(self, x: torch.Tensor, cache: KVCache):
-        """Per layer the tensors its step reads (huge-page weight copies included), rebuilt when any
-        parameter changes; None where the step must go through the modules (see _fused_step_kernel,
-        linear_for_decoding: device, dtype, gradients, dropout, rope, FASTVQ_BACKEND, rows)."""
-        fused = self.blocks[0].attn._fused_step_kernel(x, cache.k)
-        kernel = _decode_linear_kernel()
-        if (fused is None or kernel is None or x.shape[0] * x.shape[1] > DECODE_ROWS
-                or (self.training and any(b.mlp[3].p > 0 for b in self.blocks))):
-            return None
+    def decode_weights(self) -> GPTDecodeWeights:
+        """The tensors GPT.step reads: per layer the stacked q/k/v, output and MLP weights, and the
+        head's weight, as copies (in huge pages on CPU), rebuilt when any parameter changes. Writes
+        through .data bypass the check: call free_decode_weights() after those."""
+        return self._decode_weights.get()
 
-        def build():
-            layers = []
-            for block in self.blocks:
-                attn, fc1, fc2 = block.attn, block.mlp[0], block.mlp[2]
-                qkv_weight, qkv_bias, proj_weight = attn._decode_weights()
-                w1, w2 = block._mlp_decode_weights()
-                layers.append((block.ln1, qkv_weight, qkv_bias, proj_weight, attn.proj.bias, block.ln2, w1, fc1.bias,
-                               w2, fc2.bias))
-            head = decoding_copies(self, "_decode_copies", (self.head.weight,),
-                                   lambda: packed_in_huge_pages(self.head.weight))[0]
-            return fused, kernel, layers, head
-
-        return decoding_copies(self, "_plan_copies", tuple(self.parameters()), build)
-
-    def _run_plan(self, plan, x: torch.Tensor, cache: KVCache, pos) -> torch.Tensor:
-        fused, kernel, layers, head = plan
-        b, n, c = x.shape
-        heads, scale = self.n_head, (c // self.n_head) ** -0.5
-        pos = pos if isinstance(pos, torch.Tensor) else torch.tensor(pos)
-        for (ln1, qkv_w, qkv_b, proj_w, proj_b, ln2, w1, b1, w2, b2), (cache_k, cache_v) in zip(layers, cache):
-            qkv = kernel(F.layer_norm(x, (c,), ln1.weight, ln1.bias, ln1.eps), qkv_w, qkv_b, None, False)
-            y = fused(qkv.view(b, n, 3, heads, c // heads), cache_k, cache_v, pos, self.window, scale)
-            x = kernel(y, proj_w, proj_b, x, False)  # x + proj(y)
-            h = kernel(F.layer_norm(x, (c,), ln2.weight, ln2.bias, ln2.eps), w1, b1, None, True)
-            x = kernel(h, w2, b2, x, False)
-        return kernel(F.layer_norm(x, (c,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps), head, self.head.bias,
-                      None, False)
+    def free_decode_weights(self) -> None:
+        """Give back the decode copies (rebuilt at the next step)."""
+        self._decode_weights.invalidate()
+        for block in self.blocks:
+            block.attn._decode_weights.invalidate()
+            block._mlp_copies.invalidate()
 
 
 # ----------------------------------------------------------------------------- sampling

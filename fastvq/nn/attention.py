@@ -9,15 +9,16 @@ n_unmasked > 0) cannot be reproduced and raises instead of loading silently.
 
 Query i sees key j iff i - window < j <= i (window >= T: plain causal attention, i.e. taming's).
 
-Paths through forward:
-  * no layer_past, no attention dropout: fastvq.sliding_window_attention (backend from
-    FASTVQ_BACKEND, auto by default) - O(T * window) work, no T x T matrix;
-  * training with attn_pdrop > 0: dropout has to act on the attention probabilities, which the
-    fused kernels never materialise, so this falls back to an explicit masked softmax + attn_drop
-    (minGPT's computation, O(T^2) memory). Set attn_pdrop=0 to keep the fused kernel in training;
-  * layer_past (taming's growing KV cache): the new tokens attend to past + new through
-    sliding_window_decode on the concatenated cache (masked softmax when gradients are needed, as
-    the decode kernels have no backward, or when the cache shape does not fit the decode op).
+Paths:
+  * forward (training, prefill): fastvq.sliding_window_attention - O(T * window) work, no T x T
+    matrix. With attn_pdrop > 0 in training, dropout has to act on the attention probabilities,
+    which the fused kernels never materialise, so that case is an explicit masked softmax +
+    attn_drop (minGPT's computation, O(T^2) memory); set attn_pdrop=0 to keep the fused kernel;
+  * forward with layer_past (taming's growing KV cache): the new tokens attend to past + new
+    through fastvq.sliding_window_decode (the concatenated cache is a ring that never wrapped);
+  * forward_cached: the one decode step (inference), a preallocated ring cache written in place:
+    the q/k/v product on stacked weights (fastvq.decode_linear), rope rotated in place, then
+    fastvq.sliding_window_decode_qkv (ring writes + attention in one op), then the output product.
 
 rope=True rotates q and k (half-split rotary embedding, base 10000) at absolute positions, which
 makes attention depend only on position differences: a model trained on short sequences can be
@@ -25,15 +26,19 @@ sampled on longer ones through a ring-buffer cache of `window` slots (`forward_c
 """
 from __future__ import annotations
 
-import numbers
-import os
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.decode_linear import decoding_copies, linear_for_decoding, packed_in_huge_pages
-from ..ops.window_attention import _cpp_op, sliding_window_attention, sliding_window_decode
+from .._backend import resolve_backend
+from .._checks import check_int, check_pos, check_prob
+from ..ops.decode_linear import DECODE_ROWS
+from ..ops.decode_linear import KERNELS as LINEAR_KERNELS
+from ..ops.window_attention import KERNELS as ATTENTION_KERNELS
+from ..ops.window_attention import sliding_window_attention, sliding_window_decode
+from .decode_state import DecodeWeights, packed_in_huge_pages
 
 ROPE_BASE = 10000.0
 
@@ -51,16 +56,36 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = ROPE_BASE) ->
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
+_WHERE = "SlidingWindowSelfAttention"
+
+
 def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"SlidingWindowSelfAttention: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(_WHERE, name, value, minimum)
 
 
-def _check_prob(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-        raise ValueError(f"SlidingWindowSelfAttention: {name} must be a probability in [0, 1), got {value!r}")
-    return float(value)
+class StepKernels(NamedTuple):
+    """The kernels a decode step calls, resolved once per step (fastvq.ops KERNELS entries):
+    linear(x, weight, bias, residual, activation) and attend(qkv, k_cache, v_cache, pos, window, scale)."""
+    linear: Callable
+    attend: Callable
+
+
+def step_kernels(device: torch.device, rows: int, where: str) -> StepKernels:
+    """The dispatch rule for a decode step on `device` with `rows` token rows: the backend
+    resolve_backend picks (so FASTVQ_BACKEND applies), decode_linear only up to its DECODE_ROWS
+    (a GEMM is the faster product beyond)."""
+    name = resolve_backend(None, device, where)
+    linear = LINEAR_KERNELS[name] if rows <= DECODE_ROWS else LINEAR_KERNELS["torch"]
+    return StepKernels(linear, ATTENTION_KERNELS[name].decode_qkv)
+
+
+class AttentionDecodeWeights(NamedTuple):
+    """What an attention decode step reads: query/key/value weights stacked (3 C, C) with their
+    biases, and the output projection (huge-page copies on CPU, see fastvq.nn.decode_state)."""
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor
 
 
 class SlidingWindowSelfAttention(nn.Module):
@@ -82,9 +107,10 @@ class SlidingWindowSelfAttention(nn.Module):
         self.key = nn.Linear(n_embd, n_embd)
         self.query = nn.Linear(n_embd, n_embd)
         self.value = nn.Linear(n_embd, n_embd)
-        self.attn_drop = nn.Dropout(_check_prob("attn_pdrop", attn_pdrop))
-        self.resid_drop = nn.Dropout(_check_prob("resid_pdrop", resid_pdrop))
+        self.attn_drop = nn.Dropout(check_prob(_WHERE, "attn_pdrop", attn_pdrop))
+        self.resid_drop = nn.Dropout(check_prob(_WHERE, "resid_pdrop", resid_pdrop))
         self.proj = nn.Linear(n_embd, n_embd)
+        self._decode_weights = DecodeWeights(self._decode_sources, self._build_decode_weights)
 
     def extra_repr(self) -> str:
         return f"n_embd={self.n_embd}, n_head={self.n_head}, window={self.window}, rope={self.rope}"
@@ -131,58 +157,32 @@ class SlidingWindowSelfAttention(nn.Module):
         b, _, t, _ = y.shape
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, self.n_embd)))
 
-    # A decode step multiplies a few rows by every weight: its products go through
-    # linear_for_decoding (fastvq's decode_linear kernel on CPU, torch elsewhere or with gradients),
-    # on CPU query, key and value as one product on their stacked weights, all from huge-page copies.
+    # ------------------------------------------------------------------------- decode step
 
-    def _decode_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Copies for the CPU decode step: query, key and value's weights stacked (3 n_embd, n_embd)
-        and proj's weight, packed in huge pages (packed_in_huge_pages), and the stacked biases;
-        rebuilt when any of them changes (decoding_copies)."""
-        parts = (self.query.weight, self.key.weight, self.value.weight, self.proj.weight,
-                 self.query.bias, self.key.bias, self.value.bias)
+    def _decode_sources(self) -> tuple[torch.Tensor, ...]:
+        return (self.query.weight, self.key.weight, self.value.weight, self.proj.weight,
+                self.query.bias, self.key.bias, self.value.bias, self.proj.bias)
 
-        def build():
-            qkv, proj = packed_in_huge_pages(torch.cat(parts[:3]), parts[3])
-            return qkv, torch.cat(parts[4:]), proj
+    def _build_decode_weights(self) -> AttentionDecodeWeights:
+        wq, wk, wv, wp, bq, bk, bv, bp = self._decode_sources()
+        qkv, proj = packed_in_huge_pages(torch.cat((wq, wk, wv)), wp)
+        return AttentionDecodeWeights(qkv, torch.cat((bq, bk, bv)), proj, bp.detach())
 
-        return decoding_copies(self, "_decode_copies", parts, build)
+    def decode_weights(self) -> AttentionDecodeWeights:
+        """The tensors forward_cached reads (stacked, on CPU in huge pages), rebuilt when a parameter
+        changes; `self._decode_weights.invalidate()` frees them."""
+        return self._decode_weights.get()
 
-    def _qkv_step(self, x: torch.Tensor, positions: torch.Tensor | None):
-        # The stacked copy is outside autograd, and only the CPU kernel gains much from one product
-        # (elsewhere the three products stay as they were, free of host-side bookkeeping).
-        if x.device.type != "cpu" or (torch.is_grad_enabled()
-                                      and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
-            return self._qkv(x, positions)
-        b, t, _ = x.shape
-        qkv_weight, qkv_bias, _ = self._decode_weights()
-        qkv = linear_for_decoding(x, qkv_weight, qkv_bias).view(b, t, 3, self.n_head, self.head_dim)
-        q, k, v = (h.transpose(1, 2) for h in qkv.unbind(2))  # each (B, nh, T, hs)
-        if self.rope:
-            q, k = rotary(q, positions), rotary(k, positions)
-        return q, k, v
-
-    def _output_step(self, y: torch.Tensor) -> torch.Tensor:
-        if self.training and self.resid_drop.p > 0:
-            return self._output(y)
-        b, _, t, _ = y.shape
-        y = y.transpose(1, 2).reshape(b, t, self.n_embd)
-        if y.device.type != "cpu" or (torch.is_grad_enabled() and (y.requires_grad or self.proj.weight.requires_grad)):
-            return linear_for_decoding(y, self.proj.weight, self.proj.bias)
-        return linear_for_decoding(y, self._decode_weights()[2], self.proj.bias)
-
-    def _fused_step_kernel(self, x: torch.Tensor, cache_k: torch.Tensor):
-        """fastvq::sliding_window_decode_qkv where it computes this step: the whole attention of a
-        CPU fp32 inference step without rope (which would rotate q and k between the product and
-        the ring) in one call on the stacked q/k/v product (head sizes of the cpp op's direct path:
-        multiples of 16 up to 128). None elsewhere: the step then runs as separate ops (head split,
-        ring writes, sliding_window_decode)."""
-        fits = (not self.rope and x.device.type == "cpu" and x.dtype == torch.float32 and cache_k.dtype == x.dtype
-                and self.head_dim % 16 == 0 and self.head_dim <= 128
-                and not (self.training and self.resid_drop.p > 0)
-                and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
-                and os.environ.get("FASTVQ_BACKEND", "auto").lower() in ("auto", "cpp"))
-        return _cpp_op("sliding_window_decode_qkv") if fits else None
+    def _step(self, x, cache_k, cache_v, pos, positions, weights: AttentionDecodeWeights, kernels: StepKernels,
+              residual=None) -> torch.Tensor:
+        """The decode step itself, on checked arguments: residual + proj(attention of x's tokens)."""
+        b, n, _ = x.shape
+        qkv = kernels.linear(x, weights.qkv_weight, weights.qkv_bias, None, None).view(b, n, 3, self.n_head, self.head_dim)
+        if self.rope:  # q and k rotated in place in the stacked product: the ring keeps rotated keys
+            qk = qkv[:, :, :2].permute(0, 2, 3, 1, 4)  # (B, 2, H, n, hs)
+            qk.copy_(rotary(qk, positions))
+        y = kernels.attend(qkv, cache_k, cache_v, pos, self.window, self.head_dim ** -0.5)
+        return kernels.linear(y, weights.proj_weight, weights.proj_bias, residual, None)
 
     def _masked_attention(self, q, k, v, past_len: int) -> torch.Tensor:
         """minGPT's explicit softmax (with attn_drop on the probabilities) under the window rule;
@@ -194,21 +194,22 @@ class SlidingWindowSelfAttention(nn.Module):
         return self.attn_drop(F.softmax(att, dim=-1)) @ v
 
     def _attend_past(self, q, k_all, v_all) -> torch.Tensor:
-        """New queries against a linear cache (past + new). A linear cache of S entries is a ring of
-        S slots that has never wrapped, so the decode op applies whenever its slot rule
-        S >= window + n - 1 holds, with the window capped at S (a wider one sees the same keys).
-        The decode kernels have no backward, so a call that needs gradients takes the masked path."""
+        """New queries against a linear cache (past + new): a ring of S slots that never wrapped, so
+        sliding_window_decode applies; a cache shorter than its rule S >= window + n - 1 is padded
+        with slots that hold no position yet (masked). Gradients flow through its torch backend."""
         n, s = q.shape[2], k_all.shape[2]
-        window = min(self.window, s)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_all, v_all))
-        if needs_grad or self._dropout_active() or s < window + n - 1:
+        if self._dropout_active():
             return self._masked_attention(q, k_all, v_all, s - n)
-        return sliding_window_decode(q, k_all, v_all, s - n, window)
+        missing = self.window + n - 1 - s
+        if missing > 0:
+            k_all, v_all = (F.pad(t, (0, 0, 0, missing)) for t in (k_all, v_all))
+        return sliding_window_decode(q, k_all, v_all, s - n, self.window)
 
     def _dropout_active(self) -> bool:
         return self.training and self.attn_drop.p > 0
 
-    def _positions(self, start_pos, n: int, device) -> torch.Tensor | None:
+    def positions(self, start_pos, n: int, device) -> torch.Tensor | None:
+        """Absolute positions start_pos .. start_pos + n - 1 as a tensor where rope needs them, else None."""
         if not self.rope:
             return None
         return torch.as_tensor(start_pos, device=device).long() + torch.arange(n, device=device)
@@ -240,7 +241,7 @@ class SlidingWindowSelfAttention(nn.Module):
         if layer_past is not None:
             self._check_past(layer_past, b)
             past_len = layer_past[0].shape[2]
-        q, k, v = self._qkv(x, self._positions(past_len if start_pos is None else start_pos, t, x.device))
+        q, k, v = self._qkv(x, self.positions(past_len if start_pos is None else start_pos, t, x.device))
         if layer_past is not None:
             y = self._attend_past(q, torch.cat((layer_past[0], k), dim=2), torch.cat((layer_past[1], v), dim=2))
         elif self._dropout_active():
@@ -261,56 +262,42 @@ class SlidingWindowSelfAttention(nn.Module):
         return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
     def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos) -> torch.Tensor:
-        """One cached decode step: x (B, n, n_embd) holds the tokens at absolute positions
-        pos .. pos + n - 1 (pos an int or a 0-dim integer tensor on x's device, which keeps the
-        step free of host syncs). Their keys/values (rotated, with rope) are written IN PLACE into
-        slots (pos + i) % S of cache_k / cache_v (B, n_head, S, head_dim), then the n queries attend
-        through fastvq.sliding_window_decode. S >= window + n - 1 (S = window for one token a step).
-        Everything is checked before the cache is touched. On CPU in fp32 without rope the
-        writes and the attention are one op on the stacked q/k/v product (_fused_step_kernel).
-        Meant for inference (torch.no_grad());
-        no attention dropout. Returns y (B, n, n_embd).
+        """One cached decode step (inference: no gradients, no dropout): x (B, n, n_embd) holds the
+        tokens at absolute positions pos .. pos + n - 1 (pos an int or a 0-dim integer tensor on x's
+        device, which keeps the step free of host syncs). Their keys/values (rotated, with rope) are
+        written IN PLACE into slots (pos + i) % S of cache_k / cache_v (B, n_head, S, head_dim), then
+        the n queries attend (fastvq.sliding_window_decode_qkv). S >= window + n - 1 (S = window for
+        one token a step). Everything is checked before the cache is touched. Returns y (B, n, n_embd).
 
         Feeding a sequence token by token from pos = 0 gives the same outputs as forward on the
         whole sequence, however long it is, with memory fixed at S slots.
         """
         self._check_x(x)
+        self.check_cache(x, cache_k, cache_v, "SlidingWindowSelfAttention.forward_cached")
+        pos = check_pos("SlidingWindowSelfAttention.forward_cached", pos, x.device)
         b, n, _ = x.shape
+        with torch.no_grad():
+            positions = self.positions(pos, n, x.device)
+            kernels = step_kernels(x.device, b * n, "SlidingWindowSelfAttention.forward_cached")
+            return self._step(x, cache_k, cache_v, pos, positions, self.decode_weights(), kernels)
+
+    def check_cache(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, where: str) -> None:
+        """cache_k / cache_v must be rings (B, n_head, S, head_dim) of x's dtype and device with
+        S >= window + n - 1 for x's n new tokens."""
+        b, n, _ = x.shape
+        expected = (b, self.n_head, self.head_dim)
         for name, c in (("cache_k", cache_k), ("cache_v", cache_v)):
-            expected = (b, self.n_head, self.head_dim)
             if not isinstance(c, torch.Tensor) or c.dim() != 4 or (c.shape[0], c.shape[1], c.shape[3]) != expected:
-                raise ValueError(f"SlidingWindowSelfAttention.forward_cached: {name} must be (B={b}, n_head={self.n_head}, "
-                                 f"S, head_dim={self.head_dim}), got "
-                                 f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
+                raise ValueError(f"{where}: {name} must be (B={b}, n_head={self.n_head}, S, head_dim={self.head_dim}), "
+                                 f"got {tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
         if cache_v.shape != cache_k.shape:
-            raise ValueError(f"SlidingWindowSelfAttention.forward_cached: cache_v has shape {tuple(cache_v.shape)} "
-                             f"but cache_k has {tuple(cache_k.shape)}; they must match")
+            raise ValueError(f"{where}: cache_v has shape {tuple(cache_v.shape)} but cache_k has {tuple(cache_k.shape)}; "
+                             "they must match")
         slots = cache_k.shape[2]
         if slots < self.window + n - 1:
-            raise ValueError(f"SlidingWindowSelfAttention.forward_cached: the cache has {slots} slots but {n} new tokens "
-                             f"with window {self.window} need window + n - 1 = {self.window + n - 1}")
+            raise ValueError(f"{where}: the cache has {slots} slots but {n} new tokens with window {self.window} need "
+                             f"window + n - 1 = {self.window + n - 1}")
         if cache_k.device != x.device or cache_v.device != x.device:
-            raise ValueError(f"SlidingWindowSelfAttention.forward_cached: the caches must be on x's device ({x.device})")
-        if isinstance(pos, torch.Tensor):
-            if pos.dim() != 0 or pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
-                raise TypeError(f"SlidingWindowSelfAttention.forward_cached: pos must be an int or a 0-dim integer tensor, "
-                                f"got {pos.dtype} of shape {tuple(pos.shape)}")
-            pos = pos.to(x.device)
-        else:
-            pos = _check_int("pos", pos, 0)
-        fused = self._fused_step_kernel(x, cache_k)
-        if fused is not None:
-            qkv_weight, qkv_bias, proj_weight = self._decode_weights()
-            qkv = linear_for_decoding(x, qkv_weight, qkv_bias).view(b, n, 3, self.n_head, self.head_dim)
-            pos = pos if isinstance(pos, torch.Tensor) else torch.tensor(pos)
-            y = fused(qkv, cache_k, cache_v, pos, self.window, self.head_dim ** -0.5)
-            return linear_for_decoding(y, proj_weight, self.proj.bias)
-        positions = torch.as_tensor(pos, device=x.device).long() + torch.arange(n, device=x.device)
-        q, k, v = self._qkv_step(x, positions)  # nothing written yet: a dtype mismatch still leaves the cache as it was
-        if cache_k.dtype != k.dtype or cache_v.dtype != k.dtype:
-            raise TypeError(f"SlidingWindowSelfAttention.forward_cached: the caches are {cache_k.dtype}/{cache_v.dtype} "
-                            f"but the new keys/values are {k.dtype}; they must match")
-        slot_index = torch.remainder(positions, slots)
-        cache_k.index_copy_(2, slot_index, k)
-        cache_v.index_copy_(2, slot_index, v)
-        return self._output_step(sliding_window_decode(q, cache_k, cache_v, pos, self.window))
+            raise ValueError(f"{where}: the caches must be on x's device ({x.device})")
+        if cache_k.dtype != x.dtype or cache_v.dtype != x.dtype:
+            raise TypeError(f"{where}: the caches are {cache_k.dtype}/{cache_v.dtype} but x is {x.dtype}; they must match")

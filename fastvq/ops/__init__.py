@@ -1,5 +1,5 @@
 from .quantize import nearest_code, nearest_code_reference, vector_quantize
-from .window_attention import sliding_window_attention, sliding_window_decode
+from .window_attention import sliding_window_attention, sliding_window_decode, sliding_window_decode_qkv
 from .sampling import sample_logits, sampling_probs
 from .decode_linear import decode_linear, decode_linear_reference
 

@@ -10,6 +10,8 @@ rows while a running (min, argmin) is kept. Ties go to the lowest index, as torc
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from .._backend import cpp_ops, resolve_backend
@@ -65,45 +67,10 @@ def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor, metric: str 
     return idx, dist
 
 
-def _search_torch(x, codebook, metric):
-    return nearest_code_reference(x, codebook, metric)
-
-
-def _search_cpp(x, codebook, metric):
-    return cpp_ops().nearest_code(x, codebook, metric == "cosine")
-
-
-def _search_triton(x, codebook, metric):
-    from fastvq.kernels.quantize import nearest_code as triton_nearest_code
-
-    return triton_nearest_code(x, codebook, metric == "cosine")
-
-
-_SEARCH = {"torch": _search_torch, "cpp": _search_cpp, "triton": _search_triton}
-
-
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", backend: str | None = None):
-    """Index and distance of the nearest codebook entry for every row of x.
-
-    x (N, D) and codebook (K, D), float32/float16/bfloat16 (accumulation is always fp32, no TF32).
-    Returns indices int64 (N,) and distances float32 (N,): the squared L2 distance, or for
-    metric="cosine" one minus the cosine similarity. Ties go to the lowest index. Distances are
-    clamped at 0. No N x K matrix is allocated by the cpp and triton backends.
-    """
-    _check_search_inputs(x, codebook, metric)
-    name = resolve_backend(backend, x.device, "nearest_code")
-    if x.shape[0] == 0:
-        return (torch.empty(0, dtype=torch.int64, device=x.device), torch.empty(0, dtype=torch.float32, device=x.device))
-    return _SEARCH[name](x, codebook, metric)
-
-
 # ----------------------------------------------------------------------------- fused quantize + loss + straight-through
 
-# The O(N D) epilogue per backend: gather(z, codebook, idx) -> (z + (codebook[idx] - z), fp32 sum of
-# (codebook[idx] - z)^2), and backward(grad_out | None, z, codebook, idx, grad_loss, scale_z,
-# scale_code, need_z, need_code) -> (grad_z, grad_codebook) with diff = codebook[idx] - z:
-#   grad_z = grad_out + scale_z * grad_loss * diff,  grad_codebook[k] = scale_code * grad_loss * Σ_{idx_i=k} diff_i.
-# The torch pair is the reference; cpp and triton each do a direction in one pass over N x D.
+# The O(N D) epilogue (see QuantizeKernels): the torch pair is the reference; cpp and triton each do
+# a direction in one pass over N x D.
 
 def _gather_torch(z, codebook, idx):
     diff = codebook.index_select(0, idx).to(z.dtype) - z
@@ -128,8 +95,23 @@ def _backward_torch(grad_out, z, codebook, idx, grad_loss, scale_z, scale_code, 
     return grad_z, grad_codebook
 
 
-def _gather_cpp(z, codebook, idx):
-    return cpp_ops().vq_gather(z, codebook, idx)
+# ----------------------------------------------------------------------------- backends
+
+class QuantizeKernels(NamedTuple):
+    """One backend's entry points (unchecked: the public functions check first).
+
+    search(x, codebook, metric) -> (indices int64 (N,), distances fp32 (N,))
+    gather(z, codebook, idx) -> (z + (codebook[idx] - z), fp32 sum of (codebook[idx] - z)^2)
+    backward(grad_out | None, z, codebook, idx, grad_loss, scale_z, scale_code, need_z, need_code)
+        -> (grad_z, grad_codebook), with diff = codebook[idx] - z:
+        grad_z = grad_out + scale_z * grad_loss * diff, grad_codebook[k] = scale_code * grad_loss * sum_{idx_i=k} diff_i
+    fused_forward(z, codebook) -> (idx, out, sum of squared error), or None: search and gather as
+        one pass, each block of rows gathered right after its search while it is still in cache.
+    """
+    search: Callable
+    gather: Callable
+    backward: Callable
+    fused_forward: Callable | None = None
 
 
 def _backward_cpp(grad_out, z, codebook, idx, grad_loss, scale_z, scale_code, need_z, need_code):
@@ -139,35 +121,29 @@ def _backward_cpp(grad_out, z, codebook, idx, grad_loss, scale_z, scale_code, ne
     return (grad_z if need_z else None), (grad_codebook if need_code else None)
 
 
-def _gather_triton(z, codebook, idx):
-    from fastvq.kernels.quantize import vq_gather
+def _triton(name: str) -> Callable:
+    """fastvq.kernels.quantize.<name>, imported at the first call (triton is optional)."""
+    def run(*args):
+        from fastvq.kernels import quantize
 
-    return vq_gather(z, codebook, idx)
-
-
-def _backward_triton(*args):
-    from fastvq.kernels.quantize import vq_backward
-
-    return vq_backward(*args)
+        return getattr(quantize, name)(*args)
+    return run
 
 
-_EPILOGUE = {"torch": (_gather_torch, _backward_torch), "cpp": (_gather_cpp, _backward_cpp),
-             "triton": (_gather_triton, _backward_triton)}
+KERNELS = {
+    "torch": QuantizeKernels(nearest_code_reference, _gather_torch, _backward_torch),
+    "cpp": QuantizeKernels(lambda x, cb, metric: cpp_ops().nearest_code(x, cb, metric == "cosine"),
+                           lambda z, cb, idx: cpp_ops().vq_gather(z, cb, idx), _backward_cpp,
+                           lambda z, cb: cpp_ops().vq_forward(z, cb)),
+    "triton": QuantizeKernels(lambda x, cb, metric: _triton("nearest_code")(x, cb, metric == "cosine"),
+                              _triton("vq_gather"), _triton("vq_backward")),
+}
 
 
-def _forward_cpp(z, codebook):
-    return cpp_ops().vq_forward(z, codebook)
-
-
-# Backends whose search and gather run as one op, z -> (idx, out, sum of squared error): each
-# block of rows is gathered right after its search, while it is still in cache.
-_FUSED_FORWARD = {"cpp": _forward_cpp}
-
-
-def _epilogue(backend, z, codebook):
+def _epilogue(backend: str, z, codebook) -> QuantizeKernels:
     # The fused kernels take one dtype; a codebook of another dtype keeps the reference path, whose
     # codebook gradient is computed from the codebook's own values.
-    return _EPILOGUE[backend if z.dtype == codebook.dtype else "torch"]
+    return KERNELS[backend if z.dtype == codebook.dtype else "torch"]
 
 
 class VectorQuantizeFunction(torch.autograd.Function):
@@ -181,17 +157,18 @@ class VectorQuantizeFunction(torch.autograd.Function):
               d loss / d codebook[k] += 2 w_code (z_q - z) / numel, a scatter-add by index
     Only z, the codebook and the indices are saved; z_q - z is recomputed (an O(N D) gather).
     No one-hot and no N x K matrix appear in either direction. After the search, each direction
-    is one fused pass over N x D on the cpp and triton backends (see _EPILOGUE).
+    is one fused pass over N x D on the cpp and triton backends (see QuantizeKernels).
     """
 
     @staticmethod
     def forward(ctx, z, codebook, commitment_weight, codebook_weight, backend):
         z_, cb_ = z.detach(), codebook.detach()
-        if backend in _FUSED_FORWARD and z.dtype == codebook.dtype:
-            idx, out, sq_sum = _FUSED_FORWARD[backend](z_, cb_)
+        kernels = KERNELS[backend]
+        if kernels.fused_forward is not None and z.dtype == codebook.dtype:
+            idx, out, sq_sum = kernels.fused_forward(z_, cb_)
         else:
-            idx, _ = _SEARCH[backend](z_, cb_, "l2")
-            out, sq_sum = _epilogue(backend, z_, cb_)[0](z_, cb_, idx)
+            idx, _ = kernels.search(z_, cb_, "l2")
+            out, sq_sum = _epilogue(backend, z_, cb_).gather(z_, cb_, idx)
         loss = (commitment_weight + codebook_weight) * (sq_sum / z.numel())
         ctx.save_for_backward(z, codebook, idx)
         ctx.weights = (commitment_weight, codebook_weight)
@@ -208,20 +185,74 @@ class VectorQuantizeFunction(torch.autograd.Function):
             grad_loss = torch.zeros((), dtype=torch.float32, device=z.device)
         # d loss / d diff = 2 (w_commit + w_code) diff / numel: -w_commit's share goes to z, w_code's to the codebook.
         scale = 2.0 / z.numel()
-        grad_z, grad_codebook = _epilogue(ctx.backend, z, codebook)[1](
+        grad_z, grad_codebook = _epilogue(ctx.backend, z, codebook).backward(
             grad_out, z, codebook, idx, grad_loss, -w_commit * scale, w_code * scale,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_z, grad_codebook, None, None, None
 
 
+# ----------------------------------------------------------------------------- public
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", backend: str | None = None):
+    """Index and distance of the nearest codebook entry for every row of x.
+
+    No N x K matrix is allocated by the cpp and triton backends: codebook tiles stream past each
+    block of rows with a running (min, argmin). Accumulation is always fp32 (no TF32).
+
+    Args:
+        x: (N, D) float32, float16 or bfloat16 (float64 accepted, computed in fp32).
+        codebook: (K, D), K >= 1, on x's device.
+        metric: "l2" (squared Euclidean distance) or "cosine" (one minus the cosine similarity).
+        backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
+
+    Returns:
+        (indices int64 (N,), distances float32 (N,)); ties go to the lowest index, distances are
+        clamped at 0.
+
+    Raises:
+        TypeError / ValueError naming the argument for a wrong type, rank, dtype, D or metric;
+        RuntimeError when the backend asked for cannot run here (and why).
+
+    Example:
+        >>> x, codebook = torch.randn(1000, 64), torch.randn(512, 64)
+        >>> idx, dist = fastvq.nearest_code(x, codebook)
+        >>> idx.shape, dist.dtype
+        (torch.Size([1000]), torch.float32)
+    """
+    _check_search_inputs(x, codebook, metric)
+    name = resolve_backend(backend, x.device, "nearest_code")
+    if x.shape[0] == 0:
+        return (torch.empty(0, dtype=torch.int64, device=x.device), torch.empty(0, dtype=torch.float32, device=x.device))
+    return KERNELS[name].search(x, codebook, metric)
+
+
 def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, *, commitment_weight: float = 0.25,
                     codebook_weight: float = 1.0, backend: str | None = None):
-    """Quantize rows of z (N, D) to their nearest codebook rows with a straight-through gradient.
+    """Quantize rows of z to their nearest codebook rows with a straight-through gradient.
 
-    Returns (z_q, loss, indices): z_q has z's value path replaced by the codes in the forward and
-    passes its gradient to z unchanged; loss = commitment_weight * ||z - sg[z_q]||^2 +
-    codebook_weight * ||sg[z] - z_q||^2, both as means over all elements. taming's
-    VectorQuantizer2(legacy=True) is commitment_weight=1, codebook_weight=beta.
+    Search, gather, loss and straight-through run as one autograd node (VectorQuantizeFunction);
+    taming's VectorQuantizer2(legacy=True) is commitment_weight=1, codebook_weight=beta.
+
+    Args:
+        z: (N, D) float tensor, N >= 1.
+        codebook: (K, D) on z's device.
+        commitment_weight: weight of ||z - sg[z_q]||^2 (gradient to z).
+        codebook_weight: weight of ||sg[z] - z_q||^2 (gradient to the codebook).
+        backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
+
+    Returns:
+        (z_q (N, D) in z's dtype, loss fp32 scalar, indices int64 (N,)): z_q has the codes' values
+        and passes its gradient to z unchanged; both loss terms are means over all elements.
+
+    Raises:
+        TypeError / ValueError naming the argument (as nearest_code; an empty z);
+        RuntimeError when the backend asked for cannot run here.
+
+    Example:
+        >>> z = torch.randn(256, 16, requires_grad=True)
+        >>> codebook = torch.randn(128, 16, requires_grad=True)
+        >>> z_q, loss, idx = fastvq.vector_quantize(z, codebook, commitment_weight=0.25)
+        >>> (z_q.sum() + loss).backward()
     """
     _check_search_inputs(z, codebook, "l2", op="vector_quantize")
     name = resolve_backend(backend, z.device, "vector_quantize")

@@ -147,11 +147,7 @@ def sampling_probs(logits, *, temperature=1.0, top_k=None, top_p=None, cfg_scale
     return torch.where((t > 0)[:, None], probs, onehot)
 
 
-# ----------------------------------------------------------------------------- dispatch
-
-def _draw_torch(logits, t, k, p, cfg_scale, r):
-    return sample_logits_reference(logits, t, k, p, cfg_scale, r)
-
+# ----------------------------------------------------------------------------- backends
 
 def _draw_cpp(logits, t, k, p, cfg_scale, r):
     scale = float("nan") if cfg_scale is None else float(cfg_scale)
@@ -164,19 +160,42 @@ def _draw_triton(logits, t, k, p, cfg_scale, r):
     return triton_sample_logits(logits, t, k, p, r, cfg_scale)
 
 
-_DRAW = {"torch": _draw_torch, "cpp": _draw_cpp, "triton": _draw_triton}
+# One entry per backend, all with the reference's signature: (logits, temperature (rows,) fp32,
+# top_k (rows,) int64, top_p (rows,) fp32, cfg_scale or None, uniforms (rows,) fp32) -> int64 (rows,).
+# Unchecked: sample_logits prepares and checks the arguments first.
+KERNELS = {"torch": sample_logits_reference, "cpp": _draw_cpp, "triton": _draw_triton}
 
+
+# ----------------------------------------------------------------------------- public
 
 def sample_logits(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=None, cfg_scale=None,
                   generator: torch.Generator | None = None, backend: str | None = None) -> torch.Tensor:
-    """Draw one token per row of logits (B, V) after temperature, top-k, then top-p filtering.
+    """Draw one token per row of logits after temperature, top-k, then top-p filtering.
 
-    logits: float32/float16/bfloat16 (math in fp32). temperature >= 0 (0 = argmax, lowest index on
-    ties), top_k >= 1 (None = all), top_p in (0, 1] (None = 1); each a number or a per-row tensor.
-    cfg_scale: the first B/2 rows are conditional, the last B/2 unconditional, combined as
-    u + cfg_scale * (c - u) before filtering; one token per pair is returned. generator: the
-    torch.Generator the per-row uniforms come from (one torch.rand(rows) per call). Ties at a top-k
-    or top-p threshold are all kept (see the module docstring). Returns int64 (rows,).
+    Args:
+        logits: (B, V) float32, float16 or bfloat16 (math in fp32).
+        temperature: >= 0 (0 = argmax, lowest index on ties); a number or a per-row tensor (rows,).
+        top_k: >= 1, None = all tokens; a number or a per-row tensor.
+        top_p: in (0, 1], None = 1; a number or a per-row tensor.
+        cfg_scale: None, or classifier-free guidance: the first B/2 rows are conditional (c), the
+            last B/2 unconditional (u), combined as u + cfg_scale * (c - u) before filtering.
+        generator: the torch.Generator the per-row uniforms come from (one torch.rand(rows) a call).
+        backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
+
+    Returns:
+        int64 (rows,): rows = B, or B/2 with cfg_scale. Ties at a top-k or top-p threshold are all
+        kept (see the module docstring); one seed gives the same tokens on every backend.
+
+    Raises:
+        TypeError / ValueError naming the argument (shape, dtype, range, an odd B with cfg_scale);
+        RuntimeError when the backend asked for cannot run here.
+
+    Example:
+        >>> logits = torch.randn(4, 1024)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> tokens = fastvq.sample_logits(logits, temperature=0.9, top_k=100, top_p=0.95, generator=g)
+        >>> tokens.shape, tokens.dtype
+        (torch.Size([4]), torch.int64)
     """
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"sample_logits: generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -185,4 +204,4 @@ def sample_logits(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=No
     r = torch.rand(rows, generator=generator, device=logits.device, dtype=torch.float32)
     if rows == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
-    return _DRAW[name](logits, t, k, p, cfg_scale, r)
+    return KERNELS[name](logits, t, k, p, cfg_scale, r)

@@ -1,33 +1,38 @@
-"""Sliding-window causal attention, and its decode step against a ring-buffer KV cache.
+"""Sliding-window causal attention, and its decode steps against a ring-buffer KV cache.
 
 Public:
   sliding_window_attention(q, k, v, window, *, scale=None, backend=None) -> out
   sliding_window_decode(q, k_cache, v_cache, pos, window, *, scale=None, backend=None) -> out
+  sliding_window_decode_qkv(qkv, k_cache, v_cache, pos, window, *, scale=None, backend=None) -> out
+      a model's whole attention step: writes the new keys/values into the rings, then attends
+  sliding_window_attention_reference / _backward_reference, sliding_window_decode_reference,
+  sliding_window_decode_qkv_reference: the torch oracles
+  KERNELS: the per-backend entry points (unchecked), for callers that check once
+  empty_cache(): give back the cpp kernels' reused output blocks
 
 Query i sees key j iff i - window < j <= i: the window counts the query itself, window = 1 is the
 diagonal alone and window >= T is ordinary causal attention. Every row sees at least itself, so no
 row is ever empty (never NaN). q is (B, H, T, Dh), k and v are (B, H_kv, T, Dh) with H a multiple
 of H_kv (grouped-query attention: query head h reads key/value head h // (H // H_kv)).
 
-Backend contract (torch here, triton in fastvq.kernels.window_attention, cpp as
-torch.ops.fastvq.sliding_window_attention_fwd/bwd once it is built):
-  fwd(q, k, v, window, scale) -> (out in q's dtype, lse fp32 (B, H, T))
-  bwd(grad_out, q, k, v, out, lse, window, scale) -> (dq, dk, dv) in the inputs' dtypes
-  decode(q, k_cache, v_cache, pos, window, scale) -> out, pos a 0-dim int64 tensor
-  (torch.ops.fastvq.sliding_window_decode for cpp); inputs may have any strides.
-lse is the natural-log log-sum-exp of each row's scaled scores: the only thing the forward saves
-besides its inputs and output, so backward recomputes the probabilities block by block and no
-T x T (or T x window) matrix outlives a call.
+Backend contract (AttentionKernels, one per backend in KERNELS):
+  forward(q, k, v, window, scale) -> (out in q's dtype, lse fp32 (B, H, T))
+  backward(grad_out, q, k, v, out, lse, window, scale) -> (dq, dk, dv) in the inputs' dtypes
+  decode(q, k_cache, v_cache, pos, window, scale) -> out, pos an int or a 0-dim int64 tensor
+  decode_qkv(qkv, k_cache, v_cache, pos, window, scale) -> (B, n, H * Dh), the rings written in place
+Inputs may have any strides. lse is the natural-log log-sum-exp of each row's scaled scores: the
+only thing the forward saves besides its inputs and output, so backward recomputes the
+probabilities block by block and no T x T (or T x window) matrix outlives a call.
 """
 from __future__ import annotations
 
 import operator
-import os
+from typing import Callable, NamedTuple
 
 import torch
 
-from .._backend import cpp_ops, resolve_backend
-from .._checks import check_tensor
+from .._backend import available_backends, cpp_op, requested_backend, resolve_backend
+from .._checks import check_pos, check_tensor
 
 _CHUNK = 256  # query rows per step of the torch reference: memory O(chunk * (chunk + window))
 
@@ -106,7 +111,7 @@ def _chunks(seq_len: int, window: int, chunk: int):
         yield slice(a, b), slice(max(0, a - window + 1), b)
 
 
-def attention_forward_torch(q, k, v, window: int, scale: float, chunk: int = _CHUNK):
+def sliding_window_attention_reference(q, k, v, window: int, scale: float, chunk: int = _CHUNK):
     """The oracle: masked softmax attention in fp32, a block of query rows at a time against only
     the keys its window reaches. chunk >= T is the plain dense version."""
     acc = torch.float32
@@ -124,7 +129,8 @@ def attention_forward_torch(q, k, v, window: int, scale: float, chunk: int = _CH
     return out.to(q.dtype), lse
 
 
-def attention_backward_torch(grad_out, q, k, v, out, lse, window: int, scale: float, chunk: int = _CHUNK):
+def sliding_window_attention_backward_reference(grad_out, q, k, v, out, lse, window: int, scale: float,
+                                                 chunk: int = _CHUNK):
     """Gradients from the saved row log-sum-exp, recomputing probabilities chunk by chunk:
     dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO."""
     acc = torch.float32
@@ -162,7 +168,8 @@ def ring_positions(pos, num_new: int, slots: int, device) -> tuple[torch.Tensor,
     return query_pos, last - torch.remainder(last - slot, slots)
 
 
-def decode_torch(q, k_cache, v_cache, pos, window: int, scale: float):
+def sliding_window_decode_reference(q, k_cache, v_cache, pos, window: int, scale: float):
+    """The decode oracle: dense masked softmax of the n new queries over every ring slot."""
     acc = torch.float32
     heads = q.shape[1]
     kf, vf = _expand_kv(k_cache, heads).to(acc), _expand_kv(v_cache, heads).to(acc)
@@ -172,60 +179,94 @@ def decode_torch(q, k_cache, v_cache, pos, window: int, scale: float):
     return (torch.softmax(s, dim=-1) @ vf).to(q.dtype)
 
 
+def _write_rings(qkv, k_cache, v_cache, pos):
+    """The ring writes of a decode step: the keys/values of tokens pos .. pos + n - 1 into slots
+    (pos + i) % S. Returns q (B, H, n, Dh) as a view of qkv."""
+    n, slots = qkv.shape[1], k_cache.shape[2]
+    slot_index = torch.remainder(torch.as_tensor(pos, device=qkv.device) + torch.arange(n, device=qkv.device), slots)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, H, n, Dh)
+    k_cache.index_copy_(2, slot_index, k)
+    v_cache.index_copy_(2, slot_index, v)
+    return q
+
+
+def _decode_qkv_with(decode: Callable):
+    """decode_qkv from a backend's decode: ring writes, then the attention (out as (B, n, H * Dh))."""
+    def decode_qkv(qkv, k_cache, v_cache, pos, window, scale):
+        q = _write_rings(qkv, k_cache, v_cache, pos)
+        b, h, n, d = q.shape
+        return decode(q, k_cache, v_cache, pos, window, scale).transpose(1, 2).reshape(b, n, h * d)
+    return decode_qkv
+
+
+def sliding_window_decode_qkv_reference(qkv, k_cache, v_cache, pos, window: int, scale: float):
+    """The decode_qkv oracle: index_copy_ into the rings, then sliding_window_decode_reference."""
+    return _decode_qkv_with(sliding_window_decode_reference)(qkv, k_cache, v_cache, pos, window, scale)
+
+
 # ----------------------------------------------------------------------------- backends
 
-def _cpp_op(name: str):
-    """torch.ops.fastvq.<name> if the extension is built and has it, else None."""
-    try:
-        return getattr(cpp_ops(), name, None)
-    except RuntimeError:  # no extension at all: resolve_backend has already said why
-        return None
+class AttentionKernels(NamedTuple):
+    """One backend's entry points (signatures in the module docstring). Unchecked: the public
+    functions check first; a caller that checks once may call an entry directly."""
+    forward: Callable
+    backward: Callable
+    decode: Callable
+    decode_qkv: Callable
 
 
-def _is_auto(backend: str | None) -> bool:
-    return (backend if backend is not None else os.environ.get("FASTVQ_BACKEND", "auto")).lower() == "auto"
+def _triton(name: str) -> Callable:
+    """fastvq.kernels.window_attention.<name>, imported at the first call (triton is optional)."""
+    def run(*args):
+        from fastvq.kernels import window_attention
+
+        return getattr(window_attention, name)(*args)
+    return run
 
 
-def _resolve(backend: str | None, device: torch.device, op: str, cpp_name: str) -> str:
-    """The shared dispatch rule, plus: this op's C++ kernel may not be in fastvq._C yet. Then "auto"
-    on CPU uses the torch reference, and an explicit "cpp" raises saying so."""
-    name = resolve_backend(backend, device, op)
-    if name != "cpp" or _cpp_op(cpp_name) is not None:
-        return name
-    if _is_auto(backend):
-        return "torch"
-    raise RuntimeError(f"{op}: backend 'cpp' was requested but is unavailable: fastvq._C is built without "
-                       f"torch.ops.fastvq.{cpp_name} (the C++ window-attention kernel is not built yet)")
+def _as_pos_tensor(pos) -> torch.Tensor:
+    return pos if isinstance(pos, torch.Tensor) else torch.tensor(pos, dtype=torch.int64)
 
 
-def _triton_kernels():
-    from fastvq.kernels import window_attention
-
-    return window_attention
+def _decode_cpp(q, k_cache, v_cache, pos, window, scale):
+    return cpp_op("sliding_window_decode")(q, k_cache, v_cache, _as_pos_tensor(pos), window, scale)
 
 
-def _forward(backend: str, q, k, v, window, scale):
-    if backend == "torch" or q.numel() == 0:
-        return attention_forward_torch(q, k, v, window, scale)
-    if backend == "triton":
-        return _triton_kernels().attention_forward(q, k, v, window, scale)
-    return _cpp_op("sliding_window_attention_fwd")(q, k, v, window, scale)
+_decode_qkv_cpp_composed = _decode_qkv_with(_decode_cpp)
+
+# The cpp kernel's one-call step (ring writes and attention on the stacked product) covers fp32 with
+# the direct decode path's head sizes (multiples of 16 up to 128) on contiguous rings; other steps
+# are the ring writes followed by the general cpp decode.
+_DIRECT_MAX_HEAD_DIM = 128
 
 
-def _backward(backend: str, grad_out, q, k, v, out, lse, window, scale):
-    if backend == "torch" or q.numel() == 0:
-        return attention_backward_torch(grad_out, q, k, v, out, lse, window, scale)
-    if backend == "triton":
-        return _triton_kernels().attention_backward(grad_out, q, k, v, out, lse, window, scale)
-    return _cpp_op("sliding_window_attention_bwd")(grad_out, q, k, v, out, lse, window, scale)
+def _decode_qkv_cpp(qkv, k_cache, v_cache, pos, window, scale):
+    d = qkv.shape[-1]
+    if (qkv.dtype == torch.float32 and k_cache.dtype == torch.float32 and d % 16 == 0 and d <= _DIRECT_MAX_HEAD_DIM
+            and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return cpp_op("sliding_window_decode_qkv")(qkv, k_cache, v_cache, _as_pos_tensor(pos), window, scale)
+    return _decode_qkv_cpp_composed(qkv, k_cache, v_cache, pos, window, scale)
 
+
+KERNELS = {
+    "torch": AttentionKernels(sliding_window_attention_reference, sliding_window_attention_backward_reference,
+                              sliding_window_decode_reference, sliding_window_decode_qkv_reference),
+    "cpp": AttentionKernels(lambda q, k, v, w, s: cpp_op("sliding_window_attention_fwd")(q, k, v, w, s),
+                            lambda *a: cpp_op("sliding_window_attention_bwd")(*a), _decode_cpp, _decode_qkv_cpp),
+    "triton": AttentionKernels(_triton("attention_forward"), _triton("attention_backward"), _triton("decode"),
+                               _decode_qkv_with(_triton("decode"))),
+}
+
+
+# ----------------------------------------------------------------------------- autograd
 
 class SlidingWindowAttentionFunction(torch.autograd.Function):
     """One node for the whole attention: saves q, k, v, out and the row log-sum-exp (B, H, T)."""
 
     @staticmethod
     def forward(ctx, q, k, v, window, scale, backend):
-        out, lse = _forward(backend, q.detach(), k.detach(), v.detach(), window, scale)
+        run = KERNELS["torch" if q.numel() == 0 else backend].forward
+        out, lse = run(q.detach(), k.detach(), v.detach(), window, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.config = (window, scale, backend)
         ctx.mark_non_differentiable(lse)
@@ -235,18 +276,38 @@ class SlidingWindowAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         window, scale, backend = ctx.config
-        dq, dk, dv = _backward(backend, grad_out, q.detach(), k.detach(), v.detach(), out, lse, window, scale)
+        run = KERNELS["torch" if q.numel() == 0 else backend].backward
+        dq, dk, dv = run(grad_out, q.detach(), k.detach(), v.detach(), out, lse, window, scale)
         return dq, dk, dv, None, None, None
 
+
+# ----------------------------------------------------------------------------- public
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, *,
                              scale: float | None = None, backend: str | None = None) -> torch.Tensor:
     """Causal attention where query i sees keys i - window + 1 .. i (window >= T: plain causal).
 
-    q (B, H, T, Dh), k and v (B, H_kv, T, Dh) with H a multiple of H_kv; float32, float16 or
-    bfloat16 (one dtype for all three), any strides. Returns (B, H, T, Dh) in q's dtype; softmax and
-    accumulation are fp32. scale defaults to Dh ** -0.5. Differentiable in q, k and v; the fast
-    backends do O(T * window) work and keep O(T) extra memory.
+    Softmax and accumulation are fp32; the cpp and triton backends do O(T * window) work and keep
+    O(T) extra memory (the row log-sum-exp); one autograd node (SlidingWindowAttentionFunction).
+
+    Args:
+        q: (B, H, T, Dh) float32, float16 or bfloat16, any strides.
+        k, v: (B, H_kv, T, Dh), q's dtype and device, H a multiple of H_kv (grouped-query attention).
+        window: int >= 1, the positions each query sees, itself included.
+        scale: the score scale, default Dh ** -0.5.
+        backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
+
+    Returns:
+        (B, H, T, Dh) in q's dtype, differentiable in q, k and v.
+
+    Raises:
+        TypeError / ValueError naming the argument (rank, dtype, device, shapes, window, scale);
+        RuntimeError when the backend asked for cannot run here.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 8, 1024, 64, requires_grad=True)
+        >>> out = fastvq.sliding_window_attention(q, k, v, window=256)
+        >>> out.sum().backward()
     """
     op = "sliding_window_attention"
     _check_tensors(op, q=q, k=k, v=v)
@@ -255,67 +316,130 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"{op}: q has {q.shape[2]} positions but k has {k.shape[2]}; they must match")
     window = _check_window(window, op)
     scale = _check_scale(scale, q.shape[3], op)
-    name = _resolve(backend, q.device, op, "sliding_window_attention_fwd")
+    name = resolve_backend(backend, q.device, op)
     out, _ = SlidingWindowAttentionFunction.apply(q, k, v, window, scale, name)
     return out
+
+
+def _check_ring(op: str, num_new: int, slots: int, window: int) -> None:
+    # The ring must still hold the window of the earliest new query after the latest one was written.
+    if slots < window + num_new - 1:
+        raise ValueError(f"{op}: k_cache has {slots} slots but {num_new} new queries with window {window} need "
+                         f"window + n - 1 = {window + num_new - 1} (the earliest query's window must still be in the ring)")
+
+
+def _decode_backend(op: str, backend: str | None, device: torch.device, *tensors) -> str:
+    """The dispatch rule, plus: only the torch backend is differentiable. When gradients are needed
+    "auto" takes it and an explicit cpp/triton raises."""
+    name = resolve_backend(backend, device, op)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if name == "torch" or not needs_grad:
+        return name
+    if requested_backend(backend) != "auto":
+        raise RuntimeError(f"{op}: the {name} backend has no backward; use backend='torch' for gradients "
+                           f"(or run the step under torch.no_grad())")
+    return "torch"
 
 
 def sliding_window_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos, window: int, *,
                           scale: float | None = None, backend: str | None = None) -> torch.Tensor:
     """Attention of n new queries at absolute positions pos .. pos + n - 1 against a ring-buffer cache.
 
-    q (B, H, n, Dh); k_cache and v_cache (B, H_kv, S, Dh) hold the key/value of absolute position p
-    in slot p % S, the new queries' own keys/values already written. Same rule as
-    sliding_window_attention: the query at t sees positions t - window + 1 .. t that are >= 0.
+    The cache holds the key/value of absolute position p in slot p % S, the new queries' own already
+    written. Same rule as sliding_window_attention: the query at t sees positions t - window + 1 .. t
+    that are >= 0. S >= window + n - 1 keeps each call a single pass over the ring: no roll, no
+    copy, no separate buffer for the new keys (one step, n = 1, needs exactly `window` slots).
 
-    The ring must still hold the window of the earliest new query after the latest one was written,
-    so S >= window + n - 1: one step (n = 1) needs exactly `window` slots; a chunk of n queries
-    needs n - 1 more. This is the rule that keeps each call a single pass over the cache with no
-    roll, no copy and no separate buffer for the new keys. pos is a Python int or a 0-dim integer
-    tensor on q's device (read only on the device, so a step can be captured in a CUDA graph; a
-    tensor pos is trusted to be >= 0). Returns (B, H, n, Dh) in q's dtype. Only the torch backend
-    is differentiable: when gradients are needed, "auto" uses it and an explicit triton/cpp raises.
+    Args:
+        q: (B, H, n, Dh) float32, float16 or bfloat16.
+        k_cache, v_cache: (B, H_kv, S, Dh), q's dtype and device.
+        pos: absolute position of the first new query: an int >= 0 or a 0-dim integer tensor on q's
+            device (read only on the device, so a step can be captured in a CUDA graph; trusted >= 0).
+        window: int >= 1.
+        scale: default Dh ** -0.5.
+        backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton". Only "torch" is
+            differentiable: with gradients, "auto" takes it and an explicit cpp/triton raises.
+
+    Returns:
+        (B, H, n, Dh) in q's dtype.
+
+    Raises:
+        TypeError / ValueError naming the argument (shapes, dtypes, pos, a ring of fewer than
+        window + n - 1 slots); RuntimeError when the backend asked for cannot run here.
+
+    Example:
+        >>> k_cache = v_cache = torch.zeros(1, 8, 256, 64)      # a ring of 256 slots
+        >>> q = torch.randn(1, 8, 1, 64)
+        >>> out = fastvq.sliding_window_decode(q, k_cache, v_cache, pos=300, window=256)
     """
     op = "sliding_window_decode"
     _check_tensors(op, q=q, k_cache=k_cache, v_cache=v_cache)
     _check_heads(op, q, k_cache, v_cache, "k_cache", "v_cache")
     window = _check_window(window, op)
     scale = _check_scale(scale, q.shape[3], op)
-    num_new, slots = q.shape[2], k_cache.shape[2]
-    if slots < window + num_new - 1:
-        raise ValueError(f"{op}: k_cache has {slots} slots but {num_new} new queries with window {window} need "
-                         f"window + n - 1 = {window + num_new - 1} (the earliest query's window must still be in the ring)")
-    pos = _check_pos(pos, q.device, op)
-    name = _resolve(backend, q.device, op, "sliding_window_decode")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
-    if name != "torch" and needs_grad:
-        if not _is_auto(backend):
-            raise RuntimeError(f"{op}: the {name} backend has no backward; use backend='torch' for gradients "
-                               f"(or run the step under torch.no_grad())")
-        name = "torch"
-    if name == "torch" or q.numel() == 0:
-        return decode_torch(q, k_cache, v_cache, pos, window, scale)
-    if name == "triton":
-        return _triton_kernels().decode(q, k_cache, v_cache, pos, window, scale)
-    return _cpp_op("sliding_window_decode")(q, k_cache, v_cache, torch.as_tensor(pos, dtype=torch.int64), window, scale)
+    _check_ring(op, q.shape[2], k_cache.shape[2], window)
+    pos = check_pos(op, pos, q.device)
+    name = _decode_backend(op, backend, q.device, q, k_cache, v_cache)
+    return KERNELS["torch" if q.numel() == 0 else name].decode(q, k_cache, v_cache, pos, window, scale)
 
 
-def _check_pos(pos, device: torch.device, op: str):
-    if isinstance(pos, torch.Tensor):
-        if pos.dim() != 0 or pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
-            raise TypeError(f"{op}: pos must be an int or a 0-dim integer tensor, got {pos.dtype} of shape {tuple(pos.shape)}")
-        if pos.device != device:
-            raise ValueError(f"{op}: pos is on {pos.device} but q is on {device}; they must be on the same device")
-        return pos
-    if isinstance(pos, bool):
-        raise TypeError(f"{op}: pos must be an int or a 0-dim integer tensor, got a bool")
-    try:
-        pos = operator.index(pos)
-    except TypeError:
-        raise TypeError(f"{op}: pos must be an int or a 0-dim integer tensor, got {type(pos).__name__}") from None
-    if pos < 0:
-        raise ValueError(f"{op}: pos (the absolute position of the first new query) must be >= 0, got {pos}")
-    return pos
+def sliding_window_decode_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos, window: int, *,
+                              scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """A decoding model's whole attention step on the stacked product of its q/k/v projection.
+
+    The keys and values of the n new tokens (positions pos .. pos + n - 1) are written IN PLACE into
+    ring slots (pos + i) % S, then their queries attend as in sliding_window_decode. The result is
+    laid out as the output projection takes it. One call in place of the head split, two
+    index_copy_ and the decode op: the cpp backend does it in one pass for fp32 with head sizes
+    that are multiples of 16 up to 128, and as ring writes + its decode kernel otherwise.
+    Everything is checked before a ring is written. Inference only (no backend has a backward).
+
+    Args:
+        qkv: (B, n, 3, H, Dh): query, key and value of each new token, e.g.
+            (x @ cat(Wq, Wk, Wv).T).view(B, n, 3, H, Dh); float32, float16 or bfloat16.
+        k_cache, v_cache: (B, H, S, Dh) rings, qkv's dtype and device, S >= window + n - 1.
+        pos: int >= 0 or a 0-dim integer tensor on qkv's device.
+        window: int >= 1.
+        scale: default Dh ** -0.5.
+        backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
+
+    Returns:
+        (B, n, H * Dh) in qkv's dtype.
+
+    Raises:
+        TypeError / ValueError naming the argument; RuntimeError under grad mode with an input that
+        requires grad, or when the backend asked for cannot run here.
+
+    Example:
+        >>> cache_k = cache_v = torch.zeros(2, 8, 256, 64)
+        >>> qkv = torch.randn(2, 1, 3, 8, 64)
+        >>> y = fastvq.sliding_window_decode_qkv(qkv, cache_k, cache_v, pos=0, window=256)
+        >>> y.shape
+        torch.Size([2, 1, 512])
+    """
+    op = "sliding_window_decode_qkv"
+    check_tensor(op, "qkv", qkv, ("B", "n", "3", "heads", "head_dim"))
+    _check_tensors(op, k_cache=k_cache, v_cache=v_cache)
+    b, n, three, h, d = qkv.shape
+    if three != 3:
+        raise ValueError(f"{op}: qkv must be (B, n, 3, H, Dh) (query, key, value stacked on dim 2), got {tuple(qkv.shape)}")
+    if qkv.dtype != k_cache.dtype or qkv.device != k_cache.device:
+        raise TypeError(f"{op}: qkv ({qkv.dtype} on {qkv.device}) and the caches ({k_cache.dtype} on {k_cache.device}) "
+                        "must share a dtype and a device")
+    if tuple(k_cache.shape) != tuple(v_cache.shape) or (k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]) != (b, h, d):
+        raise ValueError(f"{op}: k_cache and v_cache must both be (B={b}, H={h}, S, Dh={d}), got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if d == 0:
+        raise ValueError(f"{op}: head_dim must be at least 1, got qkv of shape {tuple(qkv.shape)}")
+    window = _check_window(window, op)
+    scale = _check_scale(scale, d, op)
+    _check_ring(op, n, k_cache.shape[2], window)
+    pos = check_pos(op, pos, qkv.device)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, k_cache, v_cache)):
+        raise RuntimeError(f"{op}: inference only (it writes the rings in place; no backward): call it under "
+                           "torch.no_grad()")
+    name = resolve_backend(backend, qkv.device, op)
+    return KERNELS["torch" if qkv.numel() == 0 else name].decode_qkv(qkv, k_cache, v_cache, pos, window, scale)
 
 
 def empty_cache() -> int:
@@ -323,12 +447,10 @@ def empty_cache() -> int:
 
     The cpp forward and backward take their large fp32 results (out, dq, dk, dv) from a cache of
     at most 4 recently freed blocks of >= 1 MiB (512 MiB in all): a training loop repeats its
-    shapes, and a recycled block costs no page faults, where a fresh 32 MiB one costs ~12 ms of
-    first-touch faults per call (what made time grow faster than T). Like torch.cuda.empty_cache,
-    call this to give that memory back between phases.
+    shapes, and a recycled block costs no page faults, where a fresh block of tens of MiB pays a
+    first-touch fault per page on every call (what made time grow faster than T). Like
+    torch.cuda.empty_cache, call this to give that memory back between phases.
     """
-    from .._backend import available_backends, cpp_ops
-
     if not available_backends()["cpp"].available:
         return 0
-    return int(cpp_ops().window_attention_empty_cache())
+    return int(cpp_op("window_attention_empty_cache")())
