@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastvq
+from helpers import backend_params, requires
 from fastvq.nn import attention as attention_module
 from fastvq.nn.attention import SlidingWindowSelfAttention, rotary
 
@@ -28,7 +29,7 @@ def _taming_attention_class():
 CausalSelfAttention, GPTConfig = _taming_attention_class()
 
 # the auto path on CPU is cpp when the kernel is built; the torch reference is always checked too
-BACKENDS = [b for b in ("torch", "cpp") if fastvq.available_backends()[b].available]
+BACKENDS = backend_params(("torch", "cpp"))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -242,7 +243,7 @@ def test_cached_decode_writes_only_the_new_slots(rope):
     assert cache_k[:, :, others].abs().sum() == 0 and cache_v[:, :, others].abs().sum() == 0
 
 
-@pytest.mark.skipif(not fastvq.available_backends()["triton"].available, reason="triton unavailable")
+@requires("triton")
 def test_triton_backend_forward_backward_and_decode(monkeypatch):
     """The module on the Triton kernels (the GPU where there is one, else the interpreter) against
     the same module on the torch reference."""

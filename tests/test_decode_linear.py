@@ -9,19 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import fastvq
+from helpers import BACKENDS, FAST_BACKENDS, assert_close, backend_params, device_of, interpreted, requires, unavailable
 from fastvq.ops.decode_linear import decode_linear, decode_linear_reference
 
-BACKENDS = [name for name, st in fastvq.available_backends().items() if st.available]
-FAST_BACKENDS = [b for b in BACKENDS if b != "torch"]
 
 
-def device_of(backend):
-    """Triton runs on the GPU where there is one, else on CPU tensors through the interpreter."""
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-
-
-def interpreted(backend):
-    return backend == "triton" and device_of(backend) == "cpu"
 
 
 # (M, K, N): single rows and columns, the tile remainders (M % 4, N % 8, K % 16), the GPT's widths
@@ -60,7 +52,7 @@ def run(backend, x, w, b, r, activation):
     return y.cpu()
 
 
-@pytest.mark.parametrize("backend, shape", [(b, s) for b in BACKENDS for s in (INTERPRETED_SHAPES if interpreted(b) else SHAPES)],
+@pytest.mark.parametrize("backend, shape", [pytest.param(b, s, marks=requires(b)) for b in BACKENDS for s in (INTERPRETED_SHAPES if interpreted(b) else SHAPES)],
                          ids=lambda v: "M{}-K{}-N{}".format(*v) if isinstance(v, tuple) else v)
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: f"bias{int(e[0])}-res{int(e[1])}-{e[2]}")
 def test_fp32_matches_the_reference(backend, shape, epilogue):
@@ -73,7 +65,6 @@ def test_fp32_matches_the_reference(backend, shape, epilogue):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 513, 67), (16, 72, 40), (3, 2048, 9)], ids=lambda s: "M{}-K{}-N{}".format(*s))
 def test_low_precision_is_at_most_twice_torchs_error(backend, dtype, shape):
@@ -86,7 +77,7 @@ def test_low_precision_is_at_most_twice_torchs_error(backend, dtype, shape):
         assert ours <= 2 * torchs + 1e-6, (activation, ours, torchs)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(FAST_BACKENDS))
 def test_gelu_accuracy(backend):
     """GELU over both tails, against the exact v * Phi(v): within fp32 rounding everywhere; the cpp
     backend also keeps its relative accuracy in the negative tail, where v * Phi(v) is tiny and
@@ -100,7 +91,6 @@ def test_gelu_accuracy(backend):
         assert ((y - exact).abs() / exact.abs())[normal].max() < 3e-5  # fp32 rounding of z * z in exp(-z * z)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_leading_dims_and_strided_inputs(backend):
     x, w, b, r = make(6, 40, 24, bias=True, residual=True, lead=(2, 3), seed=5)
     y = run(backend, x, w, b, r, "gelu")
@@ -119,7 +109,6 @@ def test_leading_dims_and_strided_inputs(backend):
     assert torch.equal(r, r_before), "the residual was written to"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_shapes(backend):
     for M, K, N in [(0, 8, 5), (3, 8, 0), (3, 0, 5)]:
         x, w, b, r = make(M, K, N, bias=True, residual=True)
@@ -128,7 +117,7 @@ def test_empty_shapes(backend):
         torch.testing.assert_close(y.double(), reference64(x, w, b, r, "gelu"), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif("cpp" not in BACKENDS, reason="cpp backend not built")
+@requires("cpp")
 def test_cpp_is_the_same_on_any_thread_count():
     x, w, b, r = make(16, 512, 2048, bias=True, residual=True, seed=9)
     before = torch.get_num_threads()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastvq
+from helpers import backend_params, requires
 from fastvq import GPT, KVCache, sample_with_past
 
 
@@ -33,7 +34,7 @@ mingpt = _taming_mingpt()
 VOCAB, BLOCK, LAYERS, HEADS, EMBD = 37, 24, 2, 2, 32
 
 # the auto path on CPU is cpp when the kernel is built; the torch reference is always checked too
-BACKENDS = [b for b in ("torch", "cpp") if fastvq.available_backends()[b].available]
+BACKENDS = backend_params(("torch", "cpp"))
 
 
 @pytest.fixture(autouse=True, scope="module")

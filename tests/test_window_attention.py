@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvq
+from helpers import BACKENDS, FAST_BACKENDS, assert_close, backend_params, device_of, interpreted, requires, unavailable
 from fastvq.ops.window_attention import (sliding_window_attention, sliding_window_attention_backward_reference,
                                          sliding_window_attention_reference, sliding_window_decode,
                                          sliding_window_decode_qkv, sliding_window_decode_reference)
@@ -11,7 +12,6 @@ from fastvq.ops.window_attention import (sliding_window_attention, sliding_windo
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-BACKENDS = [name for name, st in fastvq.available_backends().items() if st.available]
 
 # (B, H, H_kv, T, Dh, window): odd T, windows of 1, small, T - 1, T and beyond, GQA, Dh not a
 # power of two. The interpreter is slow, so triton gets small shapes that still span several blocks.
@@ -24,10 +24,6 @@ TRITON_SHAPES = [
     (1, 2, 1, 45, 40, 45), (1, 1, 1, 37, 64, 100),
 ]
 
-
-def device_of(backend):
-    """Triton runs on the GPU where there is one, else on CPU tensors through the interpreter."""
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def shapes_for(backend):
@@ -85,20 +81,16 @@ def max_err(got, want):
 
 
 def assert_close_for_dtype(got, want, yardstick, dtype, what):
-    """fp32: tight absolute bound. fp16/bf16: at most 2x the error of torch doing it in that dtype
-    (the project's rule), plus a couple of ulps of the output for the final rounding."""
-    scale = max(want.abs().max().item(), 1.0)
+    """fp32: an absolute bound of a reordered fp32 sum against the float64 oracle. fp16/bf16: the
+    project's rule, at most 2x the error of torch doing it in that dtype (helpers.assert_close)."""
     if dtype == torch.float32:
-        tol = 2e-5 * scale
+        assert_close(got, want, dtype=dtype, rtol=0.0, atol=2e-5 * max(want.abs().max().item(), 1.0), msg=str(what))
     else:
-        tol = 2 * max_err(yardstick, want) + 2 * torch.finfo(dtype).eps * scale
-    err = max_err(got, want)
-    assert err <= tol, f"{what}: max error {err:.3g} > tolerance {tol:.3g}"
+        assert_close(got, want, dtype=dtype, yardstick=yardstick, msg=str(what))
 
 
 # ----------------------------------------------------------------------------- forward and backward
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_matches_dense_oracle(backend, dtype):
     for b, h, hk, t, d, window in shapes_for(backend):
@@ -109,7 +101,6 @@ def test_forward_matches_dense_oracle(backend, dtype):
         assert_close_for_dtype(out, dense_oracle(q, k, v, window), yardstick, dtype, (t, d, window))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_matches_dense_oracle(backend, dtype):
     for b, h, hk, t, d, window in shapes_for(backend):
@@ -123,7 +114,7 @@ def test_backward_matches_dense_oracle(backend, dtype):
             assert_close_for_dtype(g, w, y, dtype, f"{name} {(t, d, window)}")
 
 
-@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ kernel not built")
+@requires("cpp")
 def test_cpp_reused_blocks_are_fully_overwritten():
     # The C++ kernel takes its big outputs (out, dq) from a cache of freed blocks and writes dq
     # without zeroing it first: poison two freed blocks of that size and every row must still be
@@ -142,7 +133,6 @@ def test_cpp_reused_blocks_are_fully_overwritten():
         assert_close_for_dtype(g, w, None, torch.float32, name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     # The usual layout: projections give (B, T, H, Dh), attention wants (B, H, T, Dh); k and v are
     # two halves of one (B, T, 2, H_kv, Dh) tensor. The gradient arrives non-contiguous too.
@@ -164,14 +154,12 @@ def test_non_contiguous_inputs(backend):
         torch.testing.assert_close(g_, w, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_window_one_returns_own_value(backend):
     q, k, v = make_inputs(1, 4, 2, 19, 16)
     out = attend(backend, q, k, v, 1)
     torch.testing.assert_close(out, v.repeat_interleave(2, 1), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window", [23, 24, 1000])
 def test_window_at_least_t_is_causal_sdpa(backend, window):
     q, k, v = make_inputs(2, 2, 2, 23, 32, seed=4)
@@ -179,14 +167,12 @@ def test_window_at_least_t_is_causal_sdpa(backend, window):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_scale(backend):
     q, k, v = make_inputs(1, 2, 1, 17, 16, seed=5)
     out = attend(backend, q, k, v, 4, scale=0.7)
     torch.testing.assert_close(out.double(), dense_oracle(q, k, v, 4, scale=0.7), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_never_nan_with_huge_scores(backend, dtype):
     # Scores of order 1e4: a naive exp overflows, and a row whose window holds only masked
@@ -199,7 +185,6 @@ def test_rows_never_nan_with_huge_scores(backend, dtype):
     assert torch.isfinite(out.float()).all() and torch.isfinite(q.grad.float()).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_saves_only_row_lse(backend):
     # Besides the inputs and output, autograd may keep O(B*H*T) floats: never a T x T or T x window matrix.
     b, h, t, d, window = 1, 2, 64, 16, 48
@@ -243,7 +228,6 @@ def write_ring(cache, values, start):
         cache[:, :, (start + i) % slots] = values[:, :, i]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_step_by_step_equals_full(backend, dtype):
     b, h, hk, t, d, window = 2, 4, 2, 23, 24, 6  # sequence well past the window: the ring wraps
@@ -260,7 +244,6 @@ def test_decode_step_by_step_equals_full(backend, dtype):
         assert_close_for_dtype(step, full[:, :, p:p + 1], yardstick, dtype, f"position {p}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n, extra_slots, window, heads", [(3, 0, 5, 2), (4, 5, 5, 2), (3, 0, 20, 8)])
 def test_decode_chunks_of_queries(backend, n, extra_slots, window, heads):
     # n queries at once need window + n - 1 slots; a larger ring works the same. The last case
@@ -278,7 +261,6 @@ def test_decode_chunks_of_queries(backend, n, extra_slots, window, heads):
         torch.testing.assert_close(out, full[:, :, p:p + m], atol=1e-5, rtol=0, msg=f"chunk at {p}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d", [16, 24, 64, 128, 144])
 @pytest.mark.parametrize("n, pos", [(1, 0), (1, 5), (1, 300), (3, 2), (2, 301)])
 def test_decode_against_reference_over_head_sizes(backend, d, n, pos):
@@ -316,7 +298,7 @@ def test_decode_step_is_one_graph_for_every_pos():
     assert len(graphs) == 1
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+@requires("triton")
 @pytest.mark.parametrize("splits", [1, 2, 3, 5])
 def test_triton_decode_merges_any_split_of_the_ring(monkeypatch, splits):
     # 3 tiles of slots cut into 1, 2 (uneven), 3 or 5 pieces (two of them empty): same answer.
@@ -350,7 +332,7 @@ def test_decode_gradients_come_from_the_torch_backend(monkeypatch):
         q.grad = None
         sliding_window_decode(q, cache_k, cache_v, 9, 4, backend=backend).sum().backward()
         assert q.grad is not None and torch.isfinite(q.grad).all()
-    if "triton" in BACKENDS:
+    if unavailable("triton") is None:
         with pytest.raises(RuntimeError, match="no backward"):
             decode_on("triton", q, cache_k, cache_v, 9, 4)
 
@@ -414,7 +396,7 @@ def test_bad_scale_and_backend():
         sliding_window_attention(t["q"], t["k"], t["v"], 2, backend="cuda")
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+@requires("triton")
 def test_triton_never_touches_keys_outside_the_band():
     # O(T * window) work: the first 16 keys and values are NaN, and 0 * NaN = NaN in any dot that
     # loads them, so rows far past the window must come out finite in every kernel (block sizes <= 64).
@@ -426,7 +408,7 @@ def test_triton_never_touches_keys_outside_the_band():
         assert torch.isfinite(t[:, :, 150:]).all(), name
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+@requires("triton")
 def test_triton_refuses_head_dim_over_256():
     q, k, v = make_inputs(1, 1, 1, 3, 264)
     with pytest.raises(ValueError, match="head_dim up to 256"):
@@ -463,7 +445,6 @@ def _dense_step_oracle(qkv, k_ring, v_ring, pos, window, scale):
     return out.reshape(b, n, h * d), k_ring, v_ring
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d, n, pos, window, extra", [
     (16, 1, 0, 5, 0), (64, 1, 9, 5, 0), (24, 3, 7, 6, 1), (32, 2, 40, 9, 4), (144, 1, 3, 8, 0), (128, 4, 100, 16, 0),
@@ -481,12 +462,10 @@ def test_decode_qkv_against_the_dense_oracle(backend, dtype, d, n, pos, window, 
     dev = device_of(backend)
     k_dev, v_dev = k_ring.to(dev), v_ring.to(dev)
     got = sliding_window_decode_qkv(qkv.to(dev), k_dev, v_dev, pos, window, backend=backend).cpu()
-    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    assert_close(got, want, dtype=dtype, atol={torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype])
     assert torch.equal(k_dev.cpu(), want_k.to(dtype)) and torch.equal(v_dev.cpu(), want_v.to(dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_qkv_steps_equal_the_full_forward_and_reuse_the_ring(backend):
     # a sequence 4x the window through a ring of `window` slots, one token a step: the same rows
     # as sliding_window_attention on the whole sequence, and the rings are never reallocated
@@ -524,7 +503,7 @@ def test_decode_qkv_refusals_leave_the_rings_as_they_were():
     assert torch.equal(k_ring, before[0]) and torch.equal(v_ring, before[1])
 
 
-@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ kernel not built")
+@requires("cpp")
 def test_cpp_empty_cache_gives_the_reused_blocks_back():
     fastvq.empty_cache()
     q = torch.randn(1, 2, 2048, 64, requires_grad=True)  # 1 MiB outputs: large enough to be cached
