@@ -37,24 +37,9 @@ from .._checks import check_int, check_pos, check_prob
 from ..ops.decode_linear import DECODE_ROWS
 from ..ops.decode_linear import KERNELS as LINEAR_KERNELS
 from ..ops.window_attention import KERNELS as ATTENTION_KERNELS
+from ..ops.rope import ROPE_BASE, rotary  # noqa: F401  (rotary is part of this module's API)
 from ..ops.window_attention import sliding_window_attention, sliding_window_decode
 from .decode_state import DecodeWeights, packed_in_huge_pages
-
-ROPE_BASE = 10000.0
-
-
-def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = ROPE_BASE) -> torch.Tensor:
-    """Half-split rotary embedding of x (..., T, hs) at integer positions (T,): the pair
-    (x[i], x[i + hs/2]) is rotated by the angle position * base^(-2i/hs). Computed in fp32 (fp64
-    for fp64 x): angles of positions in the thousands need more than half precision."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=acc) / half)
-    angle = positions.to(device=x.device, dtype=acc)[:, None] * inv_freq[None, :]
-    cos, sin = angle.cos(), angle.sin()
-    x1, x2 = x[..., :half].to(acc), x[..., half:].to(acc)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
-
 
 _WHERE = "SlidingWindowSelfAttention"
 

@@ -33,8 +33,8 @@ import torch
 
 from .._backend import available_backends, cpp_op, requested_backend, resolve_backend
 from .._checks import check_pos, check_tensor
+from .masked_attention import CHUNK, MaskRule, expand_kv, masked_attention_backward, masked_attention_forward
 
-_CHUNK = 256  # query rows per step of the torch reference: memory O(chunk * (chunk + window))
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -92,67 +92,22 @@ def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> tor
     return (offset >= 0) & (offset < window) & (key_pos[None, :] >= 0)
 
 
-def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """Key/value heads repeated to one per query head (a view when no repeat is needed)."""
-    group = heads // t.shape[1]
-    return t if group == 1 else t.repeat_interleave(group, dim=1)
+def _rule(window: int) -> MaskRule:
+    """The window as a rule of the shared reference: rows a..b-1 see keys a-window+1..b-1."""
+    return MaskRule(lambda rows, keys: _visible(rows, keys, window),
+                    lambda a, b: torch.arange(max(0, a - window + 1), b))
 
 
-def _fold_groups(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Sum per-query-head gradients back onto the key/value head they share."""
-    b, h, t, d = grad.shape
-    return grad.view(b, kv_heads, h // kv_heads, t, d).sum(2)
-
-
-def _chunks(seq_len: int, window: int, chunk: int):
-    """(query rows, key columns) slices covering the band: rows a..b-1 see keys a-window+1..b-1."""
-    for a in range(0, seq_len, chunk):
-        b = min(a + chunk, seq_len)
-        yield slice(a, b), slice(max(0, a - window + 1), b)
-
-
-def sliding_window_attention_reference(q, k, v, window: int, scale: float, chunk: int = _CHUNK):
-    """The oracle: masked softmax attention in fp32, a block of query rows at a time against only
-    the keys its window reaches. chunk >= T is the plain dense version."""
-    acc = torch.float32
-    qf, kf, vf = q.to(acc), _expand_kv(k, q.shape[1]).to(acc), _expand_kv(v, q.shape[1]).to(acc)
-    seq_len = q.shape[2]
-    pos = torch.arange(seq_len, device=q.device)
-    out = torch.empty(q.shape, dtype=acc, device=q.device)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    for rows, cols in _chunks(seq_len, window, chunk):
-        s = (qf[:, :, rows] @ kf[:, :, cols].transpose(-1, -2)) * scale
-        s = s.masked_fill(~_visible(pos[rows], pos[cols], window), float("-inf"))
-        row_lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        out[:, :, rows] = torch.exp(s - row_lse) @ vf[:, :, cols]
-        lse[:, :, rows] = row_lse.squeeze(-1).float()
-    return out.to(q.dtype), lse
+def sliding_window_attention_reference(q, k, v, window: int, scale: float, chunk: int = CHUNK):
+    """The oracle: (out, lse) of masked softmax attention in fp32, a block of query rows at a time
+    against only the keys its window reaches. chunk >= T is the plain dense version."""
+    return masked_attention_forward(q, k, v, scale, _rule(window), chunk)
 
 
 def sliding_window_attention_backward_reference(grad_out, q, k, v, out, lse, window: int, scale: float,
-                                                 chunk: int = _CHUNK):
-    """Gradients from the saved row log-sum-exp, recomputing probabilities chunk by chunk:
-    dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO."""
-    acc = torch.float32
-    heads, kv_heads, seq_len = q.shape[1], k.shape[1], q.shape[2]
-    qf, kf, vf = q.to(acc), _expand_kv(k, heads).to(acc), _expand_kv(v, heads).to(acc)
-    go = grad_out.to(acc)
-    delta = (go * out.to(acc)).sum(-1)
-    lse = lse.to(acc)
-    pos = torch.arange(seq_len, device=q.device)
-    dq = torch.zeros_like(qf)
-    dk = torch.zeros_like(qf)  # per query head; folded onto the shared kv heads at the end
-    dv = torch.zeros_like(qf)
-    for rows, cols in _chunks(seq_len, window, chunk):
-        s = (qf[:, :, rows] @ kf[:, :, cols].transpose(-1, -2)) * scale
-        p = torch.exp(s - lse[:, :, rows, None])
-        p = p.masked_fill(~_visible(pos[rows], pos[cols], window), 0.0)
-        dp = go[:, :, rows] @ vf[:, :, cols].transpose(-1, -2)
-        ds = p * (dp - delta[:, :, rows, None])
-        dq[:, :, rows] = scale * (ds @ kf[:, :, cols])
-        dk[:, :, cols] += scale * (ds.transpose(-1, -2) @ qf[:, :, rows])
-        dv[:, :, cols] += p.transpose(-1, -2) @ go[:, :, rows]
-    return dq.to(q.dtype), _fold_groups(dk, kv_heads).to(k.dtype), _fold_groups(dv, kv_heads).to(v.dtype)
+                                                 chunk: int = CHUNK):
+    """(dq, dk, dv) from the saved row log-sum-exp, probabilities recomputed chunk by chunk."""
+    return masked_attention_backward(grad_out, q, k, v, out, lse, scale, _rule(window), chunk)
 
 
 def ring_positions(pos, num_new: int, slots: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +127,7 @@ def sliding_window_decode_reference(q, k_cache, v_cache, pos, window: int, scale
     """The decode oracle: dense masked softmax of the n new queries over every ring slot."""
     acc = torch.float32
     heads = q.shape[1]
-    kf, vf = _expand_kv(k_cache, heads).to(acc), _expand_kv(v_cache, heads).to(acc)
+    kf, vf = expand_kv(k_cache, heads).to(acc), expand_kv(v_cache, heads).to(acc)
     query_pos, key_pos = ring_positions(pos, q.shape[2], k_cache.shape[2], q.device)
     s = (q.to(acc) @ kf.transpose(-1, -2)) * scale
     s = s.masked_fill(~_visible(query_pos, key_pos, window), float("-inf"))

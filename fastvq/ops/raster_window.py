@@ -1,0 +1,176 @@
+"""Raster-order 2-D window attention over an image's code grid.
+
+Public:
+  raster_window_attention(q, k, v, *, width, rows, left, right, n_prefix=0, scale=None, backend=None) -> out
+  raster_window_attention_reference / _backward_reference: the torch oracles (out, lse) / (dq, dk, dv)
+  raster_window_visible(query_pos, key_pos, *, width, rows, left, right, n_prefix): the rule as a mask
+  (its 2-D rotary embedding, axial_rope, is in fastvq.ops.rope)
+  KERNELS: the per-backend entry points (unchecked)
+
+The sequence: the first n_prefix tokens are a prefix (class / start tokens), causal among
+themselves and visible to every later token. The other T - n_prefix tokens are a grid in raster
+order, `width` tokens a row (the last row may be partial); grid token t is (i, j) with
+i = (t - n_prefix) // width, j = (t - n_prefix) % width. Grid token (i, j) sees grid key (i', j') iff
+    i - rows <= i' < i  and  j - left <= j' <= j + right      (the band of rows above)
+ or i' == i             and  j - left <= j' <= j              (itself and the tokens before it in its row)
+Columns outside [0, width) do not exist (the window is truncated at the borders, never wrapped).
+With rows = left = 8, right = 7 this is taming's interior 16 x 16 crop context, the same rule at
+every position. Every key seen comes earlier in raster order (j + right on row i - 1 precedes
+(i, j)), so the rule is causal and every query sees at least itself.
+
+Backend contract (RasterKernels): forward(q, k, v, geometry, scale) -> (out, lse fp32 (B, H, T));
+backward(grad_out, q, k, v, out, lse, geometry, scale) -> (dq, dk, dv); geometry is a Geometry
+(width, rows, left, right, n_prefix). Work is O(T * (rows * (left + right + 1) + left + 1)) in
+the fast backends; the torch reference is chunked (O(chunk * (rows + 1) * width) memory).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from .._backend import requested_backend, resolve_backend
+from .._checks import check_int
+from .masked_attention import CHUNK, MaskRule, masked_attention_backward, masked_attention_forward
+from .window_attention import _check_heads, _check_scale, _check_tensors
+
+class Geometry(NamedTuple):
+    """The window's shape on the grid (all checked ints)."""
+    width: int
+    rows: int
+    left: int
+    right: int
+    n_prefix: int
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_geometry(op: str, seq_len: int, width, rows, left, right, n_prefix) -> Geometry:
+    geometry = Geometry(check_int(op, "width", width, 1), check_int(op, "rows", rows, 0),
+                        check_int(op, "left", left, 0), check_int(op, "right", right, 0),
+                        check_int(op, "n_prefix", n_prefix, 0))
+    if geometry.n_prefix > seq_len:
+        raise ValueError(f"{op}: n_prefix ({geometry.n_prefix}) must be at most the sequence length T = {seq_len}")
+    return geometry
+
+
+# ----------------------------------------------------------------------------- the rule and the torch reference
+
+def raster_window_visible(query_pos: torch.Tensor, key_pos: torch.Tensor, *, width: int, rows: int, left: int,
+                          right: int, n_prefix: int = 0) -> torch.Tensor:
+    """(queries, keys) boolean mask of the rule from absolute positions (int64 tensors)."""
+    q, k = query_pos[:, None], key_pos[None, :]
+    qg, kg = q - n_prefix, k - n_prefix
+    q_grid, k_grid = qg >= 0, kg >= 0
+    qi, qj = torch.div(qg, width, rounding_mode="floor"), torch.remainder(qg, width)
+    ki, kj = torch.div(kg, width, rounding_mode="floor"), torch.remainder(kg, width)
+    cols_left = kj >= qj - left
+    band = (ki >= qi - rows) & (ki < qi) & cols_left & (kj <= qj + right)
+    own_row = (ki == qi) & cols_left & (kj <= qj)
+    grid_sees = ~k_grid | band | own_row             # a grid query sees the whole prefix
+    prefix_sees = ~k_grid & (k <= q)                 # a prefix query: causal among the prefix
+    return torch.where(q_grid, grid_sees, prefix_sees)
+
+
+def _rule(g: Geometry) -> MaskRule:
+    def keys_for(a: int, b: int) -> torch.Tensor:
+        prefix = torch.arange(min(g.n_prefix, b))
+        first_row = max(a - g.n_prefix, 0) // g.width
+        lo = g.n_prefix + max(first_row - g.rows, 0) * g.width
+        return torch.cat((prefix, torch.arange(max(lo, g.n_prefix), b)))
+
+    return MaskRule(lambda rows, keys: raster_window_visible(rows, keys, **g._asdict()), keys_for)
+
+
+def raster_window_attention_reference(q, k, v, geometry: Geometry, scale: float, chunk: int = CHUNK):
+    """The oracle: (out, lse), masked softmax in fp32 a chunk of queries at a time against the
+    prefix and the rows their window can reach (runs at T = 16384)."""
+    return masked_attention_forward(q, k, v, scale, _rule(geometry), chunk)
+
+
+def raster_window_attention_backward_reference(grad_out, q, k, v, out, lse, geometry: Geometry, scale: float,
+                                               chunk: int = CHUNK):
+    return masked_attention_backward(grad_out, q, k, v, out, lse, scale, _rule(geometry), chunk)
+
+
+# ----------------------------------------------------------------------------- backends
+
+class RasterKernels(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+# cpp (csrc/raster_window.cpp) and triton (kernels/raster_window.py) register here when they exist.
+KERNELS = {"torch": RasterKernels(raster_window_attention_reference, raster_window_attention_backward_reference)}
+
+
+def _backend_for(op: str, backend: str | None, device: torch.device) -> str:
+    name = resolve_backend(backend, device, op)
+    if name in KERNELS:
+        return name
+    if requested_backend(backend) == "auto":
+        return "torch"
+    raise NotImplementedError(f"{op}: backend {name!r} has no kernel for this op yet (available: {sorted(KERNELS)})")
+
+
+class RasterWindowAttentionFunction(torch.autograd.Function):
+    """One node: saves q, k, v, out and the row log-sum-exp (B, H, T)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, geometry, scale, backend):
+        run = KERNELS["torch" if q.numel() == 0 else backend].forward
+        out, lse = run(q.detach(), k.detach(), v.detach(), geometry, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.config = (geometry, scale, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        geometry, scale, backend = ctx.config
+        run = KERNELS["torch" if q.numel() == 0 else backend].backward
+        dq, dk, dv = run(grad_out, q.detach(), k.detach(), v.detach(), out, lse, geometry, scale)
+        return dq, dk, dv, None, None, None
+
+
+# ----------------------------------------------------------------------------- public
+
+def raster_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, width: int, rows: int, left: int,
+                            right: int, n_prefix: int = 0, scale: float | None = None,
+                            backend: str | None = None) -> torch.Tensor:
+    """Causal attention over a code grid in raster order, each token seeing a 2-D window.
+
+    See the module docstring for the rule: `rows` rows above, `left` columns to the left and `right`
+    to the right of the token's column, and the tokens before it in its own row; a prefix of
+    n_prefix tokens is visible to all. Softmax and accumulation in fp32.
+
+    Args:
+        q: (B, H, T, Dh) float32, float16 or bfloat16, any strides; T = n_prefix + grid tokens.
+        k, v: (B, H_kv, T, Dh), q's dtype and device, H a multiple of H_kv.
+        width: tokens per grid row (>= 1). rows, left, right: the window (>= 0 each).
+        n_prefix: prefix tokens before the grid (class / start tokens), 0 <= n_prefix <= T.
+        scale: default Dh ** -0.5.
+        backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
+
+    Returns:
+        (B, H, T, Dh) in q's dtype, differentiable in q, k and v.
+
+    Raises:
+        TypeError / ValueError naming the argument; RuntimeError / NotImplementedError when the
+        backend asked for cannot run this op here.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 8, 32 * 32, 64)
+        >>> out = fastvq.raster_window_attention(q, k, v, width=32, rows=8, left=8, right=7)
+    """
+    op = "raster_window_attention"
+    _check_tensors(op, q=q, k=k, v=v)
+    _check_heads(op, q, k, v, "k", "v")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"{op}: q has {q.shape[2]} positions but k has {k.shape[2]}; they must match")
+    geometry = _check_geometry(op, q.shape[2], width, rows, left, right, n_prefix)
+    scale = _check_scale(scale, q.shape[3], op)
+    name = _backend_for(op, backend, q.device)
+    out, _ = RasterWindowAttentionFunction.apply(q, k, v, geometry, scale, name)
+    return out

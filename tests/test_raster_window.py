@@ -1,0 +1,144 @@
+"""raster_window_attention and axial_rope: every backend against a float64 dense-mask oracle whose
+mask is built here, token pair by token pair, from the rule as the issue states it."""
+import pytest
+import torch
+
+import fastvq
+from fastvq.ops.raster_window import KERNELS, raster_window_visible
+from helpers import assert_close, backend_params, device_of, interpreted
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rule_mask(t, width, rows, left, right, n_prefix):
+    """(T, T) bool: query a sees key b, written out from the rule with plain integers."""
+    mask = torch.zeros(t, t, dtype=torch.bool)
+    for a in range(t):
+        for b in range(t):
+            if a < n_prefix:
+                mask[a, b] = b <= a  # the prefix is causal among itself and sees no grid token
+                continue
+            if b < n_prefix:
+                mask[a, b] = True
+                continue
+            (i, j), (i2, j2) = divmod(a - n_prefix, width), divmod(b - n_prefix, width)
+            above = i - rows <= i2 < i and j - left <= j2 <= j + right
+            own_row = i2 == i and j - left <= j2 <= j
+            mask[a, b] = above or own_row
+    return mask
+
+
+def oracle(q, k, v, mask, scale):
+    """float64 masked softmax attention (GQA by repeating k/v heads)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+# (B, H, H_kv, width, grid tokens, rows, left, right, n_prefix, Dh): widths 1, 7, 33, partial last
+# rows, prefixes 0/1/3, a window wider than the grid, rows = 0, GQA, Dh not a power of two.
+CASES = [
+    (1, 2, 2, 1, 9, 2, 1, 1, 0, 16),
+    (2, 2, 1, 7, 40, 2, 2, 1, 1, 16),
+    (1, 4, 2, 7, 30, 0, 3, 3, 3, 24),
+    (1, 2, 2, 33, 70, 1, 8, 7, 1, 32),
+    (1, 2, 1, 5, 23, 9, 9, 9, 0, 16),
+    (1, 1, 1, 4, 17, 3, 0, 0, 2, 8),
+]
+SMALL = CASES[:3]
+
+
+def make(b, h, hk, t, d, dtype, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, t, d, generator=g).to(dtype) for n in (h, hk, hk))
+    if requires_grad:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+    return q, k, v
+
+
+def test_the_rule_as_a_mask_is_the_oracles():
+    for (_, _, _, width, grid, rows, left, right, n_prefix, _) in CASES:
+        t = n_prefix + grid
+        pos = torch.arange(t)
+        got = raster_window_visible(pos, pos, width=width, rows=rows, left=left, right=right, n_prefix=n_prefix)
+        assert torch.equal(got, rule_mask(t, width, rows, left, right, n_prefix))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_and_backward_match_the_oracle(backend, dtype):
+    if backend not in KERNELS:
+        pytest.skip(f"raster_window_attention has no {backend} kernel yet")
+    dev = device_of(backend)
+    for case in (SMALL if interpreted(backend) else CASES):
+        b, h, hk, width, grid, rows, left, right, n_prefix, d = case
+        t = n_prefix + grid
+        q, k, v = make(b, h, hk, t, d, dtype, seed=grid)
+        mask = rule_mask(t, width, rows, left, right, n_prefix)
+        want = oracle(q, k, v, mask, d ** -0.5)
+        leaves = [x.to(dev).detach().requires_grad_() for x in (q, k, v)]
+        out = fastvq.raster_window_attention(*leaves, width=width, rows=rows, left=left, right=right,
+                                             n_prefix=n_prefix, backend=backend)
+        assert out.dtype == dtype and out.shape == q.shape
+        tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+        assert_close(out.cpu(), want, dtype=dtype, atol=tol, rtol=tol, msg=str(case))
+        grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+        out.backward(grad.to(dev, dtype))
+        refs = [x.double().detach().requires_grad_() for x in (q, k, v)]
+        oracle(*refs, mask, d ** -0.5).backward(grad.double())
+        for name, leaf, ref in zip("qkv", leaves, refs):
+            assert_close(leaf.grad.cpu(), ref.grad, dtype=dtype, atol=4 * tol, rtol=4 * tol, msg=f"d{name} {case}")
+
+
+def test_non_contiguous_inputs_and_a_long_grid_in_chunks():
+    # 40 x 13 grid: the reference's chunks start mid-row; q is a transposed view
+    width, grid, rows, left, right, n_prefix, d = 13, 520, 3, 2, 4, 1, 16
+    t = n_prefix + grid
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, t, 2, d, generator=g).transpose(1, 2)
+    k, v = torch.randn(1, 2, t, d, generator=g), torch.randn(1, 2, t, d, generator=g)
+    want = oracle(q, k, v, rule_mask(t, width, rows, left, right, n_prefix), d ** -0.5)
+    got = fastvq.raster_window_attention(q, k, v, width=width, rows=rows, left=left, right=right, n_prefix=n_prefix)
+    assert_close(got, want, dtype=torch.float32, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("change, exc, words", [
+    (dict(width=0), ValueError, "width must be an integer >= 1"),
+    (dict(rows=-1), ValueError, "rows must be an integer >= 0"),
+    (dict(left=1.5), ValueError, "left must be an integer"),
+    (dict(right=True), ValueError, "right must be an integer"),
+    (dict(n_prefix=100), ValueError, "n_prefix"),
+    (dict(scale="x"), TypeError, "scale"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_bad_arguments_are_refused(change, exc, words):
+    q = torch.randn(1, 2, 10, 8)
+    args = dict(width=4, rows=1, left=1, right=1) | change
+    with pytest.raises(exc, match=words):
+        fastvq.raster_window_attention(q, q, q, **args)
+
+
+# ----------------------------------------------------------------------------- axial rope
+
+def test_axial_rope_scores_depend_only_on_the_2d_offset():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 32, generator=g), torch.randn(1, 1, 1, 32, generator=g)
+
+    def score(qi, qj, ki, kj):
+        rq = fastvq.axial_rope(q, torch.tensor([qi]), torch.tensor([qj]))
+        rk = fastvq.axial_rope(k, torch.tensor([ki]), torch.tensor([kj]))
+        return (rq * rk).sum()
+
+    base = score(5, 7, 3, 9)
+    for shift_i, shift_j in ((1, 0), (0, 4), (11, -2)):
+        assert_close(score(5 + shift_i, 7 + shift_j, 3 + shift_i, 9 + shift_j), base, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(score(5, 7, 3, 9), score(5, 7, 4, 9))  # a row offset matters
+    assert not torch.allclose(score(5, 7, 3, 9), score(5, 7, 3, 8))  # so does a column offset
+
+
+def test_axial_rope_bad_input():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        fastvq.axial_rope(torch.randn(3, 6), torch.arange(3), torch.arange(3))
+    with pytest.raises(ValueError, match="cols_idx"):
+        fastvq.axial_rope(torch.randn(3, 8), torch.arange(3), torch.arange(4))
