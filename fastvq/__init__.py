@@ -1,15 +1,15 @@
 """fastvq: fused kernels for VQGAN-style discrete image models."""
 from ._backend import available_backends
 from .ops import nearest_code, vector_quantize
-from .nn import KVCache, SlidingWindowSelfAttention, VectorQuantizer
+from .nn import KVCache, RasterKVCache, RasterWindowSelfAttention, SlidingWindowSelfAttention, VectorQuantizer
 from .ops.window_attention import empty_cache, sliding_window_attention, sliding_window_decode, sliding_window_decode_qkv
 from .ops.sampling import sample_logits
 from .ops.decode_linear import decode_linear
-from .ops.raster_window import raster_window_attention
+from .ops.raster_window import raster_window_attention, raster_window_decode
 from .ops.rope import axial_rope
 from .models import GPT, LPIPS, VQGAN, NLayerDiscriminator, VQGANConfig, VQGANLoss, load_taming_vqgan, sample_with_past
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "nearest_code", "vector_quantize", "VectorQuantizer", "sliding_window_attention", "sliding_window_decode", "sliding_window_decode_qkv", "empty_cache", "raster_window_attention", "axial_rope", "SlidingWindowSelfAttention", "sample_logits", "decode_linear", "KVCache", "GPT", "sample_with_past",
+__all__ = ["available_backends", "nearest_code", "vector_quantize", "VectorQuantizer", "sliding_window_attention", "sliding_window_decode", "sliding_window_decode_qkv", "empty_cache", "raster_window_attention", "raster_window_decode", "axial_rope", "SlidingWindowSelfAttention", "RasterWindowSelfAttention", "RasterKVCache", "sample_logits", "decode_linear", "KVCache", "GPT", "sample_with_past",
            "VQGAN", "VQGANConfig", "VQGANLoss", "LPIPS", "NLayerDiscriminator", "load_taming_vqgan", "__version__"]

@@ -4,6 +4,9 @@ Public:
   raster_window_attention(q, k, v, *, width, rows, left, right, n_prefix=0, scale=None, backend=None) -> out
   raster_window_attention_reference / _backward_reference: the torch oracles (out, lse) / (dq, dk, dv)
   raster_window_visible(query_pos, key_pos, *, width, rows, left, right, n_prefix): the rule as a mask
+  raster_window_decode(q, k_ring, v_ring, rows_idx, cols_idx, *, width, rows, left, right, n_prefix=0,
+                       scale=None, backend=None) -> out: new grid queries (a wavefront) against a ring
+  raster_window_decode_reference: its torch oracle
   (its 2-D rotary embedding, axial_rope, is in fastvq.ops.rope)
   KERNELS: the per-backend entry points (unchecked)
 
@@ -30,8 +33,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from .._backend import requested_backend, resolve_backend
-from .._checks import check_int
-from .masked_attention import CHUNK, MaskRule, masked_attention_backward, masked_attention_forward
+from .._checks import check_int, check_tensor
+from .masked_attention import CHUNK, MaskRule, expand_kv, masked_attention_backward, masked_attention_forward
 from .window_attention import _check_heads, _check_scale, _check_tensors
 
 class Geometry(NamedTuple):
@@ -93,15 +96,52 @@ def raster_window_attention_backward_reference(grad_out, q, k, v, out, lse, geom
     return masked_attention_backward(grad_out, q, k, v, out, lse, scale, _rule(geometry), chunk)
 
 
+# ----------------------------------------------------------------------------- decode against a ring of image rows
+
+# The decode ring: slots [0, n_prefix) hold the prefix, then ring_rows image rows of `width` slots:
+# grid token (i, j) lives in slot n_prefix + (i % ring_rows) * width + j, written in place.
+
+def ring_slots(rows_idx: torch.Tensor, cols_idx: torch.Tensor, width: int, ring_rows: int, n_prefix: int) -> torch.Tensor:
+    """The ring slot of each grid token (i, j)."""
+    return n_prefix + torch.remainder(rows_idx, ring_rows) * width + cols_idx
+
+
+def ring_visible(rows_idx: torch.Tensor, cols_idx: torch.Tensor, slots: int, g: Geometry) -> torch.Tensor:
+    """(n, slots) mask: which ring slots each query (i, j) reads. A grid slot in ring row r holds
+    the latest image row i' <= i with i' % ring_rows == r (the caller keeps that invariant: rows
+    i - rows .. i never share a ring row, and what a query needs was written before it attends)."""
+    ring_rows = (slots - g.n_prefix) // g.width
+    s = torch.arange(slots, device=rows_idx.device)
+    r, c = torch.div(s - g.n_prefix, g.width, rounding_mode="floor"), torch.remainder(s - g.n_prefix, g.width)
+    i, j = rows_idx[:, None], cols_idx[:, None]
+    held = i - torch.remainder(i - r[None, :], ring_rows)  # the image row slot s holds, as seen from row i
+    cols_left = c[None, :] >= j - g.left
+    band = (held >= i - g.rows) & (held < i) & cols_left & (c[None, :] <= j + g.right)
+    own_row = (held == i) & cols_left & (c[None, :] <= j)
+    return (s[None, :] < g.n_prefix) | ((s[None, :] >= g.n_prefix) & (held >= 0) & (band | own_row))
+
+
+def raster_window_decode_reference(q, k_ring, v_ring, rows_idx, cols_idx, geometry: Geometry, scale: float):
+    """The decode oracle: dense masked softmax of the n queries over every ring slot (fp32)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    heads = q.shape[1]
+    kf, vf = expand_kv(k_ring, heads).to(acc), expand_kv(v_ring, heads).to(acc)
+    s = (q.to(acc) @ kf.transpose(-1, -2)) * scale
+    s = s.masked_fill(~ring_visible(rows_idx, cols_idx, k_ring.shape[2], geometry), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ vf).to(q.dtype)
+
+
 # ----------------------------------------------------------------------------- backends
 
 class RasterKernels(NamedTuple):
     forward: Callable
     backward: Callable
+    decode: Callable
 
 
 # cpp (csrc/raster_window.cpp) and triton (kernels/raster_window.py) register here when they exist.
-KERNELS = {"torch": RasterKernels(raster_window_attention_reference, raster_window_attention_backward_reference)}
+KERNELS = {"torch": RasterKernels(raster_window_attention_reference, raster_window_attention_backward_reference,
+                                  raster_window_decode_reference)}
 
 
 def _backend_for(op: str, backend: str | None, device: torch.device) -> str:
@@ -174,3 +214,59 @@ def raster_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     name = _backend_for(op, backend, q.device)
     out, _ = RasterWindowAttentionFunction.apply(q, k, v, geometry, scale, name)
     return out
+
+
+def raster_window_decode(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, rows_idx: torch.Tensor,
+                         cols_idx: torch.Tensor, *, width: int, rows: int, left: int, right: int, n_prefix: int = 0,
+                         scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Attention of n new grid queries, each at its own (i, j), against a ring of image rows.
+
+    The ring (see ring_slots) holds the prefix in slots [0, n_prefix) and image row i in ring row
+    i % ring_rows, `width` slots a row, written in place; the new queries' own keys/values are
+    already written. Queries may sit at different rows and columns (a wavefront): token (i, j)
+    needs row i - 1 only up to column j + right, so rows advance together with a lag of right + 1.
+    The caller keeps the ring's invariant (fastvq.RasterKVCache checks it): what a query needs is
+    written and not yet overwritten, which needs ring_rows >= rows + 1 + (max row - min row).
+
+    Args:
+        q: (B, H, n, Dh) float32, float16 or bfloat16.
+        k_ring, v_ring: (B, H_kv, n_prefix + ring_rows * width, Dh), q's dtype and device.
+        rows_idx, cols_idx: (n,) integer tensors on q's device: each query's grid row and column.
+        width, rows, left, right, n_prefix: the window, as in raster_window_attention.
+        scale: default Dh ** -0.5.
+        backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
+
+    Returns:
+        (B, H, n, Dh) in q's dtype. Inference only.
+
+    Raises:
+        TypeError / ValueError naming the argument (shapes, a ring whose slot count is not
+        n_prefix + ring_rows * width, ring_rows <= rows, indices of the wrong shape or dtype).
+
+    Example:
+        >>> ring = torch.zeros(1, 8, 1 + 10 * 64, 64)   # prefix 1, 10 ring rows of width 64
+        >>> q = torch.randn(1, 8, 3, 64)                 # a wavefront of three tokens
+        >>> rows_idx, cols_idx = torch.tensor([2, 1, 0]), torch.tensor([0, 9, 18])
+        >>> out = fastvq.raster_window_decode(q, ring, ring, rows_idx, cols_idx, width=64, rows=8, left=8,
+        ...                                   right=8, n_prefix=1)
+    """
+    op = "raster_window_decode"
+    _check_tensors(op, q=q, k_ring=k_ring, v_ring=v_ring)
+    _check_heads(op, q, k_ring, v_ring, "k_ring", "v_ring")
+    geometry = _check_geometry(op, k_ring.shape[2], width, rows, left, right, n_prefix)
+    ring_rows, rest = divmod(k_ring.shape[2] - geometry.n_prefix, geometry.width)
+    if rest or ring_rows <= geometry.rows:
+        raise ValueError(f"{op}: k_ring must hold n_prefix + ring_rows * width slots with ring_rows > rows = "
+                         f"{geometry.rows}, got {k_ring.shape[2]} slots for n_prefix {geometry.n_prefix}, width {geometry.width}")
+    n = q.shape[2]
+    for name, idx in (("rows_idx", rows_idx), ("cols_idx", cols_idx)):
+        check_tensor(op, name, idx, ("n",), (torch.int64, torch.int32))
+        if idx.shape[0] != n or idx.device != q.device:
+            raise ValueError(f"{op}: {name} must hold one index per query ({n}) on q's device, got "
+                             f"{tuple(idx.shape)} on {idx.device}")
+    scale = _check_scale(scale, q.shape[3], op)
+    name = _backend_for(op, backend, q.device)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_ring, v_ring)):
+        name = "torch"  # only the reference is differentiable
+    return KERNELS["torch" if q.numel() == 0 else name].decode(q, k_ring, v_ring, rows_idx.long(), cols_idx.long(),
+                                                             geometry, scale)
