@@ -12,6 +12,12 @@ no pickled code: tensors, numbers, strings, bytes, None, dtypes, devices and dic
 / sets of those. Configs are stored as plain dicts, RNG states as tensors (capture_rng_state), and
 model / optimizer state_dicts already qualify. save_checkpoint checks this before writing, so a
 state that could not be resumed fails at the first save rather than at the resume days later.
+
+Exact resume: a training_state holds everything the next step reads (model, loss and optimizer
+state dicts, the step, the data position, every process's global RNG states and the states of the
+generators the run keeps of its own). A resumed run seeds and builds everything as a fresh run does,
+loads the parts (resume_training), and restores the RNG states last, just before its first step
+(restore_training_rng), so that on a CPU it continues bit for bit as the uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -144,8 +150,17 @@ def resume_path(out_dir, resume) -> Path | None:
     return candidate
 
 
-def capture_rng_state() -> dict:
-    """The torch (CPU and every CUDA device), numpy and python RNG states, as tensors."""
+def seed_rng(seed: int) -> None:
+    """Seed every global generator capture_rng_state saves: torch's (CPU and CUDA), numpy's and
+    python's, so that a run is a function of its seed whichever of them its code draws from."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def capture_rng_state(generators: dict | None = None) -> dict:
+    """The torch (CPU and every CUDA device), numpy and python RNG states, as tensors, and the states
+    of the named torch.Generators a run keeps of its own ({name: generator}) under "generators"."""
     numpy_state = np.random.get_state(legacy=False)
     if numpy_state["bit_generator"] != "MT19937":  # np.random.seed always installs MT19937
         raise ValueError(f"capture_rng_state: numpy's global generator is {numpy_state['bit_generator']}, "
@@ -163,12 +178,16 @@ def capture_rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if generators:
+        state["generators"] = {name: generator.get_state() for name, generator in generators.items()}
     return state
 
 
-def restore_rng_state(state: dict) -> None:
-    """Undo capture_rng_state. CUDA states are restored for the devices present in both runs and
-    ignored when this run has no CUDA (a GPU run resumed on a CPU)."""
+def restore_rng_state(state: dict, generators: dict | None = None) -> list[str]:
+    """Undo capture_rng_state: the global generators, and those of `generators` ({name: generator})
+    that the state holds; returns the names it does not hold (left as they are). CUDA states are
+    restored for the devices present in both runs and ignored when this run has no CUDA (a GPU run
+    resumed on a CPU)."""
     torch.set_rng_state(state["torch"].cpu())
     numpy_state = state["numpy"]
     np.random.set_state({
@@ -182,27 +201,86 @@ def restore_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state.cpu(), device)
+    saved = state.get("generators", {})
+    missing = []
+    for name, generator in (generators or {}).items():
+        if name in saved:
+            generator.set_state(saved[name].cpu())
+        else:
+            missing.append(name)
+    return missing
 
 
-def training_state(kind: str, config: dict, step: int, parts: dict, **extra) -> dict:
+def gather_rng_states(generators: dict | None = None) -> list[dict] | None:
+    """capture_rng_state(generators) of every process, in rank order, on rank 0 (None on the others);
+    without torch.distributed, [this process's]. Every process must call it (a collective)."""
+    import torch.distributed as dist
+
+    mine = capture_rng_state(generators)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, everyone, dst=0)
+    return everyone
+
+
+def training_state(kind: str, config: dict, step: int, parts: dict, *, rng: list[dict] | None = None,
+                   **extra) -> dict:
     """What a train-* command's last.ckpt holds: its kind, config and step, the state dict of every
-    part (models, losses, optimizers, by name) and the RNG states, so --resume continues the run."""
-    return {"kind": kind, "config": config, "step": step, "rng": capture_rng_state(),
-            **{name: part.state_dict() for name, part in parts.items()}, **extra}
+    part (models, losses, optimizers, the TrainBatches position, by name), the RNG states and the
+    `extra` entries, so --resume continues the run exactly (resume_training, restore_training_rng).
+
+    rng: every process's RNG states in rank order (gather_rng_states); default this process's alone.
+    "rng" holds rank 0's and, with several processes, "rng_ranks" all of them.
+    """
+    rng = [capture_rng_state()] if rng is None else list(rng)
+    state = {"kind": kind, "config": config, "step": step, "rng": rng[0],
+             **{name: part.state_dict() for name, part in parts.items()}, **extra}
+    if len(rng) > 1:
+        state["rng_ranks"] = rng
+    return state
 
 
-def resume_training(path, kind: str, config: dict, parts: dict, map_location="cpu") -> int:
-    """Load a training_state from path into parts (same names) and the RNGs; return its step.
-    Refuses a checkpoint of another command or with another model config (before touching parts)."""
+def resume_training(path, kind: str, config: dict, parts: dict, map_location="cpu", *,
+                    optional: tuple = ()) -> dict:
+    """Load a training_state from path into parts (same names) and return the whole state (its
+    "step", RNG states and extra entries). Refuses a checkpoint of another command or with another
+    model config (before touching parts). Parts named in `optional` may be missing (a checkpoint
+    of an older version): they are left as they are; the caller sees their absence in the state.
+
+    The RNGs are not restored here: a run seeds its generators and builds what draws from them
+    first, then calls restore_training_rng(state, ...) just before its first step."""
     state = load_checkpoint(path, map_location=map_location)
     if state.get("kind") != kind:
         raise ValueError(f"--resume: {path} is not a {kind} checkpoint (kind {state.get('kind')!r})")
     if state["config"]["model"] != config["model"]:
         raise ValueError(f"--resume: {path} was trained with a different model config; resume with its config")
-    missing = [name for name in parts if name not in state]
+    missing = [name for name in parts if name not in state and name not in optional]
     if missing:
         raise ValueError(f"--resume: {path} lacks {', '.join(missing)}")
     for name, part in parts.items():
-        part.load_state_dict(state[name])
-    restore_rng_state(state["rng"])
-    return int(state["step"])
+        if name in state:
+            part.load_state_dict(state[name])
+    return state
+
+
+def restore_training_rng(state: dict, generators: dict | None = None, rank: int = 0,
+                         world_size: int = 1) -> list[str]:
+    """Restore the RNG states of resume_training's `state` for process `rank` of `world_size`:
+    its own when the checkpoint holds every rank's ("rng_ranks") for the same number of processes,
+    else rank 0's. Returns warnings (empty when the continuation is exact): RNG states saved by a
+    different number of processes, or generators the checkpoint does not hold (left as seeded)."""
+    warnings = []
+    ranks = state.get("rng_ranks")
+    rng = state["rng"]
+    if ranks is not None and len(ranks) == world_size:
+        rng = ranks[rank]
+    elif world_size > 1 or ranks is not None:
+        saved = len(ranks) if ranks is not None else 1
+        warnings.append(f"the checkpoint holds the RNG states of {saved} process(es), this run has {world_size}: "
+                        f"every process continues from rank 0's, so random draws differ from the uninterrupted run")
+    missing = restore_rng_state(rng, generators)
+    if missing:
+        warnings.append(f"the checkpoint predates the state of the generator(s) {', '.join(missing)}: they start "
+                        f"afresh, so random draws differ from the uninterrupted run")
+    return warnings

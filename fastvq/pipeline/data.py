@@ -21,6 +21,11 @@ the data is a single image or a few textures.
 
 Each source image is decoded, converted to RGB and resized by `scale` once, at construction, and kept
 as a uint8 (3, H, W) tensor; an item is a slice, a conversion to float and perhaps a flip.
+
+TrainBatches serves a training loop its batches, epoch after epoch, in an order that is a function
+of (seed, epoch, rank) alone, and says where it stands (state_dict: the epoch and the position in
+it), so that a run resumed from a checkpoint continues with the batches the uninterrupted run
+would have drawn.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._checks import check_int, check_positive
 
@@ -232,3 +237,88 @@ def num_classes(dataset) -> int:
     if classes is None:
         raise ValueError(f"num_classes: {type(dataset).__name__} has no `classes` attribute")
     return len(classes)
+
+
+class TrainBatches:
+    """Endless training batches of `dataset`, epoch after epoch, that a resumed run continues exactly.
+
+    Epoch e: the dataset's set_epoch(e) (its crops), then a permutation of range(len(dataset))
+    drawn from numpy's generator seeded by (seed, e), never a global RNG (a shuffling DataLoader
+    draws its order and its workers' seeds from torch's global generator, which then depends on
+    everything else the run drew). Its first world_size * (len // world_size) indices are dealt out
+    among the processes, rank r taking every world_size-th from the r-th (as DistributedSampler
+    does); each process yields the full batches of its share (the rest of the share is dropped).
+    DataLoader workers (num_workers > 0) are seeded from (seed, epoch, rank) too.
+
+    state_dict() is the position of the next batch: {"epoch": e, "sample": i, "world_size": n},
+    i the number of indices of epoch e's share already used. load_state_dict(state) continues from
+    there; a position saved by a run with another number of processes is mapped to the same
+    fraction of the epoch (approximate). position_at(step) is the position after `step` batches from
+    the start, for checkpoints that did not record one.
+    """
+
+    def __init__(self, dataset, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0):
+        owner = "TrainBatches"
+        self.dataset = dataset
+        self.batch_size = check_int(owner, "batch_size", batch_size, 1)
+        self.seed = check_int(owner, "seed", seed, 0)
+        self.world_size = check_int(owner, "world_size", world_size, 1)
+        self.rank = check_int(owner, "rank", rank, 0, self.world_size - 1)
+        self.num_workers = check_int(owner, "num_workers", num_workers, 0)
+        self.share = len(dataset) // self.world_size
+        if self.share < self.batch_size:
+            raise ValueError(f"{owner}: an epoch of {len(dataset)} items gives each of {self.world_size} "
+                             f"process(es) {self.share}, fewer than one batch of {self.batch_size}; use a smaller "
+                             f"batch size or more data")
+        self.batches_per_epoch = self.share // self.batch_size
+        self.epoch, self.sample = 0, 0
+        self._batches = None
+
+    def _indices(self, epoch: int) -> list[int]:
+        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.dataset))
+        return order[self.rank:self.share * self.world_size:self.world_size].tolist()
+
+    def _start_epoch(self):
+        end = self.batches_per_epoch * self.batch_size
+        if self.sample + self.batch_size > end:  # this epoch's batches are used up
+            self.epoch, self.sample = self.epoch + 1, 0
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        indices = self._indices(self.epoch)[self.sample:end]
+        workers_seed = int(np.random.default_rng((self.seed, self.epoch, self.rank)).integers(2 ** 62))
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True,
+                            num_workers=self.num_workers, generator=torch.Generator().manual_seed(workers_seed))
+        return iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self._batches = self._start_epoch()
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self.sample = self.batches_per_epoch * self.batch_size
+            self._batches = self._start_epoch()
+            batch = next(self._batches)
+        self.sample += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.sample + self.batch_size > self.batches_per_epoch * self.batch_size:  # the next batch opens an epoch
+            return {"epoch": self.epoch + 1, "sample": 0, "world_size": self.world_size}
+        return {"epoch": self.epoch, "sample": self.sample, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch = check_int("TrainBatches.load_state_dict", "epoch", state["epoch"], 0)
+        sample = check_int("TrainBatches.load_state_dict", "sample", state["sample"], 0)
+        saved_world = int(state.get("world_size", self.world_size))
+        if saved_world != self.world_size:  # the same fraction of the epoch, in whole batches
+            sample = sample * saved_world // self.world_size // self.batch_size * self.batch_size
+        self.epoch, self.sample, self._batches = epoch, sample, None
+
+    def position_at(self, step: int) -> dict:
+        epoch, batch = divmod(check_int("TrainBatches.position_at", "step", step, 0), self.batches_per_epoch)
+        return {"epoch": epoch, "sample": batch * self.batch_size, "world_size": self.world_size}

@@ -10,7 +10,10 @@ rank 0 writes files.
 
 Written to --out: metrics.csv, loss_curves.png, last.ckpt (resume) and gpt.ckpt: the GPT, its
 configuration, the code layout and the VQGAN it was trained on (config and weights), so `fastvq
-sample` needs this one file.
+sample` needs this one file. Batches and pkeep's corruption draw from the run's own generator,
+dropout from torch's global one; last.ckpt holds both (every rank's) with the GPT and AdamW
+states, and --resume restores them after the start-up seeding, so a resumed run continues bit for
+bit (on a CPU) as the uninterrupted run would have (the learning rate is a function of the step).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import torch.nn.functional as F
 
 from ..models.gpt import GPT
 from . import distributed
-from .checkpoint import resume_path, resume_training, save_checkpoint, training_state
+from .checkpoint import (gather_rng_states, restore_training_rng, resume_path, resume_training, save_checkpoint,
+                         seed_rng, training_state)
 from .config import GPTTrainSection, TrainGPTConfig, load_config
 from .data import make_dataset, num_classes
 from .logs import MetricsLog, plot_curves, progress
@@ -111,14 +115,17 @@ def _train(config: TrainGPTConfig, out_dir: Path, vqgan_path: Path, data, resume
     no_decay = [p for n, p in gpt.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    start, ckpt = 0, resume_path(out_dir, resume)
+    start, resumed, ckpt = 0, None, resume_path(out_dir, resume)
     if ckpt is not None:
-        start = resume_training(ckpt, "gpt-train", config.to_dict(), {"model": gpt, "opt": opt}, map_location=dev)
+        resumed = resume_training(ckpt, "gpt-train", config.to_dict(), {"model": gpt, "opt": opt}, map_location=dev)
+        start = int(resumed["step"])
         if runtime.is_main:
             log(f"resumed from {ckpt} at step {start}")
 
-    # every rank encodes its own crops (different seeds), so the code bank grows with the world size
-    torch.manual_seed(cfg.seed * 1000 + runtime.rank)
+    # The generators are seeded as in a fresh run; on resume the checkpoint's states replace them
+    # once everything that draws at start-up is built, just before the first step. Every rank
+    # encodes its own crops (different seeds), so the code bank grows with the world size.
+    seed_rng(cfg.seed * 1000 + runtime.rank)
     share = max(cfg.codes // runtime.world_size, cfg.batch_size)
     codes, labels = encode_dataset(vqgan, train_set, share, device=dev, show_progress=show_progress and runtime.is_main)
     seqs = sequences(codes, labels, layout["n_embed"], cfg.conditional).to(dev)
@@ -131,7 +138,14 @@ def _train(config: TrainGPTConfig, out_dir: Path, vqgan_path: Path, data, resume
     model = distributed.wrap(gpt, runtime)
     metrics = MetricsLog(out_dir / "metrics.csv", resume_step=start) if runtime.is_main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + runtime.rank + start)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + runtime.rank)  # batches and pkeep
+    if resumed is not None:
+        warnings = restore_training_rng(resumed, {"batches": gen}, rank=runtime.rank, world_size=runtime.world_size)
+        if "generators" not in resumed["rng"]:  # an older checkpoint: at least not the first steps' batches again
+            gen.manual_seed(cfg.seed * 7919 + runtime.rank + start)
+        for warning in warnings:
+            if runtime.is_main:
+                log(f"warning: --resume: {warning}")
     bar = progress(total=cfg.steps, initial=start, desc="train-gpt", enabled=show_progress and runtime.is_main)
     t0, result, step = time.perf_counter(), {}, start
     for step in range(start, cfg.steps):
@@ -156,7 +170,7 @@ def _train(config: TrainGPTConfig, out_dir: Path, vqgan_path: Path, data, resume
                 result = row
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save(out_dir, config, layout, gpt, opt, done, vqgan_record, runtime)
+            _save(out_dir, config, layout, gpt, opt, gen, done, vqgan_record, runtime)
         bar.update(1)
     bar.close()
     if runtime.is_main:
@@ -182,12 +196,14 @@ def heldout_loss(gpt: GPT, seqs: torch.Tensor, batch_size: int = 64) -> float:
     return total / max(count, 1)
 
 
-def _save(out_dir: Path, config: TrainGPTConfig, layout, gpt, opt, step, vqgan_record: dict, runtime) -> None:
+def _save(out_dir: Path, config: TrainGPTConfig, layout, gpt, opt, gen, step, vqgan_record: dict, runtime) -> None:
+    """last.ckpt (resume) and gpt.ckpt, written by rank 0; every rank calls it (RNG states are gathered)."""
+    rng = gather_rng_states({"batches": gen})
     if not runtime.is_main:
         return
     config = config.to_dict()  # checkpoints hold plain dicts (TrainGPTConfig.from_dict reads them back)
     save_checkpoint(out_dir / "last.ckpt", training_state("gpt-train", config, step, {"model": gpt, "opt": opt},
-                                                          layout=layout))
+                                                          rng=rng, layout=layout))
     save_checkpoint(out_dir / "gpt.ckpt", {"kind": "gpt", "config": config, "layout": layout, "step": step,
                                            "model": gpt.state_dict(), "vqgan": vqgan_record})
 

@@ -9,7 +9,10 @@ rank 0 evaluates and writes files.
 
 Written to --out: metrics.csv and loss_curves.png, reconstructions_<step>.png (held-out crops on
 top, reconstructions below), last.ckpt (everything needed to --resume) and vqgan.ckpt (the model
-and its config, what train-gpt and sample read). Saves are atomic.
+and its config, what train-gpt and sample read). Saves are atomic. A run resumed from last.ckpt
+continues bit for bit (on a CPU) as the uninterrupted run would have: the checkpoint holds the
+models, the loss (discriminator), both Adam states, the data position (TrainBatches: epoch and
+place in it) and every rank's RNG states, which are restored after the start-up seeding.
 """
 from __future__ import annotations
 
@@ -23,10 +26,12 @@ from torch import nn
 from ..models.vqgan import VQGAN, VQGANConfig
 from ..models.vqgan_loss import VQGANLoss
 from . import distributed
-from .checkpoint import load_checkpoint, resume_path, resume_training, save_checkpoint, training_state
+from .checkpoint import (gather_rng_states, load_checkpoint, restore_training_rng, resume_path, resume_training,
+                         save_checkpoint, seed_rng, training_state)
 from .config import ConfigError, TrainVQGANConfig, load_config
-from .data import make_dataset
+from .data import TrainBatches, make_dataset
 from .logs import MetricsLog, plot_curves, progress, save_image_grid
+from .metrics import psnr
 
 
 class VQGANTrainingStep(nn.Module):
@@ -54,12 +59,6 @@ def build_vqgan(config) -> VQGAN:
     return VQGAN(VQGANConfig(**{**config.model, "resolution": config.train.size}))
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (compared in [0, 1])."""
-    mse = ((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) / 2).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
-
-
 @torch.no_grad()
 def evaluate(vqgan: VQGAN, images: torch.Tensor, batch_size: int = 32) -> dict:
     """Held-out PSNR, codebook usage (fraction of codes chosen at least once) and perplexity."""
@@ -76,28 +75,8 @@ def evaluate(vqgan: VQGAN, images: torch.Tensor, batch_size: int = 32) -> dict:
     recon = torch.cat(recons)
     p = counts / counts.sum()
     perplexity = math.exp(-float(torch.special.xlogy(p, p).sum()))
-    return {"heldout_psnr": psnr(recon, images), "codebook_usage": float((counts > 0).double().mean()),
-            "heldout_perplexity": perplexity, "recon": recon}
-
-
-def _infinite(loader, sampler):
-    """Batches forever; every epoch draws new random crops (the dataset's epoch) in a new order."""
-    epoch = 0
-    while True:
-        loader.dataset.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def _loader(dataset, batch_size: int, runtime, seed: int):
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    sampler = DistributedSampler(dataset, seed=seed) if runtime.distributed else None
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
-                        num_workers=0)
-    return _infinite(loader, sampler)
+    return {"heldout_psnr": psnr(recon, images, value_range=(-1, 1)),
+            "codebook_usage": float((counts > 0).double().mean()), "heldout_perplexity": perplexity, "recon": recon}
 
 
 def _heldout_images(data, size: int, count: int) -> torch.Tensor:
@@ -136,21 +115,36 @@ def _train(config: TrainVQGANConfig, out_dir: Path, data, resume, runtime, show_
                               betas=train_cfg.betas)
     opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=train_cfg.disc_lr, betas=train_cfg.betas)
 
-    parts = {"model": vqgan, "loss": loss, "opt_ae": opt_ae, "opt_d": opt_d}
-    start, ckpt = 0, resume_path(out_dir, resume)
+    size, steps = train_cfg.size, train_cfg.steps
+    # every epoch new crops in a new order, a function of (seed, epoch, rank) alone; the position is saved
+    batches = TrainBatches(make_dataset(data, size, "train"), train_cfg.batch_size, seed=train_cfg.seed,
+                           rank=runtime.rank, world_size=runtime.world_size)
+
+    parts = {"model": vqgan, "loss": loss, "opt_ae": opt_ae, "opt_d": opt_d, "data": batches}
+    start, resumed, ckpt = 0, None, resume_path(out_dir, resume)
     if ckpt is not None:
-        start = resume_training(ckpt, "vqgan-train", config.to_dict(), parts, map_location=dev)
+        resumed = resume_training(ckpt, "vqgan-train", config.to_dict(), parts, map_location=dev, optional=("data",))
+        start = int(resumed["step"])
         if runtime.is_main:
             log(f"resumed from {ckpt} at step {start}")
-    torch.manual_seed(train_cfg.seed * 1000 + runtime.rank + start)  # different crops on every rank
+        if "data" not in resumed:  # written before the data position was saved
+            batches.load_state_dict(batches.position_at(start))
+            if runtime.is_main:
+                log(f"warning: --resume: {ckpt} predates the saved data position; the data continues where step "
+                    f"{start} would be in this version's order, so batches differ from the uninterrupted run")
+    # The global generators: seeded as in a fresh run, and (on resume) restored from the checkpoint
+    # only once everything that draws at start-up is built, just before the first step.
+    seed_rng(train_cfg.seed * 1000 + runtime.rank)
 
-    size, steps = train_cfg.size, train_cfg.steps
-    batches = _loader(make_dataset(data, size, "train"), train_cfg.batch_size, runtime, train_cfg.seed + start)
     heldout = _heldout_images(data, size, train_cfg.heldout) if runtime.is_main else None
     stepper = distributed.wrap(VQGANTrainingStep(vqgan, loss), runtime, find_unused_parameters=True)
     metrics = MetricsLog(out_dir / "metrics.csv", resume_step=start) if runtime.is_main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
     disc_start = config.loss.disc_start
+    if resumed is not None:
+        for warning in restore_training_rng(resumed, rank=runtime.rank, world_size=runtime.world_size):
+            if runtime.is_main:
+                log(f"warning: --resume: {warning}")
 
     bar = progress(total=steps, initial=start, desc="train-vqgan", enabled=show_progress and runtime.is_main)
     last_eval, t0, step = {}, time.perf_counter(), start
@@ -209,11 +203,13 @@ def _evaluate_and_draw(vqgan, heldout, out_dir: Path, step: int, metrics) -> dic
 
 
 def _save(out_dir: Path, config: TrainVQGANConfig, parts: dict, step: int, runtime) -> None:
-    """last.ckpt (resume) and vqgan.ckpt (model only), rank 0 only, both atomic."""
+    """last.ckpt (resume) and vqgan.ckpt (model only), written by rank 0, both atomic; every rank
+    calls it (the RNG states of all ranks are gathered into last.ckpt)."""
+    rng = gather_rng_states()
     if not runtime.is_main:
         return
     vqgan = parts["model"]
-    save_checkpoint(out_dir / "last.ckpt", training_state("vqgan-train", config.to_dict(), step, parts))
+    save_checkpoint(out_dir / "last.ckpt", training_state("vqgan-train", config.to_dict(), step, parts, rng=rng))
     save_checkpoint(out_dir / "vqgan.ckpt", {"kind": "vqgan", "config": vqgan.config.to_dict(), "step": step,
                                              "model": vqgan.state_dict()})
 
