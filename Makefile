@@ -37,13 +37,19 @@ test: build $(VENV)/.deps-test
 demo: build
 	$(PY) -m fastvq demo --out demo_out
 
+# The pytest-benchmark suites (benchmarks/bench_<op>.py): quick, no anchors.
 bench: build $(VENV)/.deps-test
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
+# Every README table in one run from one commit: each benchmarks/compare_<op>.py on the CPU (one
+# process per case; about 37 minutes on 2 quiet cores, printed first with the load average), then
+# report.py redraws the plots and rewrites the tables. A failing script does not stop the others;
+# make fails at the end. On a GPU: benchmarks/gpu_check.sh.
+COMPARE_SCRIPTS := $(sort $(wildcard benchmarks/compare_*.py))
 compare: build $(VENV)/.deps-test
-	$(PY) benchmarks/compare_quantize.py
-	$(PY) benchmarks/compare_window_attention.py
-	$(PY) benchmarks/report.py
+	$(PY) benchmarks/report.py --expected
+	@status=0; for script in $(COMPARE_SCRIPTS); do $(PY) $$script || status=1; done; \
+	$(PY) benchmarks/report.py || status=1; exit $$status
 
 clean:
 	rm -rf build *.egg-info fastvq/_C*.so $(VENV)

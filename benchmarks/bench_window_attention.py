@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from compare_window_attention import case_call
-from fastvq import SlidingWindowSelfAttention
-from fastvq.ops import window_attention as wa
+from fastvq import SlidingWindowSelfAttention, available_backends
 
 SIZES = [(1024, 128), (4096, 256)]  # (T, W) with (B, H, Dh) = (1, 8, 64)
 IMPLS = ["fastvq_cpp", "torch_reference", "sdpa_mask", "sdpa_causal"]
@@ -27,8 +26,9 @@ def _size_id(size):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 def test_sliding_window_attention(benchmark, mode, impl, size):
-    if impl == "fastvq_cpp" and wa._cpp_op("sliding_window_attention_fwd") is None:
-        pytest.skip("fastvq._C is built without the window-attention kernel")
+    cpp = available_backends()["cpp"]
+    if impl == "fastvq_cpp" and not cpp.available:
+        pytest.skip(f"backend cpp unavailable: {cpp.reason}")
     t, w = size
     case = {"suite": mode, "impl": impl, "B": 1, "H": 8, "Dh": 64, "T": t, "W": None if impl == "sdpa_causal" else w}
     run, _ = case_call(case, {})

@@ -1,22 +1,84 @@
-"""Shared by the benchmark scripts: the machine description, timing, and peak-memory measurement."""
+"""The template every benchmarks/compare_<op>.py follows, and what those scripts share.
+
+A script declares one Comparison (its cases per device and size, how one case is measured, what its
+implementations are) and ends with `raise SystemExit(common.main(COMPARISON))`. The rest is here,
+the same for every op:
+
+- one command line: --device cpu|cuda, --quick (small sizes, to check the script), --dry-run (the
+  CUDA cases at small sizes on CPU tensors through the Triton interpreter: checks the GPU path
+  without a GPU; its numbers mean nothing), --out, --threads, --budget-s, --timeout, and the
+  script's own options;
+- on CPU every case runs in a fresh process (`script --worker CASE`): a clean allocator and a peak
+  RSS of its own; on CUDA (and --dry-run) the cases run in this process, since the GPU's memory
+  counter needs no fresh process and a process start-up per case would eat a lent GPU's minutes;
+- timing and peak memory come from fastvq.bench (time_call, peak_memory), the package's one
+  harness, also behind `fastvq bench` and the demos' timings;
+- results go to JSON (benchmarks/results/<op>_<device>.json; quick and dry runs under build/bench/),
+  rewritten after every case so a crash keeps what was measured, with the machine, the full git
+  commit, and the load average at both ends and at the start of every case;
+- benchmarks/report.py turns the JSON files into the plots and the README tables.
+
+The scripts import this file as `common`: `python benchmarks/compare_<op>.py` puts the script's own
+folder first on sys.path, and pytest does the same for the bench_<op>.py suites beside them
+(benchmarks/conftest.py), so nothing edits sys.path. fastvq itself must be installed
+(`pip install --no-build-isolation -e .`, which `make build` does).
+"""
 from __future__ import annotations
 
-import ctypes
+import argparse
 import datetime
-import gc
 import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
+SCRATCH_DIR = REPO / "build" / "bench"  # quick and dry runs: never README material
 MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What a compare_<op>.py script declares; main() runs it.
+
+    sizes: "cpu", "cpu_quick", "cuda", "cuda_quick" -> the script's size table; main() puts the one
+        in use on args.sizes (and into the JSON).
+    plan(args) -> cases: dicts of JSON values with at least "suite" and "impl"; args carries
+        device (where tensors live), plan ("cpu" or "cuda": which implementations), sizes, quick
+        and the script's own options. A case that is not to be run carries "skipped": why.
+    measure(case) -> the case's measurements (merged into the case): runs in the worker, with
+        torch's threads already set.
+    method(args) -> how it measures, in words, saved in the JSON beside the machine.
+    summary(result) -> the script's own figures for the progress line (time, runs and peak memory
+        are printed anyway).
+    skip(case, results so far, args) -> a skipped result, or None to run the case.
+    expected_s: the full CPU run on a quiet 2-core machine, measured (printed before a run, and
+        summed by `report.py --expected` for `make compare`).
+    shown: the case keys the progress line prints (beside suite and implementation).
+    """
+
+    name: str
+    doc: str
+    script: str
+    labels: dict
+    sizes: dict
+    plan: Callable
+    measure: Callable
+    method: Callable
+    expected_s: float
+    budget_s: dict = field(default_factory=lambda: {"cpu": 900.0, "cuda": 240.0})
+    timeout_s: float = 900.0
+    summary: Callable | None = None
+    skip: Callable | None = None
+    options: Callable | None = None
+    shown: tuple = ()
 
 
 # ----------------------------------------------------------------------------- machine description
@@ -29,14 +91,27 @@ def _first_match(path: str, pattern: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def _git(*args: str) -> str | None:
+def git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
-def machine_info(threads: int) -> dict:
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def machine_info(threads: int, device: str = "cpu") -> dict:
     """What ran the benchmark: enough to tell two result files apart and to judge them."""
     import torch
 
@@ -55,102 +130,41 @@ def machine_info(threads: int) -> dict:
         "cuda_available": torch.cuda.is_available(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # Other processes on the same cores distort the timings (2-thread OpenMP stalls for whole
-        # scheduler slices); the load average at the start says how quiet the machine was.
-        "load_average_1_5_15min_at_start": [round(v, 2) for v in os.getloadavg()],
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        # Other work in the tree (an uncommitted kernel) changes what was measured; say so.
-        "git_dirty_paths": [line[3:] for line in (_git("status", "--porcelain", "--", "csrc", "fastvq", "kernels") or "").splitlines()],
+        # scheduler slices); the load average says how quiet the machine was.
+        "load_average_1_5_15min_at_start": load_average(),
+        "git_commit": (git("rev-parse", "HEAD") or "").strip() or None,
+        # Work not committed (an edited kernel) changes what was measured; say so.
+        "git_dirty_paths": [line[3:] for line in (git("status", "--porcelain", "--", "csrc", "fastvq", "kernels",
+                                                       "benchmarks/*.py") or "").splitlines()],
     }
-    try:
-        import faiss
-
-        info["faiss"] = faiss.__version__
-    except ImportError:
-        info["faiss"] = None
-    for dist in ("taming-transformers-rom1504", "vector-quantize-pytorch"):
-        try:
-            from importlib.metadata import version
-
-            info[dist] = version(dist)
-        except Exception:  # noqa: BLE001 - absent anchors are recorded as None, not fatal
-            info[dist] = None
+    for dist in ("faiss-cpu", "taming-transformers-rom1504", "vector-quantize-pytorch", "triton"):
+        info[dist] = _version(dist)  # absent anchors are recorded as None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+                    capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+                    multiprocessors=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1))
     return info
 
 
-# ----------------------------------------------------------------------------- timing
+# ----------------------------------------------------------------------------- one case
 
-def time_call(fn, *, min_runs: int = 5, slow_runs: int = 3, slow_s: float = 2.0, target_s: float = 1.0,
-              max_runs: int = 50) -> dict:
-    """One warm-up call, then the median of several timed calls.
+def measure_case(comparison: Comparison, case: dict, threads: int) -> dict:
+    """The case with its measurements, or with an "error" saying why there are none."""
+    import torch
 
-    At least `min_runs` runs (more for fast calls, up to about `target_s` seconds in all); calls whose
-    warm-up took over `slow_s` seconds get `slow_runs` runs instead.
-    """
-    t0 = time.perf_counter()
-    fn()
-    warmup = time.perf_counter() - t0
-    runs = slow_runs if warmup > slow_s else max(min_runs, min(max_runs, int(target_s / max(warmup, 1e-9))))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs": runs, "warmup_s": warmup, "times_s": times}
-
-
-# ----------------------------------------------------------------------------- peak memory
-
-PEAK_MEMORY_METHOD = (
-    "peak extra resident memory of one call (outputs included), in a fresh process per case, after "
-    "warm-up and timing: glibc is set (mallopt M_MMAP_THRESHOLD=64 KiB) to map every large block with "
-    "mmap so that freed memory leaves the resident set, malloc_trim(0), the high-water mark is reset "
-    "by writing 5 to /proc/self/clear_refs, and the result is VmHWM after the call minus VmRSS before it"
-)
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def _status_kib(field: str) -> int:
-    return int(_first_match("/proc/self/status", rf"^{field}:\s+(\d+)"))
-
-
-def peak_extra_bytes(fn) -> int | None:
-    """Peak resident memory the call adds (see PEAK_MEMORY_METHOD); None where /proc cannot tell.
-
-    It switches glibc to mmap for large blocks for the rest of the process, which slows allocation:
-    time first, then call this.
-    """
-    try:  # blocks fastvq caches for reuse would not show as new resident memory: count them afresh
-        import fastvq
-
-        fastvq.empty_cache()
-    except ImportError:
-        pass
+    torch.set_num_threads(threads)
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
-        gc.collect()
-        libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_kib("VmRSS")
-    except (OSError, TypeError, AttributeError):
-        return None
-    out = fn()
-    peak = _status_kib("VmHWM")
-    del out
-    return max(0, peak - before) * 1024
+        return {**case, **comparison.measure(case)}
+    except Exception as e:  # noqa: BLE001 - one failing case is a finding, not the end of the run
+        return {**case, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
 
 
-# ----------------------------------------------------------------------------- one case per process
-
-def run_case(script: str, case: dict, threads: int, timeout_s: float) -> dict:
+def run_in_process(comparison: Comparison, case: dict, threads: int, timeout_s: float) -> dict:
     """Run `script --worker CASE` in a fresh process (clean allocator and peak RSS) and return the
     result it prints, or the case with an "error" saying why there is none."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, script, "--worker", json.dumps(case), "--threads", str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, comparison.script, "--worker", json.dumps(case), "--threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO)
     except subprocess.TimeoutExpired:
@@ -162,41 +176,134 @@ def run_case(script: str, case: dict, threads: int, timeout_s: float) -> dict:
     return {**case, "error": f"exit {proc.returncode}: {tail}"}
 
 
-def worker_main(case_json: str, run_worker, threads: int) -> int:
-    """The --worker side of run_case: measure one case and print it; a failing case is reported,
-    so the run goes on."""
-    case = json.loads(case_json)
-    try:
-        result = run_worker(case, threads)
-    except Exception as e:  # noqa: BLE001
-        result = {**case, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-    print("RESULT " + json.dumps(result), flush=True)
-    return 0
+# ----------------------------------------------------------------------------- progress lines
+
+def describe(case: dict, comparison: Comparison) -> str:
+    sizes = " ".join(f"{k}={case[k]}" for k in comparison.shown if k in case)
+    return f"{case['suite']:<23} {sizes:<32} {comparison.labels.get(case['impl'], case['impl']):<40}"
 
 
-def run_cases(script: str, todo: list, doc: dict, out, *, threads: int, timeout_s: float, describe, outcome,
-              budget_s: float = float("inf"), skip=None, label: str = "") -> dict:
-    """Run every case of `todo` in its own process (run_case) and collect the results in doc,
-    rewriting `out` after every case so a crash keeps what was measured. No case starts once
-    budget_s seconds have passed; skip(case, results so far) may return a skipped result instead.
-    Prints one line per case (describe(case), outcome(result)) and the load average at both ends."""
+def outcome(r: dict, summary: Callable | None) -> str:
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
+    if "error" in r:
+        return f"error: {r['error']}"
+    mem = "peak n/a" if r.get("peak_extra_bytes") is None else f"peak +{r['peak_extra_bytes'] / MIB:.1f} MiB"
+    extra = summary(r) if summary else ""
+    return f"{r['median_s'] * 1e3:10.3f} ms ({r['runs']} runs)  {mem}" + (f"  {extra}" if extra else "")
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run_cases(comparison: Comparison, todo: list[dict], doc: dict, out: Path, *, threads: int, timeout_s: float,
+              budget_s: float, fresh_process: bool, skip=None) -> dict:
+    """Measure every case of `todo` into doc["results"], rewriting `out` after every case. No case
+    starts once budget_s seconds have passed; skip(case, results so far) may return a skipped result
+    instead. Prints one line per case."""
     start = time.perf_counter()
-    load = os.getloadavg()[0]
-    print(f"{len(todo)} cases{label}, {threads} threads, writing {out}; load average {load:.2f}", flush=True)
-    if load > 0.5:
-        print(f"warning: the machine is not quiet (load average {load:.2f}); timings will be noisy", flush=True)
+    width = len(str(len(todo)))
     for i, case in enumerate(todo, 1):
-        r = skip(case, doc["results"]) if skip is not None else None
+        r = skip(case, doc["results"]) if skip is not None and "skipped" not in case else None
         if "skipped" in case:
             r = case
-        elif time.perf_counter() - start > budget_s:
+        elif r is None and time.perf_counter() - start > budget_s:
             r = {**case, "skipped": f"time budget of {budget_s:.0f} s spent (--budget-s)"}
         elif r is None:
-            r = run_case(script, case, threads, timeout_s)
+            load = os.getloadavg()[0]
+            r = (run_in_process(comparison, case, threads, timeout_s) if fresh_process
+                 else measure_case(comparison, case, threads))
+            r["load_1min_at_start"] = round(load, 2)
         doc["results"].append(r)
+        doc["elapsed_s"] = round(time.perf_counter() - start, 1)
         out.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"[{i:>2}/{len(todo)}] {describe(case)} {outcome(r)}", flush=True)
-    doc["machine"]["load_average_1_5_15min_at_end"] = [round(v, 2) for v in os.getloadavg()]
+        print(f"[{i:>{width}}/{len(todo)}] {describe(case, comparison)}  {outcome(r, comparison.summary)}",
+              flush=True)
+    doc["machine"]["load_average_1_5_15min_at_end"] = load_average()
     doc["elapsed_s"] = round(time.perf_counter() - start, 1)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
+
+
+def parser_for(comparison: Comparison) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=comparison.doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(comparison.doc.split("\n\n")[1:]))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the tensors live (default cpu)")
+    p.add_argument("--quick", action="store_true", help="small sizes, to check the script (written under build/bench/)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the --device cuda cases at small sizes on CPU tensors through the Triton interpreter "
+                        "(checks the GPU path here; the numbers mean nothing; written under build/bench/)")
+    p.add_argument("--out", type=Path,
+                   help=f"the JSON to write (default benchmarks/results/{comparison.name}_<device>.json)")
+    p.add_argument("--threads", type=int, default=2, help="torch (and faiss) threads (default 2)")
+    p.add_argument("--budget-s", type=float,
+                   help=f"start no new case after this many seconds (default {comparison.budget_s['cpu']:g} on CPU, "
+                        f"{comparison.budget_s['cuda']:g} on CUDA)")
+    p.add_argument("--timeout", type=float, default=comparison.timeout_s,
+                   help=f"seconds allowed per case in its own process, on CPU (default {comparison.timeout_s:g})")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    if comparison.options:
+        comparison.options(p)
+    return p
+
+
+def main(comparison: Comparison, argv=None) -> int:
+    p = parser_for(comparison)
+    args = p.parse_args(argv)
+    if args.worker:  # one case, in its own process: print the result for run_in_process
+        print("RESULT " + json.dumps(measure_case(comparison, json.loads(args.worker), args.threads)), flush=True)
+        return 0
+    if args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
+    if args.dry_run:
+        if args.device == "cuda":
+            p.error("--dry-run runs the CUDA cases on CPU tensors: leave out --device cuda")
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates any kernel
+    import torch
+
+    try:
+        import fastvq  # noqa: F401
+    except ImportError as e:
+        p.error(f"fastvq does not import ({e}); install it first: pip install --no-build-isolation -e .")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False on this machine (--dry-run checks the CUDA "
+                "cases on CPU)")
+    args.plan = "cuda" if args.dry_run else args.device
+    args.quick = args.quick or args.dry_run
+    args.sizes = comparison.sizes[args.plan + ("_quick" if args.quick else "")]
+    budget_s = args.budget_s if args.budget_s is not None else comparison.budget_s[args.plan]
+    kind = "dryrun" if args.dry_run else "quick" if args.quick else None
+    name = f"{comparison.name}_{args.device}"
+    out = args.out or (SCRATCH_DIR / f"{name}_{kind}.json" if kind else RESULTS_DIR / f"{name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    todo = comparison.plan(args)
+    doc = {
+        "benchmark": comparison.name,
+        "device": args.device,
+        "plan": args.plan,
+        "quick": args.quick,
+        "dry_run": args.dry_run,
+        "command": " ".join([Path(comparison.script).relative_to(REPO).as_posix(), *(argv or sys.argv[1:])]),
+        "machine": machine_info(args.threads, args.device),
+        "sizes": args.sizes,
+        "method": comparison.method(args),
+        "labels": comparison.labels,
+        "results": [],
+    }
+    load = doc["machine"]["load_average_1_5_15min_at_start"][0]
+    runs = sum("skipped" not in c for c in todo)
+    expected = (f"expected about {comparison.expected_s / 60:.0f} min on a quiet 2-core CPU; "
+                if args.plan == "cpu" and not args.quick else "")
+    print(f"{comparison.name} on {args.device}{' (dry run: CUDA cases, Triton interpreter)' if args.dry_run else ''}: "
+          f"{len(todo)} cases ({runs} to run), {args.threads} threads; {expected}budget {budget_s:.0f} s; "
+          f"load average {load:.2f}; writing {out}", flush=True)
+    if load > 0.5 and args.device == "cpu":
+        print(f"warning: the machine is not quiet (load average {load:.2f}); timings will be noisy", flush=True)
+    skip = (lambda case, results: comparison.skip(case, results, args)) if comparison.skip else None
+    run_cases(comparison, todo, doc, out, threads=args.threads, timeout_s=args.timeout, budget_s=budget_s,
+              fresh_process=args.device == "cpu" and not args.dry_run, skip=skip)
+    errors = sum("error" in r for r in doc["results"])
+    print(f"done in {doc['elapsed_s']:.0f} s ({errors} errors); wrote {out}; plots and tables: "
+          f"python benchmarks/report.py", flush=True)
+    return 0

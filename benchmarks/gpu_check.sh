@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The whole check on a CUDA machine in one go: install against the torch already there, run the
-# test suite, run the GPU benchmarks. Meant for a lent machine without internet, so every step has
-# a timeout and a failing step is reported, not fatal: the later steps still run.
+# test suite (the Triton kernels on the GPU), then every benchmarks/compare_<op>.py --device cuda
+# (the same scripts `make compare` runs on the CPU), then report.py's tables and plots. Meant for a
+# lent machine without internet, so every step has a timeout and a failing step is reported, not
+# fatal: the later steps still run.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # OUT defaults to benchmarks/results
 #
-# Writes into $OUT: gpu_check.log (everything), tests.txt, gpu_quantize.txt, quantize_gpu.json,
-# gpu_window_attention.txt, window_attention_gpu.json, gpu_sampling.txt, sampling_cuda.json.
-# Total wall time stays under GPU_CHECK_BUDGET_S (default 470 s): each step gets at most 300 s and
-# never more than what is left.
+# Writes into $OUT: gpu_check.log (everything), tests.txt, and per op <op>_cuda.json, <op>_cuda.txt
+# (its progress lines) and <op>_cuda.png, then tables_cuda.md (report.py's tables of those files).
+# Total wall time stays under GPU_CHECK_BUDGET_S (default 470 s): the tests get at most
+# GPU_CHECK_TESTS_S (default 180 s), each comparison a weighted share of what is left (its
+# --budget-s stops new cases 30 s before its share ends).
 set -u
 set -o pipefail
 
@@ -23,10 +26,10 @@ STATUS=0
 
 step() { echo "=== $* [$(date -u +%H:%M:%S)]" | tee -a "$LOG"; }
 
-# Seconds a step may take: 300, or what is left of the budget.
+# Seconds a step may take: CAP (default 300), or what is left of the budget.
 step_timeout() {
-    local left=$(( DEADLINE - $(date +%s) ))
-    (( left > 300 )) && left=300
+    local left=$(( DEADLINE - $(date +%s) )) cap=${CAP:-300}
+    (( left > cap )) && left=$cap
     (( left < 10 )) && left=10
     echo "$left"
 }
@@ -73,39 +76,38 @@ fi
 run_step - python3 -c "import fastvq, fastvq.kernels.quantize; print(fastvq.__file__); [print(' ', s) for s in fastvq.available_backends().values()]" || STATUS=1
 
 step "tests"
-if ! run_step "$OUT/tests.txt" python3 -m pytest -q tests -x -k "not ddp"; then
+if ! CAP=${GPU_CHECK_TESTS_S:-180} run_step "$OUT/tests.txt" python3 -m pytest -q tests -x -k "not ddp"; then
     echo "!!! tests failed or did not finish (see $OUT/tests.txt)" | tee -a "$LOG"
     STATUS=1
 fi
 
-step "benchmark: nearest_code"
-# The benchmark stops starting new cases at its own budget, well inside the step's timeout.
-BENCH_BUDGET=$(( $(step_timeout) - 60 ))
-(( BENCH_BUDGET < 30 )) && BENCH_BUDGET=30
-if ! run_step "$OUT/gpu_quantize.txt" env TRITON_PRINT_AUTOTUNING=1 python3 benchmarks/gpu_quantize.py --out "$OUT" --budget-s "$BENCH_BUDGET"; then
-    echo "!!! gpu_quantize.py failed or did not finish (partial results stay in $OUT/quantize_gpu.json)" | tee -a "$LOG"
-    STATUS=1
-fi
+# The comparisons, most telling first, each with a weight: its share of the time left is weight /
+# (sum of the weights still to run), so what one leaves unused goes to the next. Any other
+# compare_<op>.py runs last with weight 1.
+ORDER=(quantize:3 window_attention:4 sampling:2 decode_linear:1)
+for script in benchmarks/compare_*.py; do
+    op=$(basename "$script" .py); op=${op#compare_}
+    [[ " ${ORDER[*]} " == *" $op:"* ]] || ORDER+=("$op:1")
+done
+for i in "${!ORDER[@]}"; do
+    op=${ORDER[$i]%:*}
+    weight=${ORDER[$i]#*:}
+    rest=0
+    for entry in "${ORDER[@]:$i}"; do rest=$(( rest + ${entry#*:} )); done
+    step "benchmark: $op"
+    share=$(( (DEADLINE - $(date +%s)) * weight / rest ))
+    budget=$(( share - 30 ))  # the script starts no case after this; the case under way finishes
+    (( budget < 20 )) && budget=20
+    if ! CAP=$(( share > 20 ? share : 20 )) run_step "$OUT/${op}_cuda.txt" env TRITON_PRINT_AUTOTUNING=1 \
+            python3 "benchmarks/compare_$op.py" --device cuda --out "$OUT/${op}_cuda.json" --budget-s "$budget"; then
+        echo "!!! compare_$op.py --device cuda failed or did not finish (partial results stay in $OUT/${op}_cuda.json)" | tee -a "$LOG"
+        STATUS=1
+    fi
+done
 
-step "benchmark: window_attention"
-# Cases run most telling first (T = 16384), so a budget cut keeps them; FlexAttention compiles per T and mode.
-BENCH_BUDGET=$(( $(step_timeout) - 60 ))
-(( BENCH_BUDGET < 30 )) && BENCH_BUDGET=30
-if ! run_step "$OUT/gpu_window_attention.txt" python3 benchmarks/gpu_window_attention.py --out "$OUT" --budget-s "$BENCH_BUDGET"; then
-    echo "!!! gpu_window_attention.py failed or did not finish (partial results stay in $OUT/window_attention_gpu.json)" | tee -a "$LOG"
-    STATUS=1
-fi
-
-step "benchmark: cached sampling"
-# fastvq.sample_with_past against taming's sample_with_past, 256 new tokens at batch 1 and 16 (one
-# fresh process per case, CUDA start-up included). Shares the 470 s budget above: raise
-# GPU_CHECK_BUDGET_S only if the device lease allows it.
-BENCH_BUDGET=$(( $(step_timeout) - 60 ))
-(( BENCH_BUDGET < 30 )) && BENCH_BUDGET=30
-if ! run_step "$OUT/gpu_sampling.txt" python3 benchmarks/bench_sampling_loop.py --device cuda --lengths 256 \
-        --batches 1 16 --impls fastvq taming_past --memory-lengths --out "$OUT/sampling_cuda.json" \
-        --budget-s "$BENCH_BUDGET" --timeout "$(step_timeout)"; then
-    echo "!!! bench_sampling_loop.py --device cuda failed or did not finish (partial results stay in $OUT/sampling_cuda.json)" | tee -a "$LOG"
+step "tables and plots"
+if ! run_step "$OUT/tables_cuda.md" python3 benchmarks/report.py --print "$OUT"/*_cuda.json; then
+    echo "!!! report.py failed (the JSON files are what counts)" | tee -a "$LOG"
     STATUS=1
 fi
 

@@ -1,37 +1,37 @@
-"""Plots and the README performance table, generated from the saved benchmark results.
+"""Plots and the README tables, generated from the saved comparison results.
 
-Reads benchmarks/results/*.json written by compare_quantize.py, compare_window_attention.py and
-bench_sampling_loop.py, draws <name>.png beside each file (log-log: quantize time vs D, one panel per
-suite and K; window attention time vs T, one panel per suite and W; sampling tokens/s per length and
-batch, and the rope model's memory vs length), and rewrites the README between
-<!-- bench:<name>:start --> and <!-- bench:<name>:end --> (name = quantize, window_attention, sampling).
-Without those markers (or with --print) the tables are printed instead.
+Reads benchmarks/results/*.json written by the compare_<op>.py scripts, draws <file>.png beside each
+(quantize: time vs D, one panel per suite and K; window attention: time vs T, one panel per suite and
+W; sampling: tokens/s per length and batch, and the rope model's memory vs length; decode_linear:
+weight bandwidth per batch), and rewrites the README between <!-- bench:<op>:start --> and
+<!-- bench:<op>:end --> with one section per device (CPU first). An op without markers, quick and
+dry-run results, and --print get the tables printed instead.
 
-  python benchmarks/report.py [FILES...] [--readme README.md] [--print]
+  python benchmarks/report.py [FILES...] [--readme README.md] [--print] [--no-plot]
+  python benchmarks/report.py --expected    # what `make compare` runs and how long it should take
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MIB, REPO, RESULTS_DIR, git, load_average
 
-from common import MIB, REPO, RESULTS_DIR  # noqa: E402
+KINDS = ("quantize", "window_attention", "sampling", "decode_linear")  # a file's "benchmark"; its README marker
+FASTVQ = ("fastvq", "fastvq_cpp", "fastvq_triton")  # the implementations under test; the rest are anchors
+SHORT = {"fastvq_cpp": "fastvq", "fastvq_triton": "fastvq", "fastvq": "fastvq", "faiss": "faiss", "matmul": "matmul",
+         "torch_reference": "torch ref", "taming": "taming", "vqp": "vq-pytorch", "flex": "flex",
+         "sdpa_mask": "SDPA mask", "sdpa_causal": "SDPA causal", "taming_past": "taming past",
+         "taming_uncached": "taming uncached", "fastvq_kernel": "fastvq kernel", "torch_linear": "F.linear"}
+COLORS = {"fastvq_cpp": "C0", "fastvq_triton": "C0", "fastvq": "C0", "fastvq_rope": "C0", "faiss": "C1", "matmul": "C2",
+          "torch_reference": "C3", "taming": "C1", "vqp": "C2", "flex": "C1", "sdpa_mask": "C2", "sdpa_causal": "C4",
+          "taming_past": "C1", "taming_uncached": "C3", "fastvq_kernel": "C5", "torch_linear": "C2"}
 
-KINDS = ("quantize", "window_attention", "sampling")  # the "benchmark" field of a result file; also its README marker name
-FASTVQ = {"nearest_code": "fastvq_cpp", "module_forward": "fastvq", "module_forward_backward": "fastvq"}
-SHORT = {"fastvq_cpp": "fastvq", "faiss": "faiss", "matmul": "matmul", "torch_reference": "torch ref",
-         "fastvq": "fastvq", "taming": "taming", "vqp": "vq-pytorch"}
-COLORS = {"fastvq_cpp": "C0", "fastvq": "C0", "faiss": "C1", "matmul": "C2", "torch_reference": "C3",
-          "taming": "C1", "vqp": "C2"}
-SUITE_TITLES = {
-    "nearest_code": "nearest_code (N x D queries against a K x D codebook)",
-    "module_forward": "VQ module, forward (inference)",
-    "module_forward_backward": "VQ module, forward + backward (training step)",
-}
 
+# ----------------------------------------------------------------------------- shared
 
 def load(paths: list[Path]) -> list[tuple[Path, dict]]:
     docs = []
@@ -41,9 +41,18 @@ def load(paths: list[Path]) -> list[tuple[Path, dict]]:
         except (OSError, json.JSONDecodeError) as e:
             print(f"skipping {path}: {e}", file=sys.stderr)
             continue
-        if doc.get("benchmark") in KINDS:  # other files (quantize_gpu, ...) have their own schema
+        if doc.get("benchmark") in KINDS:
             docs.append((path, doc))
     return docs
+
+
+def device_of(doc: dict) -> str:
+    return doc.get("device", "cpu")
+
+
+def scratch(doc: dict) -> bool:
+    """Quick and dry-run results check scripts; they never go into the README."""
+    return bool(doc.get("quick") or doc.get("dry_run"))
 
 
 def fmt_time(s: float | None) -> str:
@@ -56,127 +65,474 @@ def fmt_time(s: float | None) -> str:
     return f"{s:.3g} s"
 
 
-def fmt_mem(r: dict | None) -> str:
-    if r is None or r.get("peak_extra_bytes") is None:
+def fmt_bytes(b: float | None) -> str:
+    if b is None:
         return "–"
-    b = r["peak_extra_bytes"]
     # Switch units at 1000 so that three significant digits never print as 1e+03.
-    size = (f"{b / 1024 / MIB:.3g} GiB" if b >= 1000 * MIB else f"{b / MIB:.3g} MiB" if b >= 1000 * 1024
-            else f"{b / 1024:.3g} KiB")
-    return f"{size} ({r['peak_ratio_to_nk_fp32']:.2g}×)"
+    if b >= 1000 * MIB:
+        return f"{b / 1024 / MIB:.3g} GiB"
+    return f"{b / MIB:.3g} MiB" if b >= 1000 * 1024 else f"{b / 1024:.3g} KiB"
 
 
-def by_config(results: list[dict], suite: str) -> tuple[list[str], dict]:
-    """Implementations in run order, and {(N, K, D): {impl: result}} for one suite, failures left out."""
-    impls, table = [], {}
-    for r in results:
-        if r["suite"] != suite:
-            continue
-        if r["impl"] not in impls:
-            impls.append(r["impl"])
-        if "error" not in r:
-            table.setdefault((r["N"], r["K"], r["D"]), {})[r["impl"]] = r
-    return impls, table
+def fmt_mem(r: dict | None) -> str:
+    return fmt_bytes(r.get("peak_extra_bytes")) if r else "–"
 
 
-def suite_table(doc: dict, suite: str) -> str:
-    labels = {**doc["labels"], **SHORT}
-    impls, table = by_config(doc["results"], suite)
-    ours = FASTVQ[suite]
-    anchors = [i for i in impls if i != ours]
-    head = (["N, K, D", labels[ours]] + [labels[a] for a in anchors]
-            + [f"speedup vs {labels[a]}" for a in anchors] + [f"mem {labels[i]}" for i in [ours] + anchors])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (n, k, d), row in sorted(table.items()):
-        mine = row.get(ours, {}).get("median_s")
-        cells = [f"{n}, {k}, {d}", fmt_time(mine)] + [fmt_time(row.get(a, {}).get("median_s")) for a in anchors]
-        for a in anchors:
-            theirs = row.get(a, {}).get("median_s")
-            cells.append(f"{theirs / mine:.2f}×" if mine and theirs else "–")
-        cells += [fmt_mem(row.get(i)) for i in [ours] + anchors]
-        lines.append("| " + " | ".join(cells) + " |")
-    missing = sorted({f"{doc['labels'][r['impl']]}: {r['error']}" for r in doc["results"] if r["suite"] == suite and "error" in r})
-    if missing:
-        lines.append("")
-        lines += [f"Not measured: {m}" for m in missing]
-    return "\n".join(lines)
+def fmt_rate(flop_per_s: float | None, device: str) -> str:
+    if flop_per_s is None:
+        return "–"
+    return f"{flop_per_s / 1e12:.3g} TFLOP/s" if device == "cuda" else f"{flop_per_s / 1e9:.3g} GFLOP/s"
 
 
-def _load_text(machine: dict) -> str:
+def ratio(theirs: float | None, mine: float | None) -> str:
+    return f"{theirs / mine:.2f}×" if mine and theirs else "–"
+
+
+def ok(r: dict) -> bool:
+    return "error" not in r and "skipped" not in r and "median_s" in r
+
+
+def rel(p: Path):
+    return p.resolve().relative_to(REPO) if p.resolve().is_relative_to(REPO) else p
+
+
+def short_commit(m: dict) -> str | None:
+    return (m.get("git_commit") or "")[:7] or None
+
+
+def load_text(machine: dict) -> str:
     loads = [f"{machine[f'load_average_1_5_15min_at_{when}'][0]:.2f} at {when}" for when in ("start", "end")
              if f"load_average_1_5_15min_at_{when}" in machine]
     return f"; load average {', '.join(loads)}" if loads else ""
 
 
-def markdown(path: Path, doc: dict, plot: Path | None) -> str:
+def where(doc: dict) -> str:
+    """The machine, in one phrase: the GPU on CUDA, else the CPU and its threads."""
     m = doc["machine"]
-    rel = lambda p: p.resolve().relative_to(REPO) if p.resolve().is_relative_to(REPO) else p  # noqa: E731
-    parts = [
-        f"<!-- generated by benchmarks/report.py from {rel(path)}; edit the JSON or the script, not this text -->",
-        f"**{m['cpu']}**, {m['threads']} threads, torch {m['torch']}, faiss {m.get('faiss')}, "
-        f"taming-transformers-rom1504 {m.get('taming-transformers-rom1504')}, vector-quantize-pytorch "
-        f"{m.get('vector-quantize-pytorch')}; {m['date_utc'][:10]}, commit {m.get('git_commit')}"
-        + (" (quick sizes)" if doc.get("quick") else "")
-        + _load_text(m) + ".",
-        "",
-        "Times are medians of several runs after warm-up; speedup = anchor time / fastvq time (above 1: fastvq "
-        "is faster); mem = peak extra resident memory of one call, outputs included, and in brackets as a "
-        "multiple of one N×K fp32 matrix. Columns: " + "; ".join(
-            f"{SHORT[k]} = {v}" for k, v in doc["labels"].items() if k in SHORT) + ".",
-    ]
-    if plot is not None:
-        parts += ["", f"![quantize benchmark]({rel(plot)})"]
-    for suite, title in SUITE_TITLES.items():
-        if any(r["suite"] == suite for r in doc["results"]):
-            parts += ["", f"**{title}**", "", suite_table(doc, suite)]
-    return "\n".join(parts)
+    if device_of(doc) == "cuda":
+        return f"**{m.get('device', 'CUDA GPU')}**, triton {m.get('triton')}"
+    return f"**{m['cpu']}**, {m['threads']} threads"
 
 
-def plot(doc: dict, out: Path) -> Path | None:
-    import matplotlib
-    import matplotlib.ticker
+def header(path: Path, doc: dict, extra: str = "") -> list[str]:
+    m = doc["machine"]
+    dirty = m.get("git_dirty_paths") or []
+    shown = ", ".join(dirty[:4]) + (f" and {len(dirty) - 4} more" if len(dirty) > 4 else "")
+    return [f"<!-- generated by benchmarks/report.py from {rel(path)}; edit the JSON or the script, not this text -->",
+            f"{where(doc)}, torch {m['torch']}{extra}; {m['date_utc'][:10]}, commit {short_commit(m)}"
+            + (f" (uncommitted changes: {shown})" if dirty else "")
+            + (" (quick sizes)" if doc.get("quick") else "") + load_text(m) + "."]
 
+
+def not_measured(doc: dict, suite: str, where_fn) -> list[str]:
+    """One line per (implementation, reason) of the suite's skipped or failed cases, listing where."""
+    missing: dict[tuple[str, str], list[str]] = {}
+    for r in doc["results"]:
+        if r["suite"] == suite and ("error" in r or "skipped" in r):
+            why = r.get("skipped") or f"error: {r['error']}"
+            missing.setdefault((SHORT.get(r["impl"], r["impl"]), why), []).append(where_fn(r))
+    return [f"Not measured: {impl} ({', '.join(w)}): {why}" for (impl, why), w in missing.items()]
+
+
+def columns(doc: dict) -> str:
+    """What each column name stands for, for the implementations the file holds."""
+    present = {r["impl"] for r in doc["results"]}
+    return "Columns: " + "; ".join(f"{SHORT[k]} = {v}" for k, v in doc["labels"].items() if k in SHORT and k in present) + "."
+
+
+def impls_in(doc: dict, suite: str) -> list[str]:
+    """Implementations of a suite in the order of the script's labels (fastvq first)."""
+    present = {r["impl"] for r in doc["results"] if r["suite"] == suite}
+    return sorted((i for i in doc["labels"] if i in present), key=lambda i: i not in FASTVQ)
+
+
+def comparison_table(doc: dict, suite: str, key, key_title: str, key_text, extra_cols=(), mem=fmt_mem) -> list[str]:
+    """| key | fastvq | anchors... | speedup vs each anchor | extra columns | mem of each |, rows by key(result)."""
+    impls = impls_in(doc, suite)
+    ours = next((i for i in impls if i in FASTVQ), None)
+    if ours is None:
+        return []
+    anchors = [i for i in impls if i != ours]
+    table: dict = {}
+    for r in doc["results"]:
+        if r["suite"] == suite and ok(r):
+            for k in key(r):
+                table.setdefault(k, {})[r["impl"]] = r
+    name = lambda i: SHORT.get(i, i)  # noqa: E731
+    head = ([key_title, name(ours)] + [name(a) for a in anchors] + [f"speedup vs {name(a)}" for a in anchors]
+            + [title for title, _ in extra_cols] + [f"mem {name(i)}" for i in [ours] + anchors])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, row in sorted(table.items()):
+        mine = row.get(ours, {}).get("median_s")
+        cells = [key_text(map(str, k)), fmt_time(mine)] + [fmt_time(row.get(a, {}).get("median_s")) for a in anchors]
+        cells += [ratio(row.get(a, {}).get("median_s"), mine) for a in anchors]
+        cells += [cell(row, ours) for _, cell in extra_cols]
+        cells += [mem(row.get(i)) for i in [ours] + anchors]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def matplotlib_pyplot():
+    """pyplot on the Agg backend, or None where matplotlib is missing (a bare GPU machine): no plots then."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    suites = [s for s in SUITE_TITLES if any(r["suite"] == s and "error" not in r for r in doc["results"])]
-    ks = sorted({r["K"] for r in doc["results"]})
-    if not suites:
-        return None
-    fig, axes = plt.subplots(len(suites), len(ks), figsize=(5.5 * len(ks), 3.8 * len(suites)), squeeze=False)
-    for row, suite in enumerate(suites):
-        impls, table = by_config(doc["results"], suite)
-        for col, k in enumerate(ks):
-            ax = axes[row][col]
-            for impl in impls:
-                pts = sorted((d, r[impl]["median_s"]) for (_, kk, d), r in table.items() if kk == k and impl in r)
-                if pts:
-                    style = dict(lw=2.5, zorder=3) if impl == FASTVQ[suite] else dict(lw=1.2)
-                    ax.plot(*zip(*pts), marker="o", label=doc["labels"][impl], color=COLORS.get(impl), **style)
-            ax.set_xscale("log", base=2)
-            ds = sorted({d for (_, kk, d) in table if kk == k})
-            ax.set_xticks(ds, [str(d) for d in ds])
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            ax.set_yscale("log")
-            ax.set_xlabel("D (vector dimension)")
-            ax.set_ylabel("median time (s)")
-            n = next((nn for (nn, kk, _) in table if kk == k), None)
-            ax.set_title(f"{suite}: N={n}, K={k}", fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-    m = doc["machine"]
-    fig.suptitle(f"fastvq quantize on {m['cpu']} ({m['threads']} threads), {m['date_utc'][:10]}", fontsize=11)
+    return plt
+
+
+def log2_axis(ax, ticks, label):
+    import matplotlib.ticker
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel(label)
+
+
+def save(fig, plt, out: Path, title: str) -> Path:
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
+def plot_title(op: str, doc: dict) -> str:
+    m = doc["machine"]
+    on = m.get("device") if device_of(doc) == "cuda" else f"{m['cpu']} ({m['threads']} threads)"
+    return f"fastvq {op} on {on}, {m['date_utc'][:10]}"
+
+
+# ----------------------------------------------------------------------------- quantize
+
+Q_SUITES = {"nearest_code": "nearest_code (N x D queries against a K x D codebook)",
+            "module_forward": "VQ module, forward (inference)",
+            "module_forward_backward": "VQ module, forward + backward (training step)"}
+
+
+def q_key(doc: dict):
+    """Rows by (N, K, D), with dtype and metric where the file has more than one."""
+    res = [r for r in doc["results"] if r["suite"] == "nearest_code"]
+    extra = [f for f in ("dtype", "metric") if len({r.get(f) for r in res}) > 1]
+    return (lambda r: [(r["N"], r["K"], r["D"], *(r.get(f) for f in extra))]), ", ".join(["N, K, D", *extra])
+
+
+def q_peaks(doc: dict) -> dict:
+    """dtype -> the square matmul's FLOP/s (the device's matmul throughput)."""
+    return {r.get("dtype", "float32"): r["flop"] / r["median_s"] for r in doc["results"]
+            if r["suite"] == "matmul_peak" and ok(r)}
+
+
+def q_markdown(path: Path, doc: dict, png: Path | None) -> str:
+    m, device = doc["machine"], device_of(doc)
+    versions = {"faiss": m.get("faiss-cpu", m.get("faiss"))} | {
+        d: m.get(d) for d in ("taming-transformers-rom1504", "vector-quantize-pytorch")}
+    parts = header(path, doc, "".join(f", {d} {v}" for d, v in versions.items()))
+    peaks = q_peaks(doc)
+    parts += ["", "Times are medians of several runs after warm-up; speedup = anchor time / fastvq time (above 1: fastvq "
+              "is faster); mem = peak extra memory of one call, outputs included, and in brackets as a multiple of one "
+              "N×K fp32 matrix. " + columns(doc)]
+    if peaks:
+        parts += ["", "Matmul throughput of this device (a square matmul, the yardstick for nearest_code's rate): "
+                  + ", ".join(f"{dt} {fmt_rate(v, device)}" for dt, v in peaks.items()) + "."]
+    if png is not None:
+        parts += ["", f"![quantize benchmark]({rel(png)})"]
+
+    def mem(r):
+        if r is None or r.get("peak_extra_bytes") is None:
+            return "–"
+        return f"{fmt_bytes(r['peak_extra_bytes'])} ({r['peak_extra_bytes'] / r['nk_fp32_bytes']:.2g}×)"
+
+    key, title = q_key(doc)
+    for suite, suite_title in Q_SUITES.items():
+        if not any(r["suite"] == suite for r in doc["results"]):
+            continue
+        if suite == "nearest_code":
+            def rate(row, ours):
+                r = row.get(ours)
+                return fmt_rate(r["flop"] / r["median_s"], device) if r and "flop" in r else "–"
+
+            def of_peak(row, ours):
+                r = row.get(ours)
+                peak = peaks.get(r.get("dtype", "float32")) if r and "flop" in r else None
+                return f"{r['flop'] / r['median_s'] / peak:.0%}" if peak else "–"
+
+            def agree(row, ours):
+                r = row.get(ours)
+                return f"{r['agree_with_reference']:.4f}" if r and "agree_with_reference" in r else "–"
+
+            extra = [("fastvq rate", rate), ("of matmul peak", of_peak), ("agrees with ref", agree)]
+            lines = comparison_table(doc, suite, key, title, ", ".join, extra, mem)
+        else:
+            lines = comparison_table(doc, suite, lambda r: [(r["N"], r["K"], r["D"])], "N, K, D", ", ".join, [], mem)
+        notes = not_measured(doc, suite, lambda r: f"N={r['N']} K={r['K']} D={r['D']}")
+        parts += ["", f"**{suite_title}**", ""] + lines + ([""] + notes if notes else [])
+    return "\n".join(parts)
+
+
+def q_plot(doc: dict, out: Path) -> Path | None:
+    plt = matplotlib_pyplot()
+    suites = [s for s in Q_SUITES if any(r["suite"] == s and ok(r) for r in doc["results"])]
+    if plt is None or not suites:
+        return None
+    ks = {s: sorted({r["K"] for r in doc["results"] if r["suite"] == s}) for s in suites}
+    cols = max(map(len, ks.values()))
+    fig, axes = plt.subplots(len(suites), cols, figsize=(5.5 * cols, 3.8 * len(suites)), squeeze=False)
+    for row, suite in enumerate(suites):
+        res = [r for r in doc["results"] if r["suite"] == suite and ok(r) and r.get("metric", "l2") == "l2"]
+        n_main = max({r["N"] for r in res}, key=lambda n: sum(r["N"] == n for r in res))  # leave out the odd cases
+        dtypes = sorted({r.get("dtype", "float32") for r in res})
+        for ax in axes[row][len(ks[suite]):]:
+            ax.set_visible(False)
+        for col, k in enumerate(ks[suite]):
+            ax = axes[row][col]
+            for impl in impls_in(doc, suite):
+                for dt in dtypes:
+                    pts = sorted((r["D"], r["median_s"]) for r in res if r["impl"] == impl and r["K"] == k
+                                 and r["N"] == n_main and r.get("dtype", "float32") == dt)
+                    if pts:
+                        label = doc["labels"][impl] + (f" {dt}" if len(dtypes) > 1 else "")
+                        style = dict(lw=2.5, zorder=3) if impl in FASTVQ else dict(lw=1.2)
+                        ax.plot(*zip(*pts), marker="o", label=label, color=COLORS.get(impl),
+                                ls="-" if dt == dtypes[0] else "--", **style)
+            log2_axis(ax, sorted({r["D"] for r in res if r["K"] == k}) or [1], "D (vector dimension)")
+            ax.set_yscale("log")
+            ax.set_ylabel("median time (s)")
+            ax.set_title(f"{suite}: N={n_main}, K={k}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    return save(fig, plt, out, plot_title("quantize", doc))
+
+
+# ----------------------------------------------------------------------------- window attention
+
+WA_SUITES = {"forward": "window attention, forward (inference)",
+             "forward_backward": "window attention, forward + backward (training step)"}
+
+
+def wa_windows(doc: dict) -> list[int]:
+    return sorted({r["W"] for r in doc["results"] if r["W"] is not None})
+
+
+def wa_key(doc: dict):
+    """Rows by (T, W); SDPA is_causal (W = None: no window) goes into every W row of its T."""
+    windows = wa_windows(doc)
+    rows = {(r["T"], r["W"]) for r in doc["results"] if r["W"] is not None}
+    return lambda r: [(r["T"], w) for w in windows if (r["T"], w) in rows] if r["W"] is None else [(r["T"], r["W"])]
+
+
+def wa_scaling(doc: dict) -> list[str]:
+    """fastvq's time ratio between the two largest T at every W: how close to linear in T it is."""
+    lines = []
+    for suite in WA_SUITES:
+        res = {(r["T"], r["W"]): r["median_s"] for r in doc["results"]
+               if r["suite"] == suite and r["impl"] in FASTVQ and ok(r)}
+        ts = sorted({t for t, _ in res})
+        if len(ts) < 2:
+            continue
+        t0, t1 = ts[-2], ts[-1]
+        cells = [f"W={w} {res[(t1, w)] / res[(t0, w)]:.2f}" for w in wa_windows(doc)
+                 if (t0, w) in res and (t1, w) in res]
+        if cells:
+            lines.append(f"{suite.replace('_', ' + ')} {' / '.join(cells)}")
+    if not lines:
+        return []
+    ts = sorted({r["T"] for r in doc["results"]})
+    return [f"fastvq's time against T at fixed W, T = {ts[-2]} → {ts[-1]} (linear: {ts[-1] / ts[-2]:.2f}): "
+            + "; ".join(lines) + "."]
+
+
+def wa_markdown(path: Path, doc: dict, png: Path | None) -> str:
+    device = device_of(doc)
+    parts = header(path, doc, f"; {doc['method']['shape']}")
+    parts += ["", "Times are medians of several runs after warm-up; speedup = anchor time / fastvq time (above 1: fastvq "
+              "is faster); mem = peak extra memory of one call, outputs (and gradients) included; band rate = the "
+              "FLOPs inside the window / fastvq's time. W is the window (query i sees keys i − W < j ≤ i); SDPA causal "
+              "ignores it (full causal attention, the same numbers in every W row). FlexAttention's compile time is "
+              "excluded. " + columns(doc)]
+    if png is not None:
+        parts += ["", f"![window attention benchmark]({rel(png)})"]
+
+    def band(row, ours):
+        r = row.get(ours)
+        return fmt_rate(r["band_tflop_per_s"] * 1e12, device) if r and "band_tflop_per_s" in r else "–"
+
+    for suite, title in WA_SUITES.items():
+        if not any(r["suite"] == suite for r in doc["results"]):
+            continue
+        lines = comparison_table(doc, suite, wa_key(doc), "T, W", ", ".join, [("fastvq band rate", band)])
+        notes = not_measured(doc, suite, lambda r: f"T={r['T']}" + ("" if r["W"] is None else f" W={r['W']}"))
+        parts += ["", f"**{title}**", ""] + lines + ([""] + notes if notes else [])
+    scaling = wa_scaling(doc)
+    if scaling:
+        parts += [""] + scaling
+    return "\n".join(parts)
+
+
+def wa_plot(doc: dict, out: Path) -> Path | None:
+    plt = matplotlib_pyplot()
+    suites = [s for s in WA_SUITES if any(r["suite"] == s and ok(r) for r in doc["results"])]
+    windows = wa_windows(doc)
+    if plt is None or not suites or not windows:
+        return None
+    key = wa_key(doc)
+    fig, axes = plt.subplots(len(suites), len(windows), figsize=(5 * len(windows), 3.8 * len(suites)), squeeze=False)
+    for row, suite in enumerate(suites):
+        for col, w in enumerate(windows):
+            ax = axes[row][col]
+            for impl in impls_in(doc, suite):
+                pts = sorted((r["T"], r["median_s"]) for r in doc["results"]
+                             if r["suite"] == suite and r["impl"] == impl and ok(r) and (r["T"], w) in key(r))
+                if pts:
+                    style = (dict(lw=2.5, zorder=3) if impl in FASTVQ
+                             else dict(lw=1.2, ls="--" if impl == "sdpa_causal" else "-"))
+                    ax.plot(*zip(*pts), marker="o", label=doc["labels"][impl], color=COLORS.get(impl), **style)
+            log2_axis(ax, sorted({r["T"] for r in doc["results"] if r["W"] == w}), "T (sequence length)")
+            ax.set_yscale("log")
+            ax.set_ylabel("median time (s)")
+            ax.set_title(f"{suite}: W={w}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    return save(fig, plt, out, plot_title("sliding-window attention", doc))
+
+
+# ----------------------------------------------------------------------------- sampling loop
+
+def sp_markdown(path: Path, doc: dict, png: Path | None) -> str:
+    m = doc["machine"]
+    speed = {(r["steps"], r["B"], r["impl"]): r for r in doc["results"] if r.get("suite") == "speed"}
+    rows = sorted({(n, b) for n, b, _ in speed})
+    tps = lambda r: f"{r['tokens_per_s']:.0f}" if r and "tokens_per_s" in r else "–"  # noqa: E731
+    parts = header(path, doc, f", taming-transformers-rom1504 {m.get('taming-transformers-rom1504')}")
+    parts += ["", f"{doc['method']['model']}; {doc['method']['task']}. Tokens/s = batch × new tokens / median time of "
+              "the whole sampling call; speedup = fastvq tokens/s over the anchor's; mem = peak extra memory of one call."]
+    if png is not None:
+        parts += ["", f"![sampling benchmark]({rel(png)})"]
+    if rows:
+        parts += ["", "| new tokens | batch | fastvq tok/s | taming past tok/s | taming uncached tok/s | "
+                      "speedup vs past | speedup vs uncached | fastvq mem | taming past mem |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for n, b in rows:
+            f, tp, tu = (speed.get((n, b, i)) for i in ("fastvq", "taming_past", "taming_uncached"))
+            vs = lambda a: (f"{f['tokens_per_s'] / a['tokens_per_s']:.2f}×"  # noqa: E731
+                            if f and a and "tokens_per_s" in f and "tokens_per_s" in a else "–")
+            parts.append(f"| {n} | {b} | {tps(f)} | {tps(tp)} | {tps(tu)} | {vs(tp)} | {vs(tu)} | {fmt_mem(f)} | "
+                         f"{fmt_mem(tp)} |")
+    mem_rows = sorted((r for r in doc["results"] if r.get("suite") == "memory"), key=lambda r: r["steps"])
+    if mem_rows:
+        parts += ["", f"Memory against sequence length: {doc['labels']['fastvq_rope']}, batch 1.", "",
+                  "| new tokens | " + " | ".join(str(r["steps"]) for r in mem_rows) + " |",
+                  "|---|" + "---:|" * len(mem_rows),
+                  "| peak extra memory | " + " | ".join(fmt_bytes(r.get("peak_extra_bytes")) for r in mem_rows) + " |",
+                  "| tokens/s | " + " | ".join(tps(r) for r in mem_rows) + " |"]
+    notes = [f"Not measured: {SHORT.get(r['impl'], r['impl'])} (n={r['steps']}, B={r['B']}): "
+             f"{r.get('skipped') or r.get('error')}" for r in doc["results"] if "skipped" in r or "error" in r]
+    if notes:
+        parts += [""] + ["  \n".join(notes)]
+    return "\n".join(parts)
+
+
+def sp_plot(doc: dict, out: Path) -> Path | None:
+    plt = matplotlib_pyplot()
+    speed = [r for r in doc["results"] if r.get("suite") == "speed" and "tokens_per_s" in r]
+    mem = sorted((r for r in doc["results"] if r.get("suite") == "memory" and r.get("peak_extra_bytes") is not None),
+                 key=lambda r: r["steps"])
+    if plt is None or (not speed and not mem):
+        return None
+    fig, (ax, axm) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    groups = sorted({(r["steps"], r["B"]) for r in speed})
+    impls = [i for i in ("fastvq", "taming_past", "taming_uncached") if any(r["impl"] == i for r in speed)]
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        vals = {(r["steps"], r["B"]): r["tokens_per_s"] for r in speed if r["impl"] == impl}
+        xs = [g + k * width for g, key in enumerate(groups) if key in vals]
+        ax.bar(xs, [vals[key] for key in groups if key in vals], width, label=doc["labels"][impl], color=COLORS[impl])
+    ax.set_xticks([g + width * (len(impls) - 1) / 2 for g in range(len(groups))],
+                  [f"{n} tokens\nbatch {b}" for n, b in groups])
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens / s")
+    ax.set_title("sampling speed (higher is better; missing bars: skipped)", fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    if mem:
+        axm.plot([r["steps"] for r in mem], [r["peak_extra_bytes"] / MIB for r in mem], marker="o",
+                 color=COLORS["fastvq_rope"], label=doc["labels"]["fastvq_rope"])
+        log2_axis(axm, [r["steps"] for r in mem], "new tokens (batch 1)")
+        axm.set_ylim(bottom=0)
+        axm.legend(fontsize=7)
+    axm.set_ylabel("peak extra memory (MiB)")
+    axm.set_title("memory vs length, rope + window", fontsize=10)
+    axm.grid(True, alpha=0.3)
+    return save(fig, plt, out, plot_title("cached sampling", doc))
+
+
+# ----------------------------------------------------------------------------- decode_linear
+
+def dl_markdown(path: Path, doc: dict, png: Path | None) -> str:
+    parts = header(path, doc) + ["", f"{doc['method']['model']}. One call = a sweep over every layer in model order "
+                                     "(each weight read once, from memory); rate = weight bytes / median time."]
+    if png is not None:
+        parts += ["", f"![decode_linear benchmark]({rel(png)})"]
+
+    def gbs(row, ours):
+        r = row.get(ours)
+        return f"{r['gb_per_s']:.3g} GB/s" if r and "gb_per_s" in r else "–"
+
+    parts += [""] + comparison_table(doc, "sweep", lambda r: [(r["B"],)], "batch", "".join,
+                                     [("fastvq weight rate", gbs)])
+    shaped = [r for r in doc["results"] if ok(r) and "shapes" in r]
+    if shaped:
+        impls = [i for i in impls_in(doc, "sweep") if any(r["impl"] == i for r in shaped)]
+        parts += ["", "Weight rate per layer shape (each call timed on its own inside the sweeps):", "",
+                  "| batch | shape | " + " | ".join(f"{SHORT.get(i, i)} GB/s" for i in impls) + " |",
+                  "|---:|---|" + "---:|" * len(impls)]
+        for b in sorted({r["B"] for r in shaped}):
+            by_impl = {r["impl"]: {s["shape"]: s for s in r["shapes"]} for r in shaped if r["B"] == b}
+            for shape in next(iter(by_impl.values())):
+                parts.append(f"| {b} | {shape} | " + " | ".join(
+                    f"{by_impl[i][shape]['gb_per_s']:.3g}" if i in by_impl else "–" for i in impls) + " |")
+    notes = not_measured(doc, "sweep", lambda r: f"B={r['B']}")
+    return "\n".join(parts + ([""] + notes if notes else []))
+
+
+def dl_plot(doc: dict, out: Path) -> Path | None:
+    plt = matplotlib_pyplot()
+    res = [r for r in doc["results"] if ok(r)]
+    if plt is None or not res:
+        return None
+    batches = sorted({r["B"] for r in res})
+    impls = impls_in(doc, "sweep")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        vals = {r["B"]: r["gb_per_s"] for r in res if r["impl"] == impl}
+        ax.bar([g + k * width for g, b in enumerate(batches) if b in vals], [vals[b] for b in batches if b in vals],
+               width, label=doc["labels"][impl], color=COLORS.get(impl))
+    ax.set_xticks([g + width * (len(impls) - 1) / 2 for g in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("weight bytes / s (GB/s)")
+    ax.set_title("decode-step Linears, one sweep of the model (higher is better)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, plt, out, plot_title("decode_linear", doc))
+
+
+# ----------------------------------------------------------------------------- README
+
+WRITERS = {"quantize": (q_plot, q_markdown), "window_attention": (wa_plot, wa_markdown),
+           "sampling": (sp_plot, sp_markdown), "decode_linear": (dl_plot, dl_markdown)}
+
+
 def markers(kind: str) -> tuple[str, str]:
     return f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
 
 
-def update_readme(readme: Path, text: str, kind: str = "quantize") -> bool:
+def update_readme(readme: Path, text: str, kind: str) -> bool:
     """Replace what lies between the kind's markers; False when the file or the markers are missing."""
     if not readme.exists():
         return False
@@ -189,241 +545,67 @@ def update_readme(readme: Path, text: str, kind: str = "quantize") -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------- window attention
-
-WA_OURS = "fastvq_cpp"
-WA_SHORT = {"fastvq_cpp": "fastvq", "flex": "flex", "sdpa_mask": "SDPA mask", "sdpa_causal": "SDPA causal",
-            "torch_reference": "torch ref"}
-WA_COLORS = {"fastvq_cpp": "C0", "flex": "C1", "sdpa_mask": "C2", "sdpa_causal": "C4", "torch_reference": "C3"}
-WA_SUITES = {"forward": "window attention, forward (inference)",
-             "forward_backward": "window attention, forward + backward (training step)"}
+def compare_scripts() -> list[Path]:
+    return sorted(Path(__file__).resolve().parent.glob("compare_*.py"))
 
 
-def wa_by_config(results: list[dict], suite: str) -> tuple[list[str], dict]:
-    """Implementations in WA_SHORT's order, and {(T, W): {impl: result}} for one suite, failures left out.
-    SDPA is_causal (W = None: no window) is put in every W row of its T."""
-    present = {r["impl"] for r in results if r["suite"] == suite}
-    impls = [i for i in WA_SHORT if i in present]
-    windows = sorted({r["W"] for r in results if r["W"] is not None})
-    table = {}
-    for r in results:
-        if r["suite"] != suite or "error" in r or "skipped" in r:
-            continue
-        for w in (windows if r["W"] is None else [r["W"]]):
-            table.setdefault((r["T"], w), {})[r["impl"]] = r
-    return impls, table
-
-
-def wa_fmt_mem(r: dict | None) -> str:
-    if r is None or r.get("peak_extra_bytes") is None:
-        return "–"
-    b = r["peak_extra_bytes"]
-    return f"{b / 1024 / MIB:.3g} GiB" if b >= 1000 * MIB else f"{b / MIB:.3g} MiB" if b >= 1000 * 1024 else f"{b / 1024:.3g} KiB"
-
-
-def wa_suite_table(doc: dict, suite: str) -> str:
-    impls, table = wa_by_config(doc["results"], suite)
-    anchors = [i for i in impls if i != WA_OURS]
-    head = (["T, W", WA_SHORT[WA_OURS]] + [WA_SHORT[a] for a in anchors]
-            + [f"speedup vs {WA_SHORT[a]}" for a in anchors] + [f"mem {WA_SHORT[i]}" for i in [WA_OURS] + anchors])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (t, w), row in sorted(table.items()):
-        mine = row.get(WA_OURS, {}).get("median_s")
-        cells = [f"{t}, {w}", fmt_time(mine)] + [fmt_time(row.get(a, {}).get("median_s")) for a in anchors]
-        for a in anchors:
-            theirs = row.get(a, {}).get("median_s")
-            cells.append(f"{theirs / mine:.2f}×" if mine and theirs else "–")
-        cells += [wa_fmt_mem(row.get(i)) for i in [WA_OURS] + anchors]
-        lines.append("| " + " | ".join(cells) + " |")
-    missing: dict[tuple[str, str], list[str]] = {}
-    for r in doc["results"]:
-        if r["suite"] == suite and ("error" in r or "skipped" in r):
-            why = r.get("skipped") or f"error: {r['error']}"
-            missing.setdefault((WA_SHORT[r["impl"]], why), []).append(f"T={r['T']}" + ("" if r["W"] is None else f" W={r['W']}"))
-    if missing:
-        lines.append("")
-        lines += [f"Not measured: {impl} ({', '.join(where)}): {why}" for (impl, why), where in missing.items()]
-    return "\n".join(lines)
-
-
-def wa_markdown(path: Path, doc: dict, plot_path: Path | None) -> str:
-    m = doc["machine"]
-    rel = lambda p: p.resolve().relative_to(REPO) if p.resolve().is_relative_to(REPO) else p  # noqa: E731
-    parts = [
-        f"<!-- generated by benchmarks/report.py from {rel(path)}; edit the JSON or the script, not this text -->",
-        f"**{m['cpu']}**, {m['threads']} threads, torch {m['torch']}; {doc['method']['shape']}; "
-        f"{m['date_utc'][:10]}, commit {m.get('git_commit')}" + (" (quick sizes)" if doc.get("quick") else "")
-        + _load_text(m) + ".",
-        "",
-        "Times are medians of several runs after warm-up; speedup = anchor time / fastvq time (above 1: fastvq "
-        "is faster); mem = peak extra resident memory of one call, outputs (and gradients) included. W is the "
-        "window (query i sees keys i − W < j ≤ i); SDPA causal ignores it (full causal attention, the same "
-        "numbers in every W row). FlexAttention's compile time is excluded. Columns: "
-        + "; ".join(f"{WA_SHORT[k]} = {v}" for k, v in doc["labels"].items() if k in WA_SHORT) + ".",
-    ]
-    if plot_path is not None:
-        parts += ["", f"![window attention benchmark]({rel(plot_path)})"]
-    for suite, title in WA_SUITES.items():
-        if any(r["suite"] == suite for r in doc["results"]):
-            parts += ["", f"**{title}**", "", wa_suite_table(doc, suite)]
-    return "\n".join(parts)
-
-
-def wa_plot(doc: dict, out: Path) -> Path | None:
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    suites = [s for s in WA_SUITES if any(r["suite"] == s and "median_s" in r for r in doc["results"])]
-    windows = sorted({r["W"] for r in doc["results"] if r["W"] is not None})
-    if not suites or not windows:
-        return None
-    fig, axes = plt.subplots(len(suites), len(windows), figsize=(5 * len(windows), 3.8 * len(suites)), squeeze=False)
-    for row, suite in enumerate(suites):
-        impls, table = wa_by_config(doc["results"], suite)
-        for col, w in enumerate(windows):
-            ax = axes[row][col]
-            for impl in impls:
-                pts = sorted((t, r[impl]["median_s"]) for (t, ww), r in table.items() if ww == w and impl in r)
-                if pts:
-                    style = dict(lw=2.5, zorder=3) if impl == WA_OURS else dict(lw=1.2, ls="--" if impl == "sdpa_causal" else "-")
-                    ax.plot(*zip(*pts), marker="o", label=doc["labels"][impl], color=WA_COLORS.get(impl), **style)
-            ts = sorted({t for (t, ww) in table if ww == w})
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ts, [str(t) for t in ts])
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            ax.set_yscale("log")
-            ax.set_xlabel("T (sequence length)")
-            ax.set_ylabel("median time (s)")
-            ax.set_title(f"{suite}: W={w}", fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-    m = doc["machine"]
-    fig.suptitle(f"fastvq sliding-window attention on {m['cpu']} ({m['threads']} threads), {m['date_utc'][:10]}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-# ----------------------------------------------------------------------------- sampling loop
-
-SP_SHORT = {"fastvq": "fastvq", "taming_past": "taming past", "taming_uncached": "taming uncached"}
-SP_COLORS = {"fastvq": "C0", "taming_past": "C1", "taming_uncached": "C3", "fastvq_rope": "C0"}
-
-
-def _device_text(doc: dict) -> str:
-    m = doc["machine"]
-    return m.get("device") or f"{m['cpu']}, {m['threads']} threads"
-
-
-def sp_markdown(path: Path, doc: dict, plot_path: Path | None) -> str:
-    m = doc["machine"]
-    rel = lambda p: p.resolve().relative_to(REPO) if p.resolve().is_relative_to(REPO) else p  # noqa: E731
-    speed = {(r["steps"], r["B"], r["impl"]): r for r in doc["results"] if r.get("suite") == "speed"}
-    rows = sorted({(n, b) for n, b, _ in speed})
-    tps = lambda r: f"{r['tokens_per_s']:.0f}" if r and "tokens_per_s" in r else "–"  # noqa: E731
-    parts = [
-        f"<!-- generated by benchmarks/report.py from {rel(path)}; edit the JSON or the script, not this text -->",
-        f"**{_device_text(doc)}**, torch {m['torch']}, taming-transformers-rom1504 "
-        f"{m.get('taming-transformers-rom1504')}; {m['date_utc'][:10]}, commit {m.get('git_commit')}"
-        + (" (quick sizes)" if doc.get("quick") else "") + _load_text(m) + ".",
-        "",
-        f"{doc['method']['model']}; {doc['method']['task']}. Tokens/s = batch × new tokens / median time of the "
-        "whole sampling call; speedup = fastvq tokens/s over the anchor's; mem = peak extra memory of one call.",
-    ]
-    if plot_path is not None:
-        parts += ["", f"![sampling benchmark]({rel(plot_path)})"]
-    if rows:
-        parts += ["", "| new tokens | batch | fastvq tok/s | taming past tok/s | taming uncached tok/s | "
-                      "speedup vs past | speedup vs uncached | fastvq mem | taming past mem |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for n, b in rows:
-            f, tp, tu = (speed.get((n, b, i)) for i in ("fastvq", "taming_past", "taming_uncached"))
-            ratio = lambda a: (f"{f['tokens_per_s'] / a['tokens_per_s']:.2f}×"  # noqa: E731
-                               if f and a and "tokens_per_s" in f and "tokens_per_s" in a else "–")
-            parts.append(f"| {n} | {b} | {tps(f)} | {tps(tp)} | {tps(tu)} | {ratio(tp)} | {ratio(tu)} | "
-                         f"{wa_fmt_mem(f)} | {wa_fmt_mem(tp)} |")
-    mem = sorted((r for r in doc["results"] if r.get("suite") == "memory"), key=lambda r: r["steps"])
-    if mem:
-        parts += ["", f"Memory against sequence length: {doc['labels']['fastvq_rope']}, batch 1.", "",
-                  "| new tokens | " + " | ".join(str(r["steps"]) for r in mem) + " |",
-                  "|---|" + "---:|" * len(mem),
-                  "| peak extra memory | " + " | ".join(wa_fmt_mem(r) for r in mem) + " |",
-                  "| tokens/s | " + " | ".join(tps(r) for r in mem) + " |"]
-    notes = [f"Not measured: {SP_SHORT.get(r['impl'], r['impl'])} (n={r['steps']}, B={r['B']}): "
-             f"{r.get('skipped') or r.get('error')}" for r in doc["results"] if "skipped" in r or "error" in r]
-    if notes:
-        parts += [""] + ["  \n".join(notes)]
-    return "\n".join(parts)
-
-
-def sp_plot(doc: dict, out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    speed = [r for r in doc["results"] if r.get("suite") == "speed" and "tokens_per_s" in r]
-    mem = sorted((r for r in doc["results"] if r.get("suite") == "memory" and r.get("peak_extra_bytes") is not None),
-                 key=lambda r: r["steps"])
-    if not speed and not mem:
-        return None
-    fig, (ax, axm) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
-    groups = sorted({(r["steps"], r["B"]) for r in speed})
-    impls = [i for i in SP_SHORT if any(r["impl"] == i for r in speed)]
-    width = 0.8 / max(1, len(impls))
-    for k, impl in enumerate(impls):
-        vals = {(r["steps"], r["B"]): r["tokens_per_s"] for r in speed if r["impl"] == impl}
-        xs = [g + k * width for g, key in enumerate(groups) if key in vals]
-        ax.bar(xs, [vals[key] for key in groups if key in vals], width, label=doc["labels"][impl],
-               color=SP_COLORS[impl])
-    ax.set_xticks([g + width * (len(impls) - 1) / 2 for g in range(len(groups))],
-                  [f"{n} tokens\nbatch {b}" for n, b in groups])
-    ax.set_yscale("log")
-    ax.set_ylabel("tokens / s")
-    ax.set_title("sampling speed (higher is better; missing bars: skipped)", fontsize=10)
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    if mem:
-        axm.plot([r["steps"] for r in mem], [r["peak_extra_bytes"] / MIB for r in mem], marker="o",
-                 color=SP_COLORS["fastvq_rope"], label=doc["labels"]["fastvq_rope"])
-        axm.set_xscale("log", base=2)
-        axm.set_xticks([r["steps"] for r in mem], [str(r["steps"]) for r in mem])
-        axm.set_ylim(bottom=0)
-        axm.legend(fontsize=7)
-    axm.set_xlabel("new tokens (batch 1)")
-    axm.set_ylabel("peak extra memory (MiB)")
-    axm.set_title("memory vs length, rope + window", fontsize=10)
-    axm.grid(True, alpha=0.3)
-    fig.suptitle(f"fastvq cached sampling on {_device_text(doc)}, {doc['machine']['date_utc'][:10]}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+def print_expected() -> int:
+    """What `make compare` is about to run, how long each part should take, and how quiet the machine is."""
+    total = cap = 0.0
+    print("make compare: every benchmarks/compare_<op>.py on the CPU (one process per case), then report.py")
+    for script in compare_scripts():
+        c = importlib.import_module(script.stem).COMPARISON
+        total += c.expected_s
+        cap += c.budget_s["cpu"]
+        last = ""
+        try:
+            prev = json.loads((RESULTS_DIR / f"{c.name}_cpu.json").read_text())
+            m = prev["machine"]
+            last = (f"; last run {prev['elapsed_s'] / 60:.1f} min at commit {short_commit(m)}, load "
+                    f"{m['load_average_1_5_15min_at_start'][0]:.2f}") if "elapsed_s" in prev else ""
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+        print(f"  {script.name:<32} about {c.expected_s / 60:4.1f} min (budget {c.budget_s['cpu'] / 60:.0f} min{last})")
+    head = (git("rev-parse", "--short", "HEAD") or "").strip()
+    dirty = (git("status", "--porcelain", "--", "csrc", "fastvq", "kernels") or "").strip()
+    print(f"expected duration: about {total / 60:.0f} min on a quiet 2-core CPU (no script starts a case past its "
+          f"budget: {cap / 60:.0f} min in all at most, plus the case under way)")
+    print(f"commit {head}" + (f", with uncommitted changes in csrc/ fastvq/ kernels/: the JSON records them"
+                              if dirty else ", clean"))
+    load = load_average()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ("  <- not quiet: other work shares the cores and the figures will show it" if load[0] > 0.5 else ""))
+    return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", type=Path, help="result files (default benchmarks/results/*.json)")
     p.add_argument("--readme", type=Path, default=REPO / "README.md", help="README to update (default README.md)")
-    p.add_argument("--print", action="store_true", help="print the table instead of writing the README")
+    p.add_argument("--print", action="store_true", help="print the tables instead of writing the README")
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+    p.add_argument("--expected", action="store_true", help="print what `make compare` runs and its expected duration")
     args = p.parse_args(argv)
+    if args.expected:
+        return print_expected()
 
     paths = args.files or sorted(RESULTS_DIR.glob("*.json"))
     docs = load(paths)
     if not docs:
-        p.error(f"no quantize, window_attention or sampling results in {', '.join(map(str, paths)) or RESULTS_DIR}; "
-                "run benchmarks/compare_quantize.py, compare_window_attention.py or bench_sampling_loop.py first")
+        p.error(f"no comparison results in {', '.join(map(str, paths)) or RESULTS_DIR}; run benchmarks/compare_<op>.py "
+                "(or make compare) first")
+    commits = {short_commit(doc["machine"]) for _, doc in docs if device_of(doc) == "cpu" and not scratch(doc)}
+    if len(commits) > 1:
+        print(f"note: the CPU results come from different commits ({', '.join(sorted(map(str, commits)))}); "
+              "`make compare` regenerates them all from one")
+    if args.no_plot or matplotlib_pyplot() is None:
+        print("no plots" + ("" if args.no_plot else " (matplotlib is not installed)"))
     for kind in KINDS:
-        kind_docs = [(path, doc) for path, doc in docs if doc["benchmark"] == kind]
+        kind_docs = sorted(((path, doc) for path, doc in docs if doc["benchmark"] == kind),
+                           key=lambda pd: (device_of(pd[1]) != "cpu", str(pd[0])))
         if not kind_docs:
             continue
-        draw, write = {"quantize": (plot, markdown), "window_attention": (wa_plot, wa_markdown),
-                       "sampling": (sp_plot, sp_markdown)}[kind]
+        draw, write = WRITERS[kind]
         sections = []
         for path, doc in kind_docs:
             png = None if args.no_plot else draw(doc, path.with_suffix(".png"))
@@ -432,13 +614,13 @@ def main(argv=None) -> int:
             sections.append(write(path, doc, png))
         text = "\n\n".join(sections)
         start, end = markers(kind)
-        quick = [str(path) for path, doc in kind_docs if doc.get("quick")]
+        quick = [str(path) for path, doc in kind_docs if scratch(doc)]
         if quick and not args.print:
-            print(f"(quick-size results never go into the README: {', '.join(quick)}; printing the table)\n")
+            print(f"(quick and dry-run results never go into the README: {', '.join(quick)}; printing the table)\n")
         if args.print or quick or not update_readme(args.readme, text, kind):
             if not (args.print or quick):
                 print(f"({args.readme} has no {start} ... {end} markers; printing the table)\n")
-            print(text)
+            print(text + "\n")
         else:
             print(f"updated {args.readme} ({kind})")
     return 0

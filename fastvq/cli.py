@@ -35,7 +35,7 @@ def _positive_int(text: str) -> int:
 
 
 def _kmeans(args, parser) -> int:
-    from .kmeans_demo import run_demo  # skimage and matplotlib load only for the demo
+    from .pipeline.kmeans_demo import run_demo  # skimage and matplotlib load only for the demo
 
     run_demo(args.out, codes=args.codes, patch=args.patch, iters=args.iters, images=args.images,
              downscale=args.downscale, backend=args.backend, seed=args.seed, quick=args.quick)
@@ -101,7 +101,7 @@ def _backends(args, parser) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .kmeans_demo import DEFAULT_IMAGES, DEFAULTS, IMAGES, QUICK_DEFAULTS
+    from .pipeline.kmeans_demo import DEFAULT_IMAGES, DEFAULTS, IMAGES, QUICK_DEFAULTS
 
     parser = argparse.ArgumentParser(prog="fastvq", description="fastvq: fused kernels for VQGAN-style models")
     parser.add_argument("--version", action="version", version=f"fastvq {__version__}")

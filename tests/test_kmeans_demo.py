@@ -1,4 +1,5 @@
 """The k-means demo (nearest_code over image patches) and the `fastvq` command."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from fastvq.cli import main
-from fastvq.kmeans_demo import from_patches, kmeans, run_demo, to_patches
+from fastvq.pipeline.kmeans_demo import from_patches, kmeans, run_demo, to_patches
+from fastvq.pipeline.metrics import psnr
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,3 +62,15 @@ def test_python_m_fastvq_backends():
     assert out.returncode == 0, out.stderr
     names = [line.split()[0] for line in out.stdout.splitlines()]
     assert names == ["torch", "cpp", "triton"]
+
+
+def test_psnr_is_the_same_in_either_value_range():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g)
+    mse = (a - b).double().pow(2).mean().item()
+    assert psnr(a, b) == pytest.approx(-10 * math.log10(mse))
+    assert psnr(a * 2 - 1, b * 2 - 1, value_range=(-1, 1)) == pytest.approx(psnr(a, b))
+    assert psnr(a + 5, a) == pytest.approx(psnr(torch.ones_like(a), a))  # clamped into the range first
+    assert psnr(a, a) == math.inf
+    with pytest.raises(ValueError, match="value_range"):
+        psnr(a, b, value_range=(1, 1))

@@ -262,3 +262,18 @@ def test_bad_arguments_are_refused(kwargs, error, name):
     logits = kwargs.pop("logits", torch.zeros(4, 6))
     with pytest.raises(error, match=name):
         fastvq.sample_logits(logits, **kwargs)
+
+
+def test_explicit_uniforms_draw_what_the_generator_would(backend):
+    dev = device_of(backend)
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4)).to(dev)
+    g = torch.Generator(device=dev).manual_seed(11)
+    want = fastvq.sample_logits(logits, temperature=0.8, top_k=20, top_p=0.9, generator=g, backend=backend)
+    r = torch.rand(6, generator=torch.Generator(device=dev).manual_seed(11), device=dev)
+    got = fastvq.sample_logits(logits, temperature=0.8, top_k=20, top_p=0.9, uniform=r, backend=backend)
+    assert torch.equal(got, want)
+    for bad in (r[:3], r.double(), r + 1):
+        with pytest.raises(ValueError, match="uniform"):
+            fastvq.sample_logits(logits, uniform=bad, backend=backend)
+    with pytest.raises(ValueError, match="not both"):
+        fastvq.sample_logits(logits, uniform=r, generator=g, backend=backend)

@@ -169,7 +169,8 @@ KERNELS = {"torch": sample_logits_reference, "cpp": _draw_cpp, "triton": _draw_t
 # ----------------------------------------------------------------------------- public
 
 def sample_logits(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=None, cfg_scale=None,
-                  generator: torch.Generator | None = None, backend: str | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, uniform: torch.Tensor | None = None,
+                  backend: str | None = None) -> torch.Tensor:
     """Draw one token per row of logits after temperature, top-k, then top-p filtering.
 
     Args:
@@ -180,6 +181,9 @@ def sample_logits(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=No
         cfg_scale: None, or classifier-free guidance: the first B/2 rows are conditional (c), the
             last B/2 unconditional (u), combined as u + cfg_scale * (c - u) before filtering.
         generator: the torch.Generator the per-row uniforms come from (one torch.rand(rows) a call).
+        uniform: instead of a generator, the per-row uniforms themselves, (rows,) float32 in [0, 1)
+            on the logits' device (a counter-based stream keyed by position gives the same token
+            for the same position however the positions are batched).
         backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
 
     Returns:
@@ -201,7 +205,18 @@ def sample_logits(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=No
         raise TypeError(f"sample_logits: generator must be a torch.Generator or None, got {type(generator).__name__}")
     rows, t, k, p = _prepare(logits, temperature, top_k, top_p, cfg_scale)
     name = resolve_backend(backend, logits.device, "sample_logits")
-    r = torch.rand(rows, generator=generator, device=logits.device, dtype=torch.float32)
+    if uniform is None:
+        r = torch.rand(rows, generator=generator, device=logits.device, dtype=torch.float32)
+    else:
+        if generator is not None:
+            raise ValueError("sample_logits: give generator or uniform, not both")
+        if (not isinstance(uniform, torch.Tensor) or uniform.shape != (rows,) or uniform.dtype != torch.float32
+                or uniform.device != logits.device):
+            got = (uniform.dtype, tuple(uniform.shape), str(uniform.device)) if isinstance(uniform, torch.Tensor) else type(uniform).__name__
+            raise ValueError(f"sample_logits: uniform must be a float32 tensor of shape ({rows},) on {logits.device}, got {got}")
+        if rows and not bool(((uniform >= 0) & (uniform < 1)).all()):
+            raise ValueError("sample_logits: uniform must lie in [0, 1)")
+        r = uniform
     if rows == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     return KERNELS[name](logits, t, k, p, cfg_scale, r)

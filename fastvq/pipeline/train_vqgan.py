@@ -31,6 +31,7 @@ from .checkpoint import (gather_rng_states, load_checkpoint, restore_training_rn
 from .config import ConfigError, TrainVQGANConfig, load_config
 from .data import TrainBatches, make_dataset
 from .logs import MetricsLog, plot_curves, progress, save_image_grid
+from .metrics import psnr
 
 
 class VQGANTrainingStep(nn.Module):
@@ -58,12 +59,6 @@ def build_vqgan(config) -> VQGAN:
     return VQGAN(VQGANConfig(**{**config.model, "resolution": config.train.size}))
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (compared in [0, 1])."""
-    mse = ((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) / 2).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
-
-
 @torch.no_grad()
 def evaluate(vqgan: VQGAN, images: torch.Tensor, batch_size: int = 32) -> dict:
     """Held-out PSNR, codebook usage (fraction of codes chosen at least once) and perplexity."""
@@ -80,8 +75,8 @@ def evaluate(vqgan: VQGAN, images: torch.Tensor, batch_size: int = 32) -> dict:
     recon = torch.cat(recons)
     p = counts / counts.sum()
     perplexity = math.exp(-float(torch.special.xlogy(p, p).sum()))
-    return {"heldout_psnr": psnr(recon, images), "codebook_usage": float((counts > 0).double().mean()),
-            "heldout_perplexity": perplexity, "recon": recon}
+    return {"heldout_psnr": psnr(recon, images, value_range=(-1, 1)),
+            "codebook_usage": float((counts > 0).double().mean()), "heldout_perplexity": perplexity, "recon": recon}
 
 
 def _heldout_images(data, size: int, count: int) -> torch.Tensor:

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._timing import median_seconds
-from ._backend import available_backends, resolve_backend
-from .ops.quantize import nearest_code, nearest_code_reference
+from .._backend import available_backends, resolve_backend
+from ..bench import median_seconds
+from ..ops.quantize import nearest_code, nearest_code_reference
+from .metrics import psnr
 
 IMAGES = ("astronaut", "chelsea", "coffee", "brick")  # photographs and a texture, all inside scikit-image
 DEFAULT_IMAGES = ("astronaut", "brick")
@@ -54,12 +55,6 @@ def to_patches(img: torch.Tensor, p: int) -> tuple[torch.Tensor, tuple[int, int]
 def from_patches(x: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Tensor:
     rows, cols = grid
     return x.reshape(rows, cols, p, p, 3).permute(0, 2, 1, 3, 4).reshape(rows * p, cols * p, 3)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB for images in [0, 1]."""
-    mse = (a - b).double().pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int, *, backend: str | None = None, seed: int = 0, log=print):
