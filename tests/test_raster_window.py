@@ -5,7 +5,7 @@ import torch
 
 import fastvq
 from fastvq.ops.raster_window import KERNELS, raster_window_visible
-from helpers import assert_close, backend_params, device_of, interpreted
+from helpers import assert_close, backend_params, device_of, interpreted, requires
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -65,30 +65,96 @@ def test_the_rule_as_a_mask_is_the_oracles():
         assert torch.equal(got, rule_mask(t, width, rows, left, right, n_prefix))
 
 
+def check_against_oracle(backend, case, dtype):
+    """One case's output and (dq, dk, dv) on `backend` against the float64 oracle."""
+    dev = device_of(backend)
+    b, h, hk, width, grid, rows, left, right, n_prefix, d = case
+    t = n_prefix + grid
+    q, k, v = make(b, h, hk, t, d, dtype, seed=grid)
+    mask = rule_mask(t, width, rows, left, right, n_prefix)
+    want = oracle(q, k, v, mask, d ** -0.5)
+    leaves = [x.to(dev).detach().requires_grad_() for x in (q, k, v)]
+    out = fastvq.raster_window_attention(*leaves, width=width, rows=rows, left=left, right=right,
+                                         n_prefix=n_prefix, backend=backend)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    assert_close(out.cpu(), want, dtype=dtype, atol=tol, rtol=tol, msg=str(case))
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad.to(dev, dtype))
+    refs = [x.double().detach().requires_grad_() for x in (q, k, v)]
+    oracle(*refs, mask, d ** -0.5).backward(grad.double())
+    for name, leaf, ref in zip("qkv", leaves, refs):
+        assert_close(leaf.grad.cpu(), ref.grad, dtype=dtype, atol=4 * tol, rtol=4 * tol, msg=f"d{name} {case}")
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_and_backward_match_the_oracle(backend, dtype):
     if backend not in KERNELS:
         pytest.skip(f"raster_window_attention has no {backend} kernel yet")
-    dev = device_of(backend)
     for case in (SMALL if interpreted(backend) else CASES):
-        b, h, hk, width, grid, rows, left, right, n_prefix, d = case
-        t = n_prefix + grid
-        q, k, v = make(b, h, hk, t, d, dtype, seed=grid)
-        mask = rule_mask(t, width, rows, left, right, n_prefix)
-        want = oracle(q, k, v, mask, d ** -0.5)
-        leaves = [x.to(dev).detach().requires_grad_() for x in (q, k, v)]
-        out = fastvq.raster_window_attention(*leaves, width=width, rows=rows, left=left, right=right,
-                                             n_prefix=n_prefix, backend=backend)
-        assert out.dtype == dtype and out.shape == q.shape
-        tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
-        assert_close(out.cpu(), want, dtype=dtype, atol=tol, rtol=tol, msg=str(case))
-        grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-        out.backward(grad.to(dev, dtype))
-        refs = [x.double().detach().requires_grad_() for x in (q, k, v)]
-        oracle(*refs, mask, d ** -0.5).backward(grad.double())
-        for name, leaf, ref in zip("qkv", leaves, refs):
-            assert_close(leaf.grad.cpu(), ref.grad, dtype=dtype, atol=4 * tol, rtol=4 * tol, msg=f"d{name} {case}")
+        check_against_oracle(backend, case, dtype)
+
+
+# ----------------------------------------------------------------------------- triton: the block walk
+
+# Cases for the kernels' spans (interpreter blocks are 16 positions), in fp32: the CASES the
+# interpreted run above leaves out (width 33 with a prefix, a window wider than the grid,
+# left = right = 0), a prefix longer than a block, a sequence that is all prefix, and blocks that
+# straddle three or four rows with right = 0.
+SPAN_CASES = CASES[3:] + [
+    (1, 2, 1, 3, 40, 2, 1, 1, 20, 8),
+    (1, 1, 1, 6, 0, 1, 1, 1, 5, 8),
+    (1, 2, 2, 5, 61, 1, 2, 0, 2, 8),
+]
+
+
+@requires("triton")
+@pytest.mark.parametrize("case", SPAN_CASES, ids=str)
+def test_triton_spans_match_the_oracle(case):
+    check_against_oracle("triton", case, torch.float32)
+
+
+@requires("triton")
+@pytest.mark.parametrize("n_prefix, grid_rows, poisoned, clean_queries, clean_keys", [
+    (0, 5, (0, 4), (2, 3), (2,)),   # blocks fit in rows: the row above the band, the row after the block
+    (1, 4, (0,), (3,), (3,)),       # blocks straddle rows; the prefix's tile also holds row 0's keys
+])
+def test_triton_reads_no_row_outside_a_blocks_reach(n_prefix, grid_rows, poisoned, clean_queries, clean_keys):
+    """With rows = 1 on a 64-wide grid, the queries of clean_queries' rows and the keys of
+    clean_keys' rows depend on no poisoned row, and (64 being a multiple of every block size, or
+    the rows two apart) no block of theirs may read one. The poisoned rows of q, k, v and of the
+    output gradient are NaN, and so is every element of the buffers around the views (past T, past
+    Dh): a read of any of them would reach those results through 0 * NaN."""
+    dev = device_of("triton")
+    width, rows, left, right, d = 64, 1, 1, 2, 16
+    t = n_prefix + grid_rows * width
+    q, k, v = make(1, 2, 1, t, d, torch.float32, seed=3)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    refs = [x.double().requires_grad_() for x in (q, k, v)]
+    want = oracle(*refs, rule_mask(t, width, rows, left, right, n_prefix), d ** -0.5)
+    want.backward(grad.double())
+
+    def positions(grid_row_numbers):
+        return torch.cat([torch.arange(width) + n_prefix + i * width for i in grid_row_numbers])
+
+    def poisoned_copy(x):
+        buf = torch.full((*x.shape[:2], t + 5, d + 3), float("nan"), device=dev)
+        buf[:, :, :t, :d] = x.to(dev)
+        buf[:, :, positions(poisoned)] = float("nan")
+        return buf[:, :, :t, :d]
+
+    leaves = [poisoned_copy(x).requires_grad_() for x in (q, k, v)]
+    out = fastvq.raster_window_attention(*leaves, width=width, rows=rows, left=left, right=right,
+                                         n_prefix=n_prefix, backend="triton")
+    out.backward(poisoned_copy(grad))
+    assert out[:, :, positions(poisoned)].isnan().all()  # the poison is there: a row sees itself
+    at_q, at_k = positions(clean_queries), positions(clean_keys)
+    assert_close(out[:, :, at_q].cpu(), want[:, :, at_q], dtype=torch.float32, atol=2e-5, rtol=2e-5)
+    for name, leaf, ref in zip("qkv", leaves, refs):
+        at = at_q if name == "q" else at_k
+        assert_close(leaf.grad[:, :, at].cpu(), ref.grad[:, :, at], dtype=torch.float32, atol=8e-5, rtol=8e-5,
+                     msg=f"d{name}")
 
 
 def test_non_contiguous_inputs_and_a_long_grid_in_chunks():

@@ -139,9 +139,21 @@ class RasterKernels(NamedTuple):
     decode: Callable
 
 
-# cpp (csrc/raster_window.cpp) and triton (kernels/raster_window.py) register here when they exist.
+def _triton(name: str) -> Callable:
+    """fastvq.kernels.raster_window.<name>, imported at the first call (triton is optional)."""
+    def run(*args):
+        from fastvq.kernels import raster_window
+
+        return getattr(raster_window, name)(*args)
+    return run
+
+
+# cpp (csrc/raster_window.cpp) registers here when it exists.
 KERNELS = {"torch": RasterKernels(raster_window_attention_reference, raster_window_attention_backward_reference,
-                                  raster_window_decode_reference)}
+                                  raster_window_decode_reference),
+           # no Triton decode kernel yet: the reference (plain torch, runs on CUDA tensors) serves it
+           "triton": RasterKernels(_triton("attention_forward"), _triton("attention_backward"),
+                                   raster_window_decode_reference)}
 
 
 def _backend_for(op: str, backend: str | None, device: torch.device) -> str:
