@@ -84,7 +84,7 @@ fi
 # The comparisons, most telling first, each with a weight: its share of the time left is weight /
 # (sum of the weights still to run), so what one leaves unused goes to the next. Any other
 # compare_<op>.py runs last with weight 1.
-ORDER=(quantize:3 window_attention:4 sampling:2 decode_linear:1)
+ORDER=(quantize:3 window_attention:4 raster_window:2 sampling:2 decode_linear:1)
 for script in benchmarks/compare_*.py; do
     op=$(basename "$script" .py); op=${op#compare_}
     [[ " ${ORDER[*]} " == *" $op:"* ]] || ORDER+=("$op:1")

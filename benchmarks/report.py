@@ -2,7 +2,8 @@
 
 Reads benchmarks/results/*.json written by the compare_<op>.py scripts, draws <file>.png beside each
 (quantize: time vs D, one panel per suite and K; window attention: time vs T, one panel per suite and
-W; sampling: tokens/s per length and batch, and the rope model's memory vs length; decode_linear:
+W; raster window: time vs T per suite and the decode tokens/s, the op's goals under its table;
+sampling: tokens/s per length and batch, and the rope model's memory vs length; decode_linear:
 weight bandwidth per batch), and rewrites the README between <!-- bench:<op>:start --> and
 <!-- bench:<op>:end --> with one section per device (CPU first). An op without markers, quick and
 dry-run results, and --print get the tables printed instead.
@@ -20,15 +21,19 @@ from pathlib import Path
 
 from common import MIB, REPO, RESULTS_DIR, git, load_average
 
-KINDS = ("quantize", "window_attention", "sampling", "decode_linear")  # a file's "benchmark"; its README marker
-FASTVQ = ("fastvq", "fastvq_cpp", "fastvq_triton")  # the implementations under test; the rest are anchors
-SHORT = {"fastvq_cpp": "fastvq", "fastvq_triton": "fastvq", "fastvq": "fastvq", "faiss": "faiss", "matmul": "matmul",
-         "torch_reference": "torch ref", "taming": "taming", "vqp": "vq-pytorch", "flex": "flex",
-         "sdpa_mask": "SDPA mask", "sdpa_causal": "SDPA causal", "taming_past": "taming past",
-         "taming_uncached": "taming uncached", "fastvq_kernel": "fastvq kernel", "torch_linear": "F.linear"}
+# a file's "benchmark"; its README marker
+KINDS = ("quantize", "window_attention", "raster_window", "sampling", "decode_linear")
+# the implementations under test (fastvq_torch: an op whose auto backend fell back to its torch reference)
+FASTVQ = ("fastvq", "fastvq_cpp", "fastvq_triton", "fastvq_torch")
+SHORT = {"fastvq_cpp": "fastvq", "fastvq_triton": "fastvq", "fastvq_torch": "fastvq", "fastvq": "fastvq",
+         "faiss": "faiss", "matmul": "matmul", "torch_reference": "torch ref", "taming": "taming", "vqp": "vq-pytorch",
+         "flex": "flex", "sdpa_mask": "SDPA mask", "sdpa_causal": "SDPA causal", "taming_past": "taming past",
+         "taming_uncached": "taming uncached", "fastvq_kernel": "fastvq kernel", "torch_linear": "F.linear",
+         "sliding_window": "1-D window", "wavefront": "wavefront", "sequential": "sequential"}
 COLORS = {"fastvq_cpp": "C0", "fastvq_triton": "C0", "fastvq": "C0", "fastvq_rope": "C0", "faiss": "C1", "matmul": "C2",
           "torch_reference": "C3", "taming": "C1", "vqp": "C2", "flex": "C1", "sdpa_mask": "C2", "sdpa_causal": "C4",
-          "taming_past": "C1", "taming_uncached": "C3", "fastvq_kernel": "C5", "torch_linear": "C2"}
+          "taming_past": "C1", "taming_uncached": "C3", "fastvq_kernel": "C5", "torch_linear": "C2",
+          "fastvq_torch": "C0", "sliding_window": "C5", "wavefront": "C0", "sequential": "C3"}
 
 
 # ----------------------------------------------------------------------------- shared
@@ -402,6 +407,171 @@ def wa_plot(doc: dict, out: Path) -> Path | None:
     return save(fig, plt, out, plot_title("sliding-window attention", doc))
 
 
+# ----------------------------------------------------------------------------- raster-window attention
+
+RW_SUITES = {"forward": "raster-window attention, forward (inference)",
+             "forward_backward": "raster-window attention, forward + backward (training step)"}
+RW_GOALS = {"flex_forward": 1.5, "sdpa_mask_fb_grid": 64, "sdpa_mask_fb": 10.0, "scaling": 4.5, "wavefront": 3.0}
+
+
+def rw_times(doc: dict) -> dict:
+    """(suite, impl, grid height) -> median seconds of the attention cases that ran."""
+    return {(r["suite"], r["impl"], r["height"]): r["median_s"] for r in doc["results"]
+            if r["suite"] in RW_SUITES and ok(r)}
+
+
+def rw_ours(doc: dict) -> str | None:
+    return next((r["impl"] for r in doc["results"] if r["impl"] in FASTVQ), None)
+
+
+def verdict(values: list[float], good) -> str:
+    if not values:
+        return "not measured"
+    return "met" if all(good(v) for v in values) else "not met"
+
+
+def rw_goals(doc: dict) -> list[str]:
+    """The op's goals, each with the figures of this file and whether they are met."""
+    times, ours = rw_times(doc), rw_ours(doc)
+    grids = sorted({g for _, _, g in times})
+    lines = []
+
+    def vs(anchor: str, suite: str, g: int) -> float | None:
+        mine, theirs = times.get((suite, ours, g)), times.get((suite, anchor, g))
+        return theirs / mine if mine and theirs else None
+
+    flex = {g: vs("flex", "forward", g) for g in grids}
+    flex = {g: x for g, x in flex.items() if x is not None}
+    lines.append(f"- forward ≥ {RW_GOALS['flex_forward']}× compiled FlexAttention: "
+                 + (", ".join(f"{g}×{g} {x:.2f}×" for g, x in flex.items()) or "–")
+                 + f" ({verdict(list(flex.values()), lambda x: x >= RW_GOALS['flex_forward'])})")
+    g = RW_GOALS["sdpa_mask_fb_grid"]
+    x = vs("sdpa_mask", "forward_backward", g)
+    lines.append(f"- forward + backward ≥ {RW_GOALS['sdpa_mask_fb']:g}× SDPA-mask at {g}×{g}: "
+                 + (f"{x:.2f}×" if x else "–")
+                 + f" ({verdict([x] if x else [], lambda v: v >= RW_GOALS['sdpa_mask_fb'])})")
+    cells, ratios = [], []
+    for suite in RW_SUITES:
+        steps = [(a, b, times[(suite, ours, b)] / times[(suite, ours, a)]) for a, b in zip(grids, grids[1:])
+                 if (suite, ours, a) in times and (suite, ours, b) in times and b == 2 * a]
+        ratios += [r for _, _, r in steps]
+        if steps:
+            cells.append(f"{suite.replace('_', ' + ')} " + ", ".join(f"{a}→{b} {r:.2f}×" for a, b, r in steps))
+    lines.append(f"- 4× the tokens → ≤ {RW_GOALS['scaling']}× the time (fastvq, grid side doubled): "
+                 + ("; ".join(cells) or "–") + f" ({verdict(ratios, lambda v: v <= RW_GOALS['scaling'])})")
+    dec = {r["impl"]: r for r in doc["results"] if r["suite"] == "decode" and ok(r)}
+    if "wavefront" in dec or "sequential" in dec or any(r["suite"] == "decode" for r in doc["results"]):
+        x = (dec["wavefront"]["tokens_per_s"] / dec["sequential"]["tokens_per_s"]
+             if "wavefront" in dec and "sequential" in dec else None)
+        lines.append(f"- decode: wavefront ≥ {RW_GOALS['wavefront']:g}× the tokens/s of one token a step: "
+                     + (f"{x:.2f}×" if x else "–")
+                     + f" ({verdict([x] if x else [], lambda v: v >= RW_GOALS['wavefront'])})")
+    return lines
+
+
+def rw_decode(doc: dict) -> list[str]:
+    res = [r for r in doc["results"] if r["suite"] == "decode"]
+    if not res:
+        return []
+    dec = {r["impl"]: r for r in res if ok(r)}
+    seq = dec.get("sequential")
+    lines = ["**decode: sample_grid at batch 1, wavefront against one token a step**", "",
+             doc["method"].get("decode", "") + ".", "",
+             "| decode | grid | codes timed | steps | time for the grid | tokens/s | speedup vs sequential | mem |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for impl in ("wavefront", "sequential"):
+        r = dec.get(impl)
+        if r is None:
+            continue
+        grid = r["grid"].replace("x", "×")
+        if r.get("extrapolated"):
+            scale = r["height"] / r["rows_measured"]
+            grid += f" (first {r['rows_measured']} rows timed, time extrapolated ×{scale:g})"
+        speed = ratio(r["tokens_per_s"], seq["tokens_per_s"]) if seq and impl != "sequential" else "–"
+        lines.append(f"| {SHORT[impl]} | {grid} | {r['codes_measured']} | {r['steps']} | {fmt_time(r['grid_time_s'])} "
+                     f"| {r['tokens_per_s']:.1f} | {speed} | {fmt_mem(r)} |")
+    hashes = {r["first_rows_sha1"] for r in dec.values()}
+    if len(dec) == 2:
+        rows = next(iter(dec.values()))["compare_rows"]
+        lines += ["", f"Same codes in both orders (first {rows} rows, hashed): {'yes' if len(hashes) == 1 else 'NO'}. "
+                  f"Model: {next(iter(dec.values()))['parameters']:,} parameters."]
+    notes = [f"Not measured: {SHORT.get(r['impl'], r['impl'])}: {r.get('skipped') or 'error: ' + str(r.get('error'))}"
+             for r in res if not ok(r)]
+    return lines + ([""] + notes if notes else [])
+
+
+def rw_markdown(path: Path, doc: dict, png: Path | None) -> str:
+    device = device_of(doc)
+    parts = header(path, doc, f"; {doc['method']['shape']}")
+    parts += ["", "Times are medians of several runs after warm-up; speedup = anchor time / fastvq time (above 1: "
+              "fastvq is faster); mem = peak extra memory of one call, outputs (and gradients) included; window "
+              "rate = the FLOPs of the window's (query, key) pairs / fastvq's time. The window: "
+              f"{doc['method']['window']}. 1-D window = sliding_window_attention with the smallest 1-D window that "
+              "holds the 2-D one (W = rows·width + left + 1: more keys per query than the 2-D window). "
+              "FlexAttention's compile time is excluded. " + columns(doc)]
+    if rw_ours(doc) == "fastvq_torch":
+        parts += ["", "fastvq ran the torch reference here: auto falls back to it until the cpp kernel "
+                      "(csrc/raster_window.cpp) is registered; the goals are the kernel's."]
+    if png is not None:
+        parts += ["", f"![raster-window attention benchmark]({rel(png)})"]
+
+    def rate(row, ours):
+        r = row.get(ours)
+        return fmt_rate(r["window_tflop_per_s"] * 1e12, device) if r and "window_tflop_per_s" in r else "–"
+
+    def grid_text(key):
+        h, w, t = key
+        return f"{h}×{w} ({t})"
+
+    for suite, title in RW_SUITES.items():
+        if not any(r["suite"] == suite for r in doc["results"]):
+            continue
+        lines = comparison_table(doc, suite, lambda r: [(r["height"], r["width"], r["T"])], "grid (T)", grid_text,
+                                 [("fastvq window rate", rate)])
+        notes = not_measured(doc, suite, lambda r: r["grid"])
+        parts += ["", f"**{title}**", ""] + lines + ([""] + notes if notes else [])
+    decode = rw_decode(doc)
+    if decode:
+        parts += [""] + decode
+    parts += ["", "Goals:", ""] + rw_goals(doc)
+    return "\n".join(parts)
+
+
+def rw_plot(doc: dict, out: Path) -> Path | None:
+    plt = matplotlib_pyplot()
+    suites = [s for s in RW_SUITES if any(r["suite"] == s and ok(r) for r in doc["results"])]
+    dec = [r for r in doc["results"] if r["suite"] == "decode" and ok(r)]
+    if plt is None or not (suites or dec):
+        return None
+    panels = len(suites) + bool(dec)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    for ax, suite in zip(axes[0], suites):
+        for impl in impls_in(doc, suite):
+            pts = sorted((r["T"], r["median_s"]) for r in doc["results"]
+                         if r["suite"] == suite and r["impl"] == impl and ok(r))
+            if pts:
+                style = (dict(lw=2.5, zorder=3) if impl in FASTVQ
+                         else dict(lw=1.2, ls="--" if impl == "sliding_window" else "-"))
+                name = f"fastvq ({impl.removeprefix('fastvq_')})" if impl in FASTVQ else SHORT.get(impl, impl)
+                ax.plot(*zip(*pts), marker="o", label=name, color=COLORS.get(impl), **style)
+        log2_axis(ax, sorted({r["T"] for r in doc["results"] if r["suite"] == suite}), "T (grid tokens)")
+        ax.set_yscale("log")
+        ax.set_ylabel("median time (s)")
+        ax.set_title(suite, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if dec:
+        ax = axes[0][-1]
+        dec = sorted(dec, key=lambda r: r["impl"] != "wavefront")
+        ax.bar([SHORT[r["impl"]] + (f" (first {r['rows_measured']} rows)" if r.get("extrapolated") else "") for r in dec],
+               [r["tokens_per_s"] for r in dec], color=[COLORS[r["impl"]] for r in dec])
+        ax.set_ylabel("tokens / s")
+        ax.set_title(f"sample_grid {dec[0]['grid']}, batch 1 (higher is better)", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    return save(fig, plt, out, plot_title("raster-window attention", doc))
+
+
 # ----------------------------------------------------------------------------- sampling loop
 
 def sp_markdown(path: Path, doc: dict, png: Path | None) -> str:
@@ -525,7 +695,8 @@ def dl_plot(doc: dict, out: Path) -> Path | None:
 # ----------------------------------------------------------------------------- README
 
 WRITERS = {"quantize": (q_plot, q_markdown), "window_attention": (wa_plot, wa_markdown),
-           "sampling": (sp_plot, sp_markdown), "decode_linear": (dl_plot, dl_markdown)}
+           "raster_window": (rw_plot, rw_markdown), "sampling": (sp_plot, sp_markdown),
+           "decode_linear": (dl_plot, dl_markdown)}
 
 
 def markers(kind: str) -> tuple[str, str]:
