@@ -139,6 +139,21 @@ def _workloads() -> list[Workload]:
             out.append(Workload("window_attention", f"forward+backward {spec}", quick, fwd_bwd))
             out.append(Workload("window_attention", f"decode {name(dtype)} B={b} H={h} slots=256 Dh={hd}", quick, decode))
 
+    # raster window: a 32-wide grid with taming's window (8 rows, 8 left, 7 right) after a class token,
+    # GQA, over the rows of the block-size table.
+    from fastvq.kernels import raster_window
+    from fastvq.ops.raster_window import Geometry
+
+    geometry = Geometry(32, 8, 8, 7, 1)
+    for dtype, hd in ((bf16, 64), (f32, 128), (f16, 256), (bf16, 32)):
+        def raster(hd=hd, dtype=dtype):
+            q, k = meta(2, 8, 1025, hd, dtype=dtype), meta(2, 4, 1025, hd, dtype=dtype)
+            raster_window.attention_forward(q, k, k, geometry, hd ** -0.5)
+            raster_window.attention_backward(q, q, k, k, q, meta(2, 8, 1025), geometry, hd ** -0.5)
+
+        out.append(Workload("raster_window", f"forward+backward {name(dtype)} B=2 H=8 H_kv=4 T=1025 Dh={hd} width=32",
+                            dtype == bf16 and hd == 64, raster))
+
     # sampling: a codebook-sized row per program, and short rows sharing one; with and without CFG.
     for dtype in (f32, bf16, f16):
         for rows, vocab in ((1, 1024), (16, 128)):

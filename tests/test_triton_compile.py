@@ -33,7 +33,7 @@ def compiled() -> list[dict]:
 
 
 def test_every_op_has_kernels():
-    assert {op for op, _ in KERNELS} >= {"quantize", "window_attention", "sampling", "decode_linear"}
+    assert {op for op, _ in KERNELS} >= {"quantize", "window_attention", "sampling", "decode_linear", "raster_window"}
 
 
 @pytest.mark.parametrize("target", sorted(triton_compile.TARGETS), ids=lambda arch: f"sm_{arch}")
