@@ -8,20 +8,90 @@
   fastvq backends                     which backends work here, and why not for the others
   fastvq kmeans --out DIR             k-means codebook of image patches on nearest_code (the first demo)
 
-Errors in what the user gave (configs, paths, shapes) are one line on stderr and exit status 2
-(FASTVQ_DEBUG=1 shows the traceback instead).
+Errors in what the user gave (configs, paths, shapes, damaged checkpoints), what their machine
+refuses (a full disk, a read-only --out, no CUDA) and a missing `pipeline` extra are one line on
+stderr and exit status 2 (FASTVQ_DEBUG=1 shows the traceback instead); what can be known before
+any work (the extra, --device, --out) is checked first.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.util
 import os
 import sys
 
 from . import __version__
 from ._backend import BACKENDS, available_backends
 
-# What a user can get wrong: reported as one line, never a traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError)
+# What a user can get wrong: reported as one line, never a traceback. OSError covers what their
+# machine refuses (a full disk, a read-only or missing directory, no permission).
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
+
+# The optional dependencies of the pipeline commands (the `pipeline` extra), module: pip name.
+PIPELINE_EXTRA = {"yaml": "pyyaml", "tqdm": "tqdm", "PIL": "pillow", "matplotlib": "matplotlib",
+                  "skimage": "scikit-image"}
+PIPELINE_COMMANDS = ("demo", "train-vqgan", "train-gpt", "sample", "kmeans")
+FILE_OUTPUT_COMMANDS = ("sample",)  # --out is a file; for the other pipeline commands a directory
+
+
+def _check_extra(command: str) -> None:
+    """Refuse a pipeline command whose optional dependencies are missing, before any work."""
+    missing = [pip for module, pip in PIPELINE_EXTRA.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ValueError(f"`fastvq {command}` needs the pipeline extra, which is not installed (missing: "
+                         f"{', '.join(missing)}); install it with: pip install 'fastvq[pipeline]'")
+
+
+def _check_device(device) -> None:
+    """--device: a torch device, and CUDA only where CUDA works (torch.load's own error for a CUDA
+    map location reads like a corrupt checkpoint)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device: {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {device}: CUDA is not available ({why}, torch {torch.__version__}); "
+                             f"use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices "
+                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+
+
+def _check_before_work(args) -> None:
+    """What can be refused before a command starts: a missing extra, a device that is not there, an
+    --out that cannot be written (a file where a directory goes, /dev/null, under a file, read-only)."""
+    command = getattr(args, "command", None)
+    if command not in PIPELINE_COMMANDS:
+        return
+    _check_extra(command)
+    _check_device(getattr(args, "device", None))
+    from .pipeline.checkpoint import check_output_dir, check_output_file
+
+    if command in FILE_OUTPUT_COMMANDS:
+        check_output_file(args.out)
+    else:
+        check_output_dir(args.out)
+
+
+def _one_line(error: BaseException) -> str:
+    """The one line a user mistake (or what their machine refused) is reported as."""
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror if error.filename is None else f"{error.filename}: {error.strerror}"
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            text += " (the disk is full: free some space or write elsewhere with --out)"
+        elif error.errno == errno.EROFS:
+            text += " (a read-only file system: write elsewhere with --out)"
+        return text
+    return " ".join(str(error).split()) or type(error).__name__  # torch's messages may run over lines
 
 
 def _positive_int(text: str) -> int:
@@ -201,11 +271,18 @@ def _add_training_parsers(sub) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_before_work(args)
         return args.run(args, args.parser)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, ModuleNotFoundError) as e:
         if os.environ.get("FASTVQ_DEBUG"):  # the full traceback, for bug reports
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, ModuleNotFoundError):
+            if (e.name or "").split(".")[0] not in PIPELINE_EXTRA:
+                raise
+            message = (f"`fastvq {args.command}` needs the pipeline extra ({e.name} is missing); install it "
+                       f"with: pip install 'fastvq[pipeline]'")
+        else:
+            message = _one_line(e)
         args.parser.exit(2, f"{args.parser.prog}: error: {message}\n")
 
 

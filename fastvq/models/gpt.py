@@ -200,6 +200,17 @@ class GPT(nn.Module):
         if idx.dtype not in _INDEX_DTYPES:
             raise TypeError(f"GPT: {name} must be int64 or int32 token indices, got {idx.dtype}")
 
+    def _check_tokens(self, idx, where: str, name: str) -> None:
+        """Every token of idx in [0, vocab_size): one host sync on an accelerator (callers that must
+        not sync skip it there; the embedding lookup would then fail on the device instead)."""
+        if idx.numel() == 0:
+            return
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{where}: {name} holds token {bad}, outside the vocabulary [0, {self.vocab_size}) "
+                             f"of this model (vocab_size {self.vocab_size})")
+
     def _check_length(self, t: int, what: str) -> None:
         if not self.rope and t > self.block_size:
             raise ValueError(f"GPT: {what} {t} positions but block_size is {self.block_size} "
@@ -220,6 +231,8 @@ class GPT(nn.Module):
         """taming's forward: idx (B, T) int64; embeddings (B, T_e, n_embd) prepended to the token
         embeddings; targets (B, T_e + T) for the cross-entropy loss. Returns (logits, loss or None)."""
         self._check_idx(idx)
+        if idx.device.type == "cpu":  # on an accelerator a check would sync the host every training step
+            self._check_tokens(idx, "GPT", "idx")
         x = self.tok_emb(idx)
         if embeddings is not None:
             x = torch.cat((embeddings, x), dim=1)
@@ -249,11 +262,25 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: cache is {cache!r} but this model and batch need n_layer={expected[0]}, "
                              f"batch_size={expected[1]}, n_head={expected[2]}, head_dim={expected[3]}")
 
+    def _check_cache_dtype(self, cache, device: torch.device, where: str) -> None:
+        """The keys and values written into the cache have the model's dtype (autocast's, under autocast)."""
+        p = self.head.weight
+        dtype = p.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        if cache.k.dtype != dtype or cache.k.device != p.device:
+            raise TypeError(f"{where}: the cache is {cache.k.dtype} on {cache.k.device} but the model computes "
+                            f"{dtype} on {p.device}; make the cache with model.new_cache(batch_size) (it takes "
+                            f"the model's dtype and device) or convert the model")
+
     def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run a prefix idx (B, T) at positions 0 .. T-1 in one pass (the fused window attention)
-        and store what later steps need in cache. Returns logits (B, T, vocab_size)."""
+        and store what later steps need in cache. Returns logits (B, T, vocab_size). Tokens outside
+        [0, vocab_size) and a cache of another dtype or device than the model are refused."""
         self._check_idx(idx)
         self._check_cache(cache, idx.shape[0])
+        self._check_cache_dtype(cache, idx.device, "GPT.prefill")
+        self._check_tokens(idx, "GPT.prefill", "idx")
         if cache.slots < self.window:
             raise ValueError(f"GPT.prefill: the cache has {cache.slots} slots but later steps need at least "
                              f"window = {self.window}")
@@ -269,7 +296,8 @@ class GPT(nn.Module):
         a tensor stays on the device, no host sync), attending to the earlier positions held in
         cache, whose slots they overwrite in place. Returns logits (B, n, vocab_size). Without rope
         pos + n <= block_size (checked for an int pos, trusted for a tensor); with rope any position
-        works. Everything is checked before the cache is touched.
+        works. Everything is checked before the cache is touched; idx_new's tokens are checked to lie
+        in [0, vocab_size) on the CPU only (elsewhere that would be a host sync every step).
         """
         self._check_idx(idx_new, "idx_new")
         self._check_cache(cache, idx_new.shape[0])
@@ -280,6 +308,8 @@ class GPT(nn.Module):
         pos = check_pos("GPT.step", pos, idx_new.device)
         if not isinstance(pos, torch.Tensor):
             self._check_length(pos + n, "the step reaches")
+        if idx_new.device.type == "cpu":  # on an accelerator a check would sync the host every step
+            self._check_tokens(idx_new, "GPT.step", "idx_new")
         with torch.no_grad():
             weights = self.decode_weights()
             if cache.k.dtype != weights.head.dtype or cache.k.device != weights.head.device:
@@ -329,6 +359,7 @@ def _check_sampler_args(x, model, steps, cfg_scale) -> None:
         raise ValueError(f"sample_with_past: x must be a (B, T0) conditioning prefix with T0 >= 1, got {got}")
     if x.dtype not in _INDEX_DTYPES:
         raise TypeError(f"sample_with_past: x must be int64 or int32 token indices, got {x.dtype}")
+    model._check_tokens(x, "sample_with_past", "the prefix x")
     if cfg_scale is not None and x.shape[0] % 2:
         raise ValueError(f"sample_with_past: with cfg_scale, x stacks B conditional over B unconditional prefixes, "
                          f"so its batch must be even, got {x.shape[0]}")

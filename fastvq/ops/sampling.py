@@ -59,6 +59,9 @@ def _per_row(value, name, rows, device, *, integer, default):
                             f"got {type(value).__name__}")
         if not integer and not math.isfinite(float(value)):
             raise ValueError(f"sample_logits: {name} must be finite, got {value}")
+        if integer and not -2 ** 63 <= value < 2 ** 63:
+            raise ValueError(f"sample_logits: {name} must be an integer >= 1 that fits in int64 (a {name} at "
+                             f"least the vocabulary size keeps every token), got {value}")
         out = torch.full((rows,), value, dtype=torch.int64 if integer else torch.float32, device=device)
     return out
 

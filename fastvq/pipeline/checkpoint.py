@@ -21,9 +21,11 @@ loads the parts (resume_training), and restores the RNG states last, just before
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import secrets
+import stat
 from collections import OrderedDict
 from pathlib import Path
 
@@ -58,22 +60,106 @@ def _temporary_files(path: Path) -> list[Path]:
     return list(path.parent.glob(f".{path.name}.*.tmp"))
 
 
+def _first_non_directory(directory: Path) -> Path | None:
+    """The first existing path on the way up to `directory` (itself included) that is not a
+    directory, or None when `directory` exists as one or can be created."""
+    for candidate in (directory, *directory.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+        if candidate.is_symlink():  # a dangling link: mkdir would fail on it
+            return candidate
+    return None
+
+
+def check_output_dir(directory, what: str = "--out", *, writable: bool = True) -> Path:
+    """Refuse, before any work, an output directory that cannot be made or written: one that
+    exists as a file (or a device), one under a file, and (writable=True) one whose nearest
+    existing directory this process may not write into (permissions, a read-only file system).
+    ValueError / PermissionError naming it; nothing is created."""
+    directory = Path(directory)
+    blocker = _first_non_directory(directory)
+    if blocker == directory:
+        raise ValueError(f"{what}: {directory} exists and is not a directory; give a directory")
+    if blocker is not None:
+        raise ValueError(f"{what}: cannot create {directory}: {blocker} is not a directory")
+    if writable:
+        existing = next((p for p in (directory, *directory.parents) if p.is_dir()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"{what}: cannot write into {existing} (no permission, or a "
+                                                f"read-only file system); choose another directory")
+    return directory
+
+
+def check_output_file(path, what: str = "--out", *, writable: bool = True) -> Path:
+    """As check_output_dir, for a file written by write_atomically: absent or a regular file (then
+    replaced), never a directory or a device such as /dev/null (the rename onto the target would
+    replace the device itself)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what}: {path} is a directory; give a file name")
+    if os.path.lexists(path) and not (path.exists() and stat.S_ISREG(path.stat().st_mode)):
+        raise ValueError(f"{what}: {path} exists and is not a regular file (a device, a pipe or a dangling "
+                         f"link); give a file name")
+    blocker = _first_non_directory(path.parent)
+    if blocker is not None:
+        raise ValueError(f"{what}: cannot write {path}: {blocker} is not a directory")
+    check_output_dir(path.parent, what, writable=writable)
+    return path
+
+
+# errnos of a write that the storage refused (full, over quota, read-only, failing, file too large)
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES, errno.EPERM,
+                   getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class _WriteRecorder:
+    """A file object that remembers the OSError its writes raised: torch.save turns a failed write
+    (a full disk) into a RuntimeError about stream positions; write_atomically raises the OSError."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def write_atomically(path, write, *, text: bool = False) -> Path:
     """Call write(f) on a new temporary file beside `path`, then make it `path` atomically and
     durably (see the module docstring); returns the Path. The file is binary, or with text=True
-    text without newline translation (what the csv module expects)."""
-    path = Path(path)
+    text without newline translation (what the csv module expects).
+
+    ValueError if `path` is a directory or not a regular file (/dev/null), or lies under a file;
+    an OSError that says which file could not be written (a full disk: errno ENOSPC) if a write
+    fails, with the target untouched and the temporary removed."""
+    path = check_output_file(path, "write_atomically", writable=False)  # the write itself tells
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in _temporary_files(path):  # from writes killed before their rename
         leftover.unlink(missing_ok=True)
     # Not tempfile.mkstemp: its files are private (0600) whatever the umask, and these are not.
     temporary = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    recorder = None
     try:
-        with os.fdopen(fd, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
+                recorder = _WriteRecorder(f)
+                write(recorder)
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as e:  # the file's close flushes too: a full disk may show only there
+            failed = recorder.error if recorder is not None else None
+            if failed is None and isinstance(e, OSError) and e.errno in _STORAGE_ERRORS:
+                failed = e
+            if failed is None:
+                raise
+            raise OSError(failed.errno, f"cannot write {path}: {failed.strerror or failed}") from e
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -118,14 +204,96 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint file at {path}")
+    _check_map_location(map_location)
+    if path.stat().st_size == 0:
+        raise ValueError(f"load_checkpoint: {path} is empty (0 bytes): not a checkpoint (a copy or a save that "
+                         f"did not finish?)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by failure kind
         raise ValueError(f"load_checkpoint: {path} is not a loadable checkpoint (corrupt, truncated or not "
-                         f"weights-only): {type(e).__name__}: {_first_line(e)}") from e
+                         f"weights-only): {type(e).__name__}: {_first_line(e) or 'unexpected end of file'}") from e
     if not isinstance(state, dict):
         raise ValueError(f"load_checkpoint: {path} holds a {type(state).__name__}, expected a dict")
+    _check_entries(state, path)
     return state
+
+
+def _check_map_location(map_location) -> None:
+    """A CUDA map_location without CUDA says so (torch.load's own error reads like a corrupt file)."""
+    if isinstance(map_location, (str, torch.device)):
+        try:
+            device = torch.device(map_location)
+        except RuntimeError:
+            raise ValueError(f"load_checkpoint: map_location {map_location!r} is not a device (cpu, cuda, "
+                             f"cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"load_checkpoint: map_location is {map_location!r} but CUDA is not available "
+                             f"(torch {torch.__version__}, {torch.cuda.device_count()} CUDA devices); load on cpu")
+
+
+# What the checkpoints the pipeline writes hold, by kind: an entry missing means a damaged or
+# hand-edited file. Checked at load, so the error names the file rather than a KeyError deep down.
+_ENTRIES = {
+    "vqgan": ("config", "model"),
+    "vqgan-train": ("config", "step", "rng", "model"),
+    "gpt": ("config", "layout", "model", "vqgan"),
+    "gpt-train": ("config", "step", "rng", "model", "layout"),
+}
+_LAYOUT_KEYS = {"n_embed": 1, "h": 1, "w": 1, "size": 1, "classes": 0}  # name: minimum
+
+
+def _check_entries(state: dict, path: Path) -> None:
+    kind = state.get("kind")
+    if kind not in _ENTRIES:
+        return  # not one of the pipeline's: the caller decides what it needs
+    missing = [name for name in _ENTRIES[kind] if name not in state]
+    if missing:
+        raise ValueError(f"{path}: damaged {kind} checkpoint: no {', '.join(map(repr, missing))} entry")
+    for name in ("config", "model"):
+        if not isinstance(state[name], dict):
+            raise ValueError(f"{path}: damaged {kind} checkpoint: {name!r} is a {type(state[name]).__name__}, "
+                             f"expected a dict")
+    if kind == "gpt":
+        vqgan = state["vqgan"]
+        if not isinstance(vqgan, dict) or not isinstance(vqgan.get("config"), dict) \
+                or not isinstance(vqgan.get("model"), dict):
+            raise ValueError(f"{path}: damaged gpt checkpoint: 'vqgan' must hold the VQGAN's 'config' and 'model'")
+    if "layout" in _ENTRIES[kind]:
+        check_layout(state["layout"], f"{path}: damaged {kind} checkpoint")
+
+
+def check_layout(layout, where: str) -> dict:
+    """A GPT's code layout (n_embed codes on an h x w grid of size x size pixel crops, `classes`
+    class tokens): every count an integer >= its minimum and size a multiple of h and w."""
+    if not isinstance(layout, dict):
+        raise ValueError(f"{where}: 'layout' is a {type(layout).__name__}, expected a dict")
+    for key, minimum in _LAYOUT_KEYS.items():
+        value = layout.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{where}: layout[{key!r}] must be an integer >= {minimum}, got {value!r}")
+    if layout["size"] % layout["h"] or layout["size"] % layout["w"]:
+        raise ValueError(f"{where}: layout size {layout['size']} is not a multiple of its code grid "
+                         f"{layout['h']} x {layout['w']}")
+    return layout
+
+
+def load_weights(module: torch.nn.Module, state_dict, path, what: str = "model") -> torch.nn.Module:
+    """module.load_state_dict(state_dict), with a checkpoint whose tensors do not fit the model its
+    own config describes refused in one line naming the file and the first mismatch (torch's
+    message runs to a line per tensor)."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path}: damaged checkpoint: the {what} weights are a {type(state_dict).__name__}, "
+                         f"expected a dict")
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        problems = [line.strip().rstrip(".") for line in str(e).splitlines()[1:] if line.strip()]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        first = problems[0] if problems else _first_line(e)
+        raise ValueError(f"{path}: damaged checkpoint: the {what} weights do not fit the {type(module).__name__} "
+                         f"its config describes: {first}{more}") from None
+    return module
 
 
 def resume_path(out_dir, resume) -> Path | None:
@@ -260,7 +428,10 @@ def resume_training(path, kind: str, config: dict, parts: dict, map_location="cp
         raise ValueError(f"--resume: {path} lacks {', '.join(missing)}")
     for name, part in parts.items():
         if name in state:
-            part.load_state_dict(state[name])
+            if isinstance(part, torch.nn.Module):
+                load_weights(part, state[name], path, name)
+            else:
+                part.load_state_dict(state[name])
     return state
 
 

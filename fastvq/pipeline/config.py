@@ -114,7 +114,7 @@ class GPTTrainSection(_Section):
         self.lr = check_positive("config", "train.lr", self.lr)
         self.weight_decay = check_float("config", "train.weight_decay", self.weight_decay, 0.0)
         self.betas = _check_betas("train", self.betas)
-        self.pkeep = check_float("config", "train.pkeep", self.pkeep, 0.0, 1.0)
+        self.pkeep = check_positive("config", "train.pkeep", self.pkeep, 1.0)  # 0 would train on noise alone
         check_bool("config", "train.conditional", self.conditional)
 
 
@@ -145,8 +145,15 @@ class TrainVQGANConfig:
         if isinstance(config, cls):
             return config
         sections = _sections(config, ("model", "loss", "train"), where)
-        return cls(dict(sections["model"]), VQGANLossSection.from_dict(sections["loss"], f"{where}.loss"),
-                   VQGANTrainSection.from_dict(sections["train"], f"{where}.train"))
+        result = cls(dict(sections["model"]), VQGANLossSection.from_dict(sections["loss"], f"{where}.loss"),
+                     VQGANTrainSection.from_dict(sections["train"], f"{where}.train"))
+        from ..models.vqgan import VQGANConfig
+
+        try:  # the model section checked with the rest (beta: nan), not when the model is built
+            VQGANConfig.from_dict({**result.model, "resolution": result.train.size})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}.model: {e}") from None
+        return result
 
     def to_dict(self) -> dict:
         return {"model": dict(self.model), "loss": self.loss.to_dict(), "train": self.train.to_dict()}

@@ -225,8 +225,23 @@ def make_dataset(data: str | None, size: int, split: str, **kw) -> _RegionCrops:
         return EmbeddedImages(size, split, names=names, **kw)
     if isinstance(data, (str, Path)) and Path(data).is_dir():
         return ImageFolder(data, size, split, **kw)
-    raise ValueError(f"data must be None, 'embedded', 'embedded:NAME,NAME,...' with names from "
-                     f"{EMBEDDED_IMAGES}, or an existing directory of images; got {data!r}")
+    raise _bad_data(data)
+
+
+def _bad_data(data) -> ValueError:
+    return ValueError(f"data must be None, 'embedded', 'embedded:NAME,NAME,...' with names from "
+                      f"{EMBEDDED_IMAGES}, or an existing directory of images; got {data!r}")
+
+
+def data_source(data) -> str:
+    """The `--data` spec a run records in its checkpoints, so that a later command can use the same
+    data: "embedded" for None, "embedded:..." as given, a directory as an absolute path (the
+    next command may run elsewhere). Checked as make_dataset checks it."""
+    if data is None or data == "embedded" or (isinstance(data, str) and data.startswith("embedded:")):
+        return data or "embedded"
+    if isinstance(data, (str, Path)) and Path(data).is_dir():
+        return str(Path(data).resolve())
+    raise _bad_data(data)
 
 
 def num_classes(dataset) -> int:

@@ -14,7 +14,7 @@ import torch
 
 from ..models.gpt import GPT, sample_with_past
 from ..models.vqgan import VQGAN, VQGANConfig
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_weights
 from .config import ConfigError, TrainGPTConfig
 from .logs import save_image_grid
 
@@ -28,9 +28,9 @@ def load_prior(path, map_location="cpu") -> tuple[GPT, VQGAN, dict]:
         raise ConfigError(f"{path}: not a fastvq gpt.ckpt from train-gpt (kind {state.get('kind')!r})")
     layout = state["layout"]
     gpt = build_gpt(TrainGPTConfig.from_dict(state["config"], f"{path}: config"), layout)  # a dict in every version
-    gpt.load_state_dict(state["model"])
+    load_weights(gpt, state["model"], path, "GPT")
     vqgan = VQGAN(VQGANConfig.from_dict(state["vqgan"]["config"]))
-    vqgan.load_state_dict(state["vqgan"]["model"])
+    load_weights(vqgan, state["vqgan"]["model"], path, "VQGAN")
     return gpt.to(map_location).eval(), vqgan.to(map_location).eval(), layout
 
 

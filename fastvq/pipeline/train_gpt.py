@@ -10,7 +10,8 @@ rank 0 writes files.
 
 Written to --out: metrics.csv, loss_curves.png, last.ckpt (resume) and gpt.ckpt: the GPT, its
 configuration, the code layout and the VQGAN it was trained on (config and weights), so `fastvq
-sample` needs this one file. Batches and pkeep's corruption draw from the run's own generator,
+sample` needs this one file. Without --data the crops come from the data the VQGAN was trained on
+(vqgan.ckpt records it; a line says so), so the prior learns the codes of the user's images. Batches and pkeep's corruption draw from the run's own generator,
 dropout from torch's global one; last.ckpt holds both (every rank's) with the GPT and AdamW
 states, and --resume restores them after the start-up seeding, so a resumed run continues bit for
 bit (on a CPU) as the uninterrupted run would have (the learning rate is a function of the step).
@@ -29,9 +30,9 @@ from . import distributed
 from .checkpoint import (gather_rng_states, restore_training_rng, resume_path, resume_training, save_checkpoint,
                          seed_rng, training_state)
 from .config import GPTTrainSection, TrainGPTConfig, load_config
-from .data import make_dataset, num_classes
+from .data import data_source, make_dataset, num_classes
 from .logs import MetricsLog, plot_curves, progress
-from .train_vqgan import load_vqgan
+from .train_vqgan import load_vqgan_and_data
 
 
 @torch.no_grad()
@@ -85,13 +86,33 @@ def build_gpt(config, layout: dict) -> GPT:
 def train_gpt(config, out_dir, vqgan_path, *, data: str | None = None, resume=None, device: str | None = None,
               show_progress: bool = True, log=print) -> dict:
     """Train (or resume) the prior on the codes of the VQGAN in vqgan_path as `config` (a
-    TrainGPTConfig or load_config's dict) says; returns final metrics."""
+    TrainGPTConfig or load_config's dict) says; returns final metrics. data None: the data the
+    VQGAN was trained on, as its checkpoint records it (the embedded textures for a checkpoint
+    that predates the record); a line says which."""
     config = TrainGPTConfig.from_dict(config)
     runtime = distributed.setup(device)
     try:
         return _train(config, Path(out_dir), Path(vqgan_path), data, resume, runtime, show_progress, log)
     finally:
         distributed.teardown(runtime)
+
+
+def _default_data(data, vqgan_data: str | None, vqgan_path: Path, log) -> str:
+    """--data when given; else the VQGAN's training data (so the prior learns the codes of the
+    images the autoencoder was made for), said in a line."""
+    if data is not None:
+        return data_source(data)
+    if vqgan_data is None:
+        if log:
+            log(f"train-gpt: {vqgan_path} does not record its training data (written by an older version); "
+                f"training on the embedded textures (pass --data to choose)")
+        return "embedded"
+    if not vqgan_data.startswith("embedded") and not Path(vqgan_data).is_dir():
+        raise ValueError(f"train-gpt: {vqgan_path} was trained on {vqgan_data}, which is no longer a directory; "
+                         f"pass --data")
+    if log:
+        log(f"train-gpt: no --data given: training on the VQGAN's data, {vqgan_data} (recorded in {vqgan_path})")
+    return vqgan_data
 
 
 def _layout(vqgan, dataset, conditional: bool) -> dict:
@@ -106,7 +127,8 @@ def _train(config: TrainGPTConfig, out_dir: Path, vqgan_path: Path, data, resume
            log) -> dict:
     cfg = config.train
     dev = runtime.device
-    vqgan = load_vqgan(vqgan_path, map_location=dev)
+    vqgan, vqgan_data = load_vqgan_and_data(vqgan_path, map_location=dev)
+    data = _default_data(data, vqgan_data, vqgan_path, log if runtime.is_main else None)
     train_set = make_dataset(data, vqgan.config.resolution, "train")
     layout = _layout(vqgan, train_set, cfg.conditional)
     torch.manual_seed(cfg.seed)
@@ -170,7 +192,7 @@ def _train(config: TrainGPTConfig, out_dir: Path, vqgan_path: Path, data, resume
                 result = row
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save(out_dir, config, layout, gpt, opt, gen, done, vqgan_record, runtime)
+            _save(out_dir, config, layout, gpt, opt, gen, done, vqgan_record, runtime, data)
         bar.update(1)
     bar.close()
     if runtime.is_main:
@@ -196,16 +218,18 @@ def heldout_loss(gpt: GPT, seqs: torch.Tensor, batch_size: int = 64) -> float:
     return total / max(count, 1)
 
 
-def _save(out_dir: Path, config: TrainGPTConfig, layout, gpt, opt, gen, step, vqgan_record: dict, runtime) -> None:
+def _save(out_dir: Path, config: TrainGPTConfig, layout, gpt, opt, gen, step, vqgan_record: dict, runtime,
+          source: str) -> None:
     """last.ckpt (resume) and gpt.ckpt, written by rank 0; every rank calls it (RNG states are gathered)."""
     rng = gather_rng_states({"batches": gen})
     if not runtime.is_main:
         return
     config = config.to_dict()  # checkpoints hold plain dicts (TrainGPTConfig.from_dict reads them back)
     save_checkpoint(out_dir / "last.ckpt", training_state("gpt-train", config, step, {"model": gpt, "opt": opt},
-                                                          rng=rng, layout=layout))
+                                                          rng=rng, layout=layout, data_source=source))
     save_checkpoint(out_dir / "gpt.ckpt", {"kind": "gpt", "config": config, "layout": layout, "step": step,
-                                           "model": gpt.state_dict(), "vqgan": vqgan_record})
+                                           "model": gpt.state_dict(), "vqgan": vqgan_record,
+                                           "data_source": source})
 
 
 def config_for(spec, overrides: dict) -> dict:

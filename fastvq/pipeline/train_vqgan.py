@@ -26,10 +26,10 @@ from torch import nn
 from ..models.vqgan import VQGAN, VQGANConfig
 from ..models.vqgan_loss import VQGANLoss
 from . import distributed
-from .checkpoint import (gather_rng_states, load_checkpoint, restore_training_rng, resume_path, resume_training,
-                         save_checkpoint, seed_rng, training_state)
+from .checkpoint import (gather_rng_states, load_checkpoint, load_weights, restore_training_rng, resume_path,
+                         resume_training, save_checkpoint, seed_rng, training_state)
 from .config import ConfigError, TrainVQGANConfig, load_config
-from .data import TrainBatches, make_dataset
+from .data import TrainBatches, data_source, make_dataset
 from .logs import MetricsLog, plot_curves, progress, save_image_grid
 from .metrics import psnr
 
@@ -108,6 +108,7 @@ def train_vqgan(config, out_dir, *, data: str | None = None, resume=None, device
 def _train(config: TrainVQGANConfig, out_dir: Path, data, resume, runtime, show_progress, log) -> dict:
     train_cfg = config.train
     dev = runtime.device
+    source = data_source(data)  # recorded in the checkpoints: train-gpt's default data
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
     vqgan = build_vqgan(config).to(dev)
     loss = VQGANLoss(**config.loss.to_dict()).to(dev)
@@ -173,7 +174,7 @@ def _train(config: TrainVQGANConfig, out_dir: Path, data, resume, runtime, show_
         if runtime.is_main and (done % train_cfg.eval_every == 0 or done == steps):
             last_eval = _evaluate_and_draw(vqgan, heldout, out_dir, done, metrics)
         if done % train_cfg.ckpt_every == 0 or done == steps:
-            _save(out_dir, config, parts, done, runtime)
+            _save(out_dir, config, parts, done, runtime, source)
         bar.update(1)
     bar.close()
     # the persistent state (codebook, EMA statistics); perplexity is per batch, and rank 0's eval changed it
@@ -202,20 +203,28 @@ def _evaluate_and_draw(vqgan, heldout, out_dir: Path, step: int, metrics) -> dic
     return result
 
 
-def _save(out_dir: Path, config: TrainVQGANConfig, parts: dict, step: int, runtime) -> None:
+def _save(out_dir: Path, config: TrainVQGANConfig, parts: dict, step: int, runtime, source: str) -> None:
     """last.ckpt (resume) and vqgan.ckpt (model only), written by rank 0, both atomic; every rank
-    calls it (the RNG states of all ranks are gathered into last.ckpt)."""
+    calls it (the RNG states of all ranks are gathered into last.ckpt). Both record the training
+    data (`data_source`: the --data spec, a folder as an absolute path), train-gpt's default."""
     rng = gather_rng_states()
     if not runtime.is_main:
         return
     vqgan = parts["model"]
-    save_checkpoint(out_dir / "last.ckpt", training_state("vqgan-train", config.to_dict(), step, parts, rng=rng))
+    save_checkpoint(out_dir / "last.ckpt", training_state("vqgan-train", config.to_dict(), step, parts, rng=rng,
+                                                          data_source=source))
     save_checkpoint(out_dir / "vqgan.ckpt", {"kind": "vqgan", "config": vqgan.config.to_dict(), "step": step,
-                                             "model": vqgan.state_dict()})
+                                             "model": vqgan.state_dict(), "data_source": source})
 
 
 def load_vqgan(path, map_location="cpu") -> VQGAN:
     """A VQGAN from a vqgan.ckpt (or a train-vqgan last.ckpt) written by train-vqgan."""
+    return load_vqgan_and_data(path, map_location)[0]
+
+
+def load_vqgan_and_data(path, map_location="cpu") -> tuple[VQGAN, str | None]:
+    """(the VQGAN, the data it was trained on as a --data spec) from a vqgan.ckpt or a train-vqgan
+    last.ckpt; the data is None for checkpoints written before it was recorded."""
     state = load_checkpoint(path, map_location=map_location)
     kind = state.get("kind")
     if kind == "vqgan":
@@ -225,8 +234,9 @@ def load_vqgan(path, map_location="cpu") -> VQGAN:
     else:
         raise ConfigError(f"{path}: not a fastvq VQGAN checkpoint (kind {kind!r}); train one with train-vqgan "
                           "or load a taming checkpoint with fastvq.load_taming_vqgan")
-    model.load_state_dict(state["model"])
-    return model.to(map_location).eval()
+    load_weights(model, state["model"], path, "VQGAN")
+    source = state.get("data_source")
+    return model.to(map_location).eval(), source if isinstance(source, str) else None
 
 
 def config_for(spec, overrides: dict) -> dict:
