@@ -8,6 +8,8 @@ Install with the torch that will run it: `pip install --no-build-isolation -e .`
 """
 import glob
 import os
+import shlex
+import subprocess
 import sys
 
 from setuptools import setup
@@ -20,6 +22,16 @@ def _flag(name, default="1"):
     return os.environ.get(name, default) not in ("0", "", "false", "False")
 
 
+def _compiler_is_clang():
+    # the compiler torch.utils.cpp_extension builds with: $CXX, else c++
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run(shlex.split(cxx) + ["--version"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return False
+    return "clang" in out
+
+
 def _extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
@@ -28,9 +40,11 @@ def _extension():
         cxx.append("-march=native")
     # at::parallel_for's OpenMP backend is inline in the ATen headers: without -fopenmp here it
     # compiles to a serial loop. Linking libgomp by soname reuses the copy torch already loaded,
-    # so torch.set_num_threads governs our kernels too.
+    # so torch.set_num_threads governs our kernels too. clang's -fopenmp would bring LLVM's libomp
+    # instead, a second runtime with its own spinning threads: clang builds use csrc/parallel.h's
+    # std::thread path.
     link = []
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and not _compiler_is_clang():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     with_cuda = bool(cuda_sources) and _flag("FASTVQ_CUDA") and torch.version.cuda is not None and CUDA_HOME

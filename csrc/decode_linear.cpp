@@ -16,65 +16,23 @@
 // (converted to fp32 as they are loaded); x, the accumulation and the epilogue are fp32. Without
 // AVX-512 the same code runs on 8- or 4-lane vectors (16 registers: correct, with some spilling).
 //
-// Where it stands on the 2-core Zen 4 EPYC here (2 threads, a GPT's ~100 MB of weights swept, see
-// benchmarks/bench_decode_linear.py): M = 1 streams ~26 GB/s of the ~28 GB/s the memory gives
-// (F.linear: ~11); M = 16 needs 16 FMAs per weight and is bound by the FMA units (one 16-lane FMA
-// per cycle per core), ~15 GB/s (F.linear: ~8).
+// What bounds it: at M = 1 the bandwidth of memory (one FMA per weight streamed); at M = 16, 16
+// FMAs per weight, the FMA units. benchmarks/bench_decode_linear.py measures both against F.linear.
 #include <torch/extension.h>
-
-#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <utility>
 
-#if defined(__AVX512F__) || defined(__AVX__)
-#include <immintrin.h>
-#endif
+#include "parallel.h"
+#include "vec.h"
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int W = 16;
-#elif defined(__AVX__)
-constexpr int W = 8;
-#else
-constexpr int W = 4;
-#endif
+using namespace fastvq::vec;
 
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-typedef uint16_t vh __attribute__((vector_size(W * 2)));
-typedef uint32_t vu __attribute__((vector_size(W * 4)));
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline vf load(const at::BFloat16* p) {  // bf16 is the top half of an fp32
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  vu u = __builtin_convertvector(h, vu) << 16;
-  vf v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-
-inline vf load(const at::Half* p) {
-#if defined(__AVX512F__)
-  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__AVX__) && defined(__F16C__)
-  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-  vf v;
-  for (int i = 0; i < W; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-#endif
-}
+constexpr int W = kLanes;
 
 // Pins a loaded vector to a register. Left alone, GCC folds the loads into the FMAs as memory
 // operands and so loads every x and w vector once per FMA instead of once per tile step, which
@@ -84,70 +42,6 @@ inline vf in_register(vf v) {
   asm("" : "+v"(v));
 #endif
   return v;
-}
-
-// ---------------------------------------------------------------------------- lane sums
-// fold<h>(a, b): lanes l without bit h get a[l] + a[l + h], lanes with it b[l - h] + b[l]. Folding
-// G vectors pairwise at h = W/2, W/4, ... leaves one vector in which accumulator i's sum sits in
-// lane lane_of(i): bit b of i selects the half at level b, i.e. lane bit W/2 >> b.
-template <int h, int... l>
-constexpr vi low_mask(std::integer_sequence<int, l...>) {
-  return vi{((l & h) ? W + l - h : l)...};
-}
-template <int h, int... l>
-constexpr vi high_mask(std::integer_sequence<int, l...>) {
-  return vi{((l & h) ? W + l : l + h)...};
-}
-
-template <int h>
-inline vf fold(vf a, vf b) {
-  constexpr vi lo = low_mask<h>(std::make_integer_sequence<int, W>());
-  constexpr vi hi = high_mask<h>(std::make_integer_sequence<int, W>());
-  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
-}
-
-template <int count, int h>
-inline vf fold_all(vf* v) {
-  if constexpr (count > 1) {
-#pragma GCC unroll 16
-    for (int j = 0; j < count / 2; ++j) v[j] = fold<h>(v[2 * j], v[2 * j + 1]);
-  } else {
-    v[0] = fold<h>(v[0], v[0]);  // one vector left: finish its own lanes (each sum lands twice)
-  }
-  if constexpr (h > 1) {
-    return fold_all<(count > 1 ? count / 2 : 1), h / 2>(v);
-  } else {
-    return v[0];
-  }
-}
-
-constexpr int lane_of(int i) {
-  int lane = 0;
-  for (int b = 0; (W / 2 >> b) > 0; ++b)
-    if ((i >> b) & 1) lane |= W / 2 >> b;
-  return lane;
-}
-
-constexpr int pow2_at_least(int g) {
-  int p = 1;
-  while (p < g) p *= 2;
-  return p;
-}
-
-// s[i] = the sum of acc[i]'s lanes, i < G, in groups of up to W accumulators.
-template <int G>
-inline void lane_sums(const vf* acc, float* s) {
-  constexpr int group = std::min(pow2_at_least(G), W);
-#pragma GCC unroll 16
-  for (int g0 = 0; g0 < G; g0 += group) {
-    vf t[group];
-#pragma GCC unroll 16
-    for (int i = 0; i < group; ++i) t[i] = g0 + i < G ? acc[g0 + i] : vf{};
-    const vf r = fold_all<group, W / 2>(t);
-#pragma GCC unroll 16
-    for (int i = 0; i < group; ++i)
-      if (g0 + i < G) s[g0 + i] = r[lane_of(i)];
-  }
 }
 
 // ---------------------------------------------------------------------------- tiles
@@ -186,7 +80,7 @@ inline void tile(const float* __restrict x, const T* __restrict w, int64_t K, fl
     for (int64_t i = 0; i < per_step && pf < pf_end; ++i, pf += 64) __builtin_prefetch(pf, 0, 2);
   }
   float s[MB * NR];
-  lane_sums<MB * NR>(acc, s);
+  lane_sums<MB * NR>(acc, s);  // one shuffle tree for all the sums (vec.h)
   for (; k < K; ++k)
     for (int r = 0; r < MB; ++r)
       for (int j = 0; j < NR; ++j) s[r * NR + j] += x[r * K + k] * static_cast<float>(w[j * K + k]);
@@ -236,28 +130,6 @@ void weight_block(const float* x, int64_t M, const T* w, int64_t K, int64_t rows
 
 // ---------------------------------------------------------------------------- epilogue
 
-// exp(x) for x <= ~0 (here erfc's exponent), W lanes at a time: 0 below -87, where fp32 exp
-// underflows anyway. Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, 2^n built in the exponent bits.
-inline vf exp_small(vf x) {
-  const vi tiny = !(x >= -87.0f);  // also NaN
-  x = tiny ? vf{} : x;
-  const vf y = x * 1.44269504088896341f + 0.5f;
-  vi n = __builtin_convertvector(y, vi);  // rounds toward 0: floor needs one less below 0
-  n = __builtin_convertvector(n, vf) > y ? n - 1 : n;
-  const vf nf = __builtin_convertvector(n, vf);
-  vf r = x - nf * 0.693359375f;
-  r = r + nf * 2.12194440e-4f;
-  vf p = vf{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi bits = (n + 127) << 23;
-  return tiny ? vf{} : p * (vf)bits;
-}
-
 // nn.GELU(): v * Phi(v) = 0.5 v erfc(-v / sqrt 2). erfc(z), z >= 0, from the Chebyshev fit of
 // Numerical Recipes (erfcc: relative error below 1.2e-7 for every z), so the small negative tail
 // keeps its relative accuracy; for v >= 0, erfc(-z) = 2 - erfc(z). W lanes at a time (GCC does not
@@ -275,7 +147,7 @@ inline vf gelu(vf v) {
   p = p * t + 0.37409196f;
   p = p * t + 1.00002368f;
   p = p * t - 1.26551223f;
-  const vf tail = t * exp_small(p - z * z);  // erfc(|v| / sqrt 2)
+  const vf tail = t * vexp(p - z * z);  // erfc(|v| / sqrt 2)
   return 0.5f * v * (v < 0.0f ? tail : 2.0f - tail);
 }
 

@@ -1,4 +1,4 @@
-// Register-blocked nearest-code search: the torch-free core of csrc/quantize.cpp.
+// Register-blocked nearest-code search on raw pointers: the core of csrc/quantize.cpp.
 //
 // Rows of x sit in SIMD lanes and codes are broadcast, so each lane owns one row: the running
 // (min, argmin) over codes is a lane-wise compare-and-blend that stays in registers for a whole
@@ -8,29 +8,29 @@
 
 #include <cstdint>
 #include <limits>
-#include <utility>
 
 #if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE__)
 #include <immintrin.h>
 #endif
 
+#include "vec.h"
+
 namespace fastvq {
 namespace nearest {
+
+using vec::vf;
+using vec::vi;
+constexpr int W = vec::kLanes;
 
 // A tile is RV vectors of W rows times NR codes. The RV * NR accumulators and the RV x vectors
 // must fit the register file (32 zmm with AVX-512, 16 ymm/xmm otherwise) or they spill and the
 // kernel runs at L1 speed instead of FMA speed.
 #if defined(__AVX512F__)
-constexpr int W = 16, RV = 2, NR = 14;
-#elif defined(__AVX__)
-constexpr int W = 8, RV = 1, NR = 12;
+constexpr int RV = 2, NR = 14;
 #else
-constexpr int W = 4, RV = 1, NR = 12;
+constexpr int RV = 1, NR = 12;
 #endif
 constexpr int MR = W * RV;  // rows per panel
-
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
 
 // Packed codebook: group g of NR codes is [D][NR] floats, column j holding code j of the group,
 // followed by one coefficient per code. L2 stores -2c (exact) and ||c||^2, so the score
@@ -44,25 +44,14 @@ inline int64_t group_stride(int64_t D) { return (D + 1) * NR; }
 // Transpose of a W x W block in registers: log2(W) rounds of two-input shuffles, each swapping the
 // off-diagonal h x h sub-blocks. Packing x this way instead of element by element keeps the
 // packing of a large-D x at memory speed.
-template <int h, int... l>
-constexpr vi low_half_mask(std::integer_sequence<int, l...>) {
-  return vi{((l & h) ? W + l - h : l)...};
-}
-template <int h, int... l>
-constexpr vi high_half_mask(std::integer_sequence<int, l...>) {
-  return vi{((l & h) ? W + l : l + h)...};
-}
-
 template <int h>
 inline void swap_blocks(vf* v) {
-  constexpr vi lo = low_half_mask<h>(std::make_integer_sequence<int, W>());
-  constexpr vi hi = high_half_mask<h>(std::make_integer_sequence<int, W>());
 #pragma GCC unroll 16
   for (int i = 0; i < W; ++i)
     if (!(i & h)) {
       const vf a = v[i], b = v[i + h];
-      v[i] = __builtin_shuffle(a, b, lo);
-      v[i + h] = __builtin_shuffle(a, b, hi);
+      v[i] = vec::blocks_low<h>(a, b);
+      v[i + h] = vec::blocks_high<h>(a, b);
     }
   if constexpr (h > 1) swap_blocks<h / 2>(v);
 }

@@ -1,15 +1,14 @@
 // sample_logits on CPU: guidance, temperature, top-k, top-p and the inverse-CDF draw, one row at a time.
 //
-// The semantics are fastvq/ops/sampling.py's. Rows are spread over threads with at::parallel_for;
-// each thread keeps three row-sized buffers (logits as fp32, their order keys, the weights).
+// The semantics are fastvq/ops/sampling.py's. Rows are spread over threads (parallel.h); each
+// thread keeps three row-sized buffers (logits as fp32, their order keys, the weights).
 // Nothing is sorted: thresholds come from a radix select over 32-bit keys whose unsigned order is
 // the float order, a digit of 8 to 12 bits per pass, counting tokens for top-k and summing
 // weights (in double) for top-p. A pass after the first touches only the keys whose higher digits
 // match the prefix chosen so far, so the result is an exact key of the row and every token tied
-// with it is kept. The weights exp((x - max) / t) come from a polynomial exp the compiler
-// vectorises (glibc's expf does not), accurate to a few ulp.
+// with it is kept. The weights exp((x - max) / t) come from vec.h's vector exp (glibc's expf
+// does not vectorise).
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,34 +18,18 @@
 #include <utility>
 #include <vector>
 
+#include "parallel.h"
+#include "vec.h"
+
 namespace {
+
+using namespace fastvq::vec;
 
 inline uint32_t ordered_key(float x) {
   if (x == 0.0f) x = 0.0f;  // -0 and +0 are the same logit
   uint32_t b;
   std::memcpy(&b, &x, sizeof b);
   return (b >> 31) ? ~b : (b | 0x80000000u);
-}
-
-// exp(x) for x <= 0 (here x = (logit - max) / t); 0 below -87, where fp32 exp underflows anyway,
-// so masked tokens (-inf) get weight exactly 0. Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2.
-inline float exp_nonpositive(float x) {
-  const bool tiny = !(x >= -87.0f);  // also catches NaN from -inf - -inf
-  x = tiny ? 0.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return tiny ? 0.0f : p * scale;
 }
 
 // Radix digits, most significant first. Long rows start with 12 bits (sign, exponent and 3
@@ -117,9 +100,11 @@ void sample_rows(const T* logits, int64_t stride, int64_t rows, int64_t V, bool 
                  int64_t* out) {
   // A task of at least ~64K logits: waking a second thread for less costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / V);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(V), w(V);
-    std::vector<uint32_t> keys(V);
+  // the row buffers are padded to whole vectors; the padding is computed on and never read
+  const int64_t Vp = (V + kLanes - 1) / kLanes * kLanes;
+  fastvq::parallel_ranges(rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(Vp), w(Vp);
+    std::vector<uint32_t> keys(Vp);
     std::vector<std::pair<uint32_t, float>> scratch;
     scratch.reserve(V);
     std::vector<double> hist(kMaxBins);
@@ -150,9 +135,11 @@ void sample_rows(const T* logits, int64_t stride, int64_t rows, int64_t V, bool 
       for (int64_t i = 0; i < V; ++i) keys[i] = ordered_key(x[i]);
       const uint32_t thr_k = top_k[row] < V ? radix_select(keys.data(), nullptr, V, static_cast<double>(top_k[row]), scratch, hist, count) : 0u;
       double total = 0.0;
-      for (int64_t i = 0; i < V; ++i) {
-        const float e = exp_nonpositive((x[i] - m) * inv_t);
-        w[i] = keys[i] >= thr_k ? e : 0.0f;
+      for (int64_t i = 0; i < V; i += kLanes) {
+        const vf e = vexp((load(&x[i]) - m) * inv_t);
+        // NaN (from -inf - -inf, or +inf - +inf) gets weight 0, like a masked token
+        const vi keep = (load(&keys[i]) >= thr_k) & (e == e);
+        store(&w[i], keep ? e : vf{});
       }
       uint32_t thr = thr_k;
       const float p = top_p[row];
