@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastvq
-from fastvq.ops.raster_window import KERNELS, raster_window_visible
+from fastvq.ops.raster_window import KERNELS, Geometry, raster_window_decode_reference, raster_window_visible, ring_visible
 from helpers import assert_close, backend_params, device_of, interpreted, requires
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -96,7 +96,7 @@ def test_forward_and_backward_match_the_oracle(backend, dtype):
         check_against_oracle(backend, case, dtype)
 
 
-# ----------------------------------------------------------------------------- triton: the block walk
+# ----------------------------------------------------------------------------- the kernels' block walk
 
 # Cases for the kernels' spans (interpreter blocks are 16 positions), in fp32: the CASES the
 # interpreted run above leaves out (width 33 with a prefix, a window wider than the grid,
@@ -107,26 +107,39 @@ SPAN_CASES = CASES[3:] + [
     (1, 1, 1, 6, 0, 1, 1, 1, 5, 8),
     (1, 2, 2, 5, 61, 1, 2, 0, 2, 8),
 ]
+# The cpp kernel's structure (query blocks of 64 from the prefix and from the grid's start, key
+# tiles of at most 128, the backward's runs of query blocks with their overflow rows): rows of two
+# blocks and a row-straddling one with a prefix of two blocks and several runs (GQA), spans split
+# into tiles (left + right > 128), a 3-wide grid whose blocks hold 21 rows, a block per row at
+# head_dim 64.
+CPP_SPAN_CASES = [
+    (1, 2, 1, 130, 657, 2, 3, 2, 70, 16),
+    (1, 1, 1, 300, 900, 1, 200, 150, 0, 8),
+    (1, 2, 2, 3, 200, 5, 1, 1, 0, 8),
+    (1, 2, 2, 64, 384, 2, 8, 8, 0, 64),
+]
 
 
-@requires("triton")
-@pytest.mark.parametrize("case", SPAN_CASES, ids=str)
-def test_triton_spans_match_the_oracle(case):
-    check_against_oracle("triton", case, torch.float32)
+@pytest.mark.parametrize("backend, case", [
+    pytest.param(b.values[0], case, marks=b.marks, id=f"{b.id}-{case}") for b in backend_params(("cpp", "triton"))
+    for case in SPAN_CASES + (CPP_SPAN_CASES if b.id == "cpp" else [])])
+def test_kernel_spans_match_the_oracle(backend, case):
+    check_against_oracle(backend, case, torch.float32)
 
 
-@requires("triton")
+@pytest.mark.parametrize("backend", backend_params(("cpp", "triton")))
 @pytest.mark.parametrize("n_prefix, grid_rows, poisoned, clean_queries, clean_keys", [
     (0, 5, (0, 4), (2, 3), (2,)),   # blocks fit in rows: the row above the band, the row after the block
-    (1, 4, (0,), (3,), (3,)),       # blocks straddle rows; the prefix's tile also holds row 0's keys
+    (1, 4, (0,), (3,), (3,)),       # blocks straddle rows (triton); the prefix's tile also holds row 0's keys
 ])
-def test_triton_reads_no_row_outside_a_blocks_reach(n_prefix, grid_rows, poisoned, clean_queries, clean_keys):
+def test_kernel_reads_no_row_outside_a_blocks_reach(backend, n_prefix, grid_rows, poisoned, clean_queries,
+                                                    clean_keys):
     """With rows = 1 on a 64-wide grid, the queries of clean_queries' rows and the keys of
     clean_keys' rows depend on no poisoned row, and (64 being a multiple of every block size, or
     the rows two apart) no block of theirs may read one. The poisoned rows of q, k, v and of the
     output gradient are NaN, and so is every element of the buffers around the views (past T, past
     Dh): a read of any of them would reach those results through 0 * NaN."""
-    dev = device_of("triton")
+    dev = device_of(backend)
     width, rows, left, right, d = 64, 1, 1, 2, 16
     t = n_prefix + grid_rows * width
     q, k, v = make(1, 2, 1, t, d, torch.float32, seed=3)
@@ -146,7 +159,7 @@ def test_triton_reads_no_row_outside_a_blocks_reach(n_prefix, grid_rows, poisone
 
     leaves = [poisoned_copy(x).requires_grad_() for x in (q, k, v)]
     out = fastvq.raster_window_attention(*leaves, width=width, rows=rows, left=left, right=right,
-                                         n_prefix=n_prefix, backend="triton")
+                                         n_prefix=n_prefix, backend=backend)
     out.backward(poisoned_copy(grad))
     assert out[:, :, positions(poisoned)].isnan().all()  # the poison is there: a row sees itself
     at_q, at_k = positions(clean_queries), positions(clean_keys)
@@ -155,6 +168,50 @@ def test_triton_reads_no_row_outside_a_blocks_reach(n_prefix, grid_rows, poisone
         at = at_q if name == "q" else at_k
         assert_close(leaf.grad[:, :, at].cpu(), ref.grad[:, :, at], dtype=torch.float32, atol=8e-5, rtol=8e-5,
                      msg=f"d{name}")
+
+
+# ----------------------------------------------------------------------------- decode against a ring
+
+# (B, H, H_kv, width, ring_rows, rows, left, right, n_prefix, Dh, dtype, layout, queries (i, j)): a
+# wavefront on rows 0 .. 7 (ring rows reused), first rows that see fewer rows than `rows`, both
+# grid borders, GQA, a window wider than the grid, head sizes the kernels read in whole vectors (64)
+# and ones they do not (8, 24), and a ring whose head_dim is not contiguous ("strided").
+DECODE_CASES = [
+    (2, 4, 2, 20, 5, 2, 3, 2, 1, 64, torch.float32, "contiguous", [(7, 0), (6, 3), (5, 6), (4, 19), (1, 5), (0, 0)]),
+    (1, 2, 2, 20, 4, 3, 8, 7, 2, 64, torch.float16, "contiguous", [(3, 19), (2, 0), (9, 10)]),
+    (1, 4, 1, 9, 3, 1, 2, 1, 0, 8, torch.bfloat16, "contiguous", [(5, 4), (4, 8), (0, 3)]),
+    (2, 2, 1, 3, 4, 2, 5, 5, 3, 24, torch.float32, "contiguous", [(2, 2), (1, 0), (6, 1)]),
+    (1, 2, 2, 16, 4, 2, 2, 2, 1, 32, torch.float32, "strided", [(5, 15), (4, 3), (3, 7)]),
+]
+
+
+@requires("cpp")  # (triton's decode is the dense torch reference)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[10]}-{c[11]}-Dh{c[9]}")
+def test_cpp_decode_matches_the_reference_and_reads_only_visible_slots(case):
+    """Every ring slot no query sees is NaN (a read of one would reach the outputs); the result is
+    the reference's on the clean ring."""
+    b, h, hk, width, ring_rows, rows, left, right, n_prefix, d, dtype, layout, positions = case
+    g = torch.Generator().manual_seed(width)
+    slots = n_prefix + ring_rows * width
+    q = torch.randn(b, h, len(positions), d, generator=g).to(dtype)
+    k_ring, v_ring = (torch.randn(b, hk, slots, d, generator=g).to(dtype) for _ in range(2))
+    rows_idx, cols_idx = (torch.tensor(c) for c in zip(*positions))
+    geometry = Geometry(width, rows, left, right, n_prefix)
+    want = raster_window_decode_reference(q, k_ring, v_ring, rows_idx, cols_idx, geometry, d ** -0.5)
+    seen = ring_visible(rows_idx, cols_idx, slots, geometry).any(0)
+    assert 0 < seen.sum() < slots
+
+    def poisoned(x):
+        x = x.clone()
+        x[:, :, ~seen] = float("nan")
+        if layout == "strided":  # head_dim every other element
+            x = torch.stack((x, torch.full_like(x, float("nan"))), -1).flatten(-2)[..., ::2]
+        return x
+
+    got = fastvq.raster_window_decode(q, poisoned(k_ring), poisoned(v_ring), rows_idx, cols_idx, **geometry._asdict(),
+                                      backend="cpp")
+    assert got.dtype == dtype and got.shape == q.shape
+    assert_close(got.cpu(), want, dtype=dtype)
 
 
 def test_non_contiguous_inputs_and_a_long_grid_in_chunks():

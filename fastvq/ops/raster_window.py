@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .._backend import requested_backend, resolve_backend
+from .._backend import cpp_op, requested_backend, resolve_backend
 from .._checks import check_int, check_tensor
 from .masked_attention import CHUNK, MaskRule, expand_kv, masked_attention_backward, masked_attention_forward
 from .window_attention import _check_heads, _check_scale, _check_tensors
@@ -148,9 +148,18 @@ def _triton(name: str) -> Callable:
     return run
 
 
-# cpp (csrc/raster_window.cpp) registers here when it exists.
+def _cpp(name: str) -> Callable:
+    """torch.ops.fastvq.<name> (csrc/raster_window.cpp) with the Geometry spread into its ints."""
+    def run(*args):
+        *tensors, geometry, scale = args
+        return cpp_op(name)(*tensors, *geometry, scale)
+    return run
+
+
 KERNELS = {"torch": RasterKernels(raster_window_attention_reference, raster_window_attention_backward_reference,
                                   raster_window_decode_reference),
+           "cpp": RasterKernels(_cpp("raster_window_attention_fwd"), _cpp("raster_window_attention_bwd"),
+                                _cpp("raster_window_decode")),
            # no Triton decode kernel yet: the reference (plain torch, runs on CUDA tensors) serves it
            "triton": RasterKernels(_triton("attention_forward"), _triton("attention_backward"),
                                    raster_window_decode_reference)}

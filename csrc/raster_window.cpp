@@ -1,0 +1,668 @@
+// Raster-order 2-D window attention on CPU: training forward and backward, and the decode of a
+// wavefront of new grid tokens against a ring of image rows.
+//
+// The rule (fastvq/ops/raster_window.py): after a prefix of P tokens, grid token t is (i, j) =
+// divmod(t - P, W); it sees the prefix, rows i - rows .. i - 1 at columns j - left .. j + right, and
+// its own row at columns j - left .. j. Prefix tokens are causal among themselves.
+//
+// Blocks and spans. Queries are cut into blocks of BLK consecutive positions: the prefix from 0,
+// the grid from P (so on a grid whose width is a multiple or a divisor of BLK a block holds whole
+// rows or part of one). At row offset d a block's keys lie in one flat interval,
+// [first - d W - left, last - d W + right] (own row, d = 0: up to the query itself), clipped to
+// the rows its queries can see at that offset; with the prefix that is rows + 2 spans, each at
+// most BLK + left + right long, so the work is O(T (rows (left + right + 1) + left + 1)) and no
+// key outside every query's reach is read. Inside a span query x (position q0 + x) sees key c
+// (position k0 + c) only if c - x lies in the span's band [q0 - k0 - d W - left, q0 - k0 - d W +
+// right]: the GEMMs compute only the vectors (and sum only over the rows) that band reaches
+// (gemm_band of window_attention.h), and the exact rule, restricted to row offset d, decides per
+// (query, key) inside it. Spans of neighbouring offsets overlap when the width is small; each
+// (query, key) pair belongs to exactly one offset, so each is counted once.
+//
+// Orientation: keys are the rows of the score tiles and queries their SIMD lanes (S^T = K Q^T).
+// Key and value rows are then read where they lie, whatever a span's alignment (no per-span
+// packing); only the block's queries (and output gradients) are transposed into a panel, once per
+// block. The online softmax keeps its running max and sum per query lane, in vectors.
+//
+// The forward saves lse = ln-sum-exp. The backward recomputes P from it, per (batch, kv head, run
+// of query blocks), looping over the GQA group: dQ of a block is summed in L1 over its spans and
+// written once; dK and dV rows at or after the run's first query are written directly (only this
+// run reaches them), earlier ones (the prefix and the band of rows just above the run) go to a
+// per-run overflow buffer added afterwards.
+//
+// The decode reads each new query's visible ring slots where they lie: rows + 1 runs of at most
+// left + right + 1 slots and the prefix, VL keys at a time (one accumulator per key, folded).
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "block_pool.h"
+#include "window_attention.h"
+
+namespace {
+
+using fastvq::empty_big;
+
+constexpr int NQV = BLK / VL;    // query vectors per block
+constexpr int64_t KT = 2 * BLK;  // keys per tile at most (a span longer than that is split evenly)
+constexpr int32_t kNoRow = std::numeric_limits<int32_t>::min() / 2;  // grid row of a prefix or padding lane
+constexpr int64_t kWide = int64_t{1} << 40;                          // a band reaching every pair
+
+// ----------------------------------------------------------------------------- geometry
+
+struct Geom {
+  int64_t T, P, W, rows, left, right;
+};
+
+// The window clipped to the grid (a wider window means the same), which also keeps every position
+// computation small.
+Geom make_geom(const char* op, int64_t T, int64_t width, int64_t rows, int64_t left, int64_t right,
+               int64_t n_prefix) {
+  TORCH_CHECK(width >= 1 && rows >= 0 && left >= 0 && right >= 0, op,
+              ": needs width >= 1 and rows, left, right >= 0, got width ", width, ", rows ", rows, ", left ", left,
+              ", right ", right);
+  TORCH_CHECK(n_prefix >= 0 && n_prefix <= T, op, ": n_prefix must be in [0, T = ", T, "], got ", n_prefix);
+  TORCH_CHECK(T < (int64_t{1} << 30), op, ": sequences of 2^30 positions or more are not supported, got ", T);
+  const int64_t grid_rows = (T - n_prefix + width - 1) / width;
+  return {T, n_prefix, width, std::min(rows, std::max<int64_t>(grid_rows - 1, 0)), std::min(left, width - 1),
+          std::min(right, width - 1)};
+}
+
+int64_t query_blocks(const Geom& g) { return blocks(g.P) + blocks(g.T - g.P); }
+
+// Positions [first, second) of query block b: the prefix's blocks first, then the grid's from P.
+std::pair<int64_t, int64_t> block_range(const Geom& g, int64_t b) {
+  const int64_t pb = blocks(g.P);
+  if (b < pb) return {b * BLK, std::min(g.P, (b + 1) * BLK)};
+  const int64_t s = g.P + (b - pb) * BLK;
+  return {s, std::min(g.T, s + BLK)};
+}
+
+// The order in which blocks b0 .. b1 - 1 are visited: on grids at least two blocks wide, column
+// strips of BLK queries from top to bottom (a strip's keys, rows + 1 rows of about BLK + left +
+// right, stay in L2 while the strip walks down; a whole row's K, V, dK, dV at width 128 would not),
+// else raster order. Any order is correct: forward blocks are independent and the backward's
+// ownership of dK/dV rows goes by position.
+std::vector<int64_t> block_order(const Geom& g, int64_t b0, int64_t b1) {
+  std::vector<int64_t> order(b1 - b0);
+  for (int64_t b = b0; b < b1; ++b) order[b - b0] = b;
+  const int64_t strips = g.W / BLK, pb = blocks(g.P);
+  if (strips < 2) return order;
+  auto strip = [&](int64_t b) { return b < pb ? -1 : std::min(((b - pb) * BLK) % g.W / BLK, strips - 1); };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return strip(x) < strip(y); });
+  return order;
+}
+
+// f(k0, kn, d) for every key tile of the queries [q0, q1): the prefix (d = -1), then row offsets
+// d = rows .. 0, each span clipped to the rows its queries see at that offset.
+template <typename F>
+void for_each_key_tile(const Geom& g, int64_t q0, int64_t q1, const F& f) {
+  auto tiles = [&](int64_t lo, int64_t hi, int64_t d) {
+    const int64_t n = hi - lo;
+    if (n <= 0) return;
+    const int64_t len = (n + (n + KT - 1) / KT - 1) / ((n + KT - 1) / KT);
+    for (int64_t k0 = lo; k0 < hi; k0 += len) f(k0, std::min(len, hi - k0), d);
+  };
+  if (g.P > 0) tiles(0, std::min(g.P, q1), -1);
+  if (q1 <= g.P) return;
+  const int64_t gf = std::max(q0, g.P) - g.P, gl = q1 - 1 - g.P, i_first = gf / g.W, i_last = gl / g.W;
+  for (int64_t d = std::min(g.rows, i_last); d >= 0; --d) {
+    const int64_t reach = d > 0 ? g.right : 0;
+    const int64_t lo = std::max(gf - d * g.W - g.left, std::max<int64_t>(i_first - d, 0) * g.W);
+    const int64_t hi = std::min(gl - d * g.W + reach + 1, (i_last - d + 1) * g.W);
+    tiles(g.P + lo, g.P + hi, d);
+  }
+}
+
+// Query row x of a block at q0 meets tile columns [x + lo, x + hi) of the tile at k0, offset d.
+Band tile_key_band(const Geom& g, int64_t q0, int64_t k0, int64_t d) {
+  if (d < 0) return {-kWide, kWide};
+  const int64_t shift = q0 - k0 - d * g.W;
+  return {shift - g.left, shift + (d > 0 ? g.right : 0) + 1};
+}
+
+// The same band seen from key row c: query lanes [c + lo, c + hi).
+Band transposed(Band b) { return {1 - b.hi, 1 - b.lo}; }
+
+// The vectors [vlo, vhi) of query lanes that key row c's band reaches among nq lanes.
+inline void band_vectors(int64_t c, Band qb, int64_t nq, int& vlo, int& vhi) {
+  const int64_t lo = std::max<int64_t>(0, c + qb.lo), hi = std::min<int64_t>(nq, c + qb.hi);
+  vlo = hi > lo ? static_cast<int>(lo / VL) : 0;
+  vhi = hi > lo ? static_cast<int>((hi + VL - 1) / VL) : 0;
+}
+
+// The block's queries, one lane each: position, grid row (kNoRow for prefix and padding lanes)
+// and column. Padding lanes (x >= m) have position -1: they see nothing.
+struct QueryLanes {
+  vi pos[NQV], row[NQV], col[NQV];
+};
+
+void query_lanes(const Geom& g, int64_t q0, int64_t m, QueryLanes& ql) {
+  for (int v = 0; v < NQV; ++v)
+    for (int l = 0; l < VL; ++l) {
+      const int64_t x = v * VL + l, p = q0 + x;
+      const bool grid = x < m && p >= g.P;
+      ql.pos[v][l] = x < m ? static_cast<int32_t>(p) : -1;
+      ql.row[v][l] = grid ? static_cast<int32_t>((p - g.P) / g.W) : kNoRow;
+      ql.col[v][l] = grid ? static_cast<int32_t>((p - g.P) % g.W) : 0;
+    }
+}
+
+// Which query lanes see one key of a tile at offset d: a grid key (row ki, column kj) is seen from
+// row ki + d by columns kj - right' .. kj + left; a prefix key by every query at or after it.
+struct KeyWalk {
+  int32_t pos, row, col;  // the key; row/col step along the tile
+  int32_t d, left, right, W;
+  void next() {
+    ++pos;
+    if (++col == W) col = 0, ++row;
+  }
+  template <bool PREFIX>
+  vi sees(const QueryLanes& ql, int v) const {
+    if (PREFIX) return ql.pos[v] >= pos;
+    return (ql.row[v] == row + d) & (ql.col[v] >= col - right) & (ql.col[v] <= col + left);
+  }
+};
+
+KeyWalk key_walk(const Geom& g, int64_t k0, int64_t d) {
+  const int64_t gk = std::max<int64_t>(k0 - g.P, 0);
+  return {static_cast<int32_t>(k0), static_cast<int32_t>(gk / g.W), static_cast<int32_t>(gk % g.W),
+          static_cast<int32_t>(d), static_cast<int32_t>(g.left), static_cast<int32_t>(d > 0 ? g.right : 0),
+          static_cast<int32_t>(g.W)};
+}
+
+// dst[d][x] = rows[x][d] for x < m, zero for m <= x < nq.
+void pack_queries(float* dst, const float* rows, int64_t m, int64_t nq, int64_t Dp) {
+  for (int64_t d = 0; d < Dp; ++d) {
+    float* out = dst + d * BLK;
+    for (int64_t x = 0; x < m; ++x) out[x] = rows[x * Dp + d];
+    std::fill(out + m, out + nq, 0.f);
+  }
+}
+
+// S^T[c][x] = k_c . q_x for the tile's keys, the band's vectors only.
+inline void scores_t(float* ST, const float* keys, const float* QT, int64_t kn, int64_t nq, int64_t Dp, Band qb) {
+  gemm_band<false, false>(ST, BLK, keys, Dp, 1, QT, BLK, kn, nq, Dp, qb);
+}
+
+// Walking a strip down, a block's own row is the one its spans have not met yet (the rows above
+// came with the blocks before it): ask for rows [q0 - left, q1 + right) of each tensor early, while
+// the spans of the rows above are computed (the next block's offset 1 needs the right margin).
+inline void prefetch_own_row(const Geom& g, int64_t q0, int64_t q1, int64_t Dp, std::initializer_list<const float*> rows) {
+  const int64_t lo = std::max(g.P, q0 - g.left), hi = std::min(g.T, q1 + g.right);
+  for (const float* base : rows)
+    for (int64_t key = lo; key < hi; ++key)
+      for (int64_t d = 0; d < Dp; d += 64 / sizeof(float)) __builtin_prefetch(base + key * Dp + d);
+}
+
+// ----------------------------------------------------------------------------- forward
+
+// One online-softmax step over a tile (keys as rows, queries in lanes): turns the band's scores
+// into probabilities relative to the updated max (every other entry of the block's lanes becomes
+// 0), updates (m, l) (base 2) and leaves in alpha the factor each query's output must be scaled by.
+template <bool PREFIX>
+void softmax_tile(float* ST, int64_t kn, int nqv, Band qb, KeyWalk key, const QueryLanes& ql, float c, vf* mrow,
+                  vf* lrow, vf* alpha) {
+  const int64_t nq = nqv * VL;
+  vf mx[NQV], sum[NQV], msub[NQV];
+  for (int v = 0; v < nqv; ++v) mx[v] = splat(kNegInf), sum[v] = vf{};
+  KeyWalk kw = key;
+  for (int64_t r = 0; r < kn; ++r, kw.next()) {
+    int vlo, vhi;
+    band_vectors(r, qb, nq, vlo, vhi);
+    float* s = ST + r * BLK;
+    for (int v = vlo; v < vhi; ++v) {
+      const vf x = kw.sees<PREFIX>(ql, v) ? load(s + v * VL) * c : splat(kNegInf);
+      store(s + v * VL, x);
+      mx[v] = vmax(mx[v], x);
+    }
+  }
+  for (int v = 0; v < nqv; ++v) {
+    const vf mn = vmax(mrow[v], mx[v]);
+    msub[v] = mn == splat(kNegInf) ? vf{} : mn;  // no key seen yet: p = 0, nothing to rescale
+    alpha[v] = vexp2(mrow[v] - msub[v]);
+    mrow[v] = mn;
+  }
+  for (int64_t r = 0; r < kn; ++r) {
+    int vlo, vhi;
+    band_vectors(r, qb, nq, vlo, vhi);
+    float* s = ST + r * BLK;
+    for (int v = 0; v < nqv; ++v) {
+      if (v < vlo || v >= vhi) {
+        store(s + v * VL, vf{});
+        continue;
+      }
+      const vf p = vexp2(load(s + v * VL) - msub[v]);
+      store(s + v * VL, p);
+      sum[v] += p;
+    }
+  }
+  for (int v = 0; v < nqv; ++v) lrow[v] = lrow[v] * alpha[v] + sum[v];
+}
+
+struct Forward {
+  const float *q, *k, *v;  // rows (B*H or B*Hk, T, Dp)
+  float *out, *lse;        // rows (B*H, T, Dp), (B*H, T)
+  int64_t H, group, Dp;
+  Geom g;
+  float scale;
+};
+
+struct Scratch {
+  std::vector<float> ST, dPT, QT, dOT, O;
+  explicit Scratch(int64_t Dp, bool backward)
+      : ST(KT * BLK), dPT(backward ? KT * BLK : 0), QT(Dp * BLK), dOT(backward ? Dp * BLK : 0), O(BLK * Dp) {}
+};
+
+void forward_block(const Forward& a, int64_t bh, int64_t qb, Scratch& s) {
+  const Geom& g = a.g;
+  const auto range = block_range(g, qb);
+  const int64_t q0 = range.first, q1 = range.second, m = q1 - q0, Dp = a.Dp;
+  const int nqv = static_cast<int>((m + VL - 1) / VL);
+  const int64_t nq = nqv * VL;
+  const int64_t bkv = (bh / a.H) * (a.H / a.group) + (bh % a.H) / a.group;
+  const float* krows = a.k + bkv * g.T * Dp;
+  const float* vrows = a.v + bkv * g.T * Dp;
+  const float c = a.scale * kLog2e;
+  prefetch_own_row(g, q0, q1, Dp, {krows, vrows});
+  pack_queries(s.QT.data(), a.q + (bh * g.T + q0) * Dp, m, nq, Dp);
+  QueryLanes ql;
+  query_lanes(g, q0, m, ql);
+  vf mrow[NQV], lrow[NQV], alpha[NQV];
+  for (int v = 0; v < NQV; ++v) mrow[v] = splat(kNegInf), lrow[v] = vf{};
+  float* O = s.O.data();
+  std::fill(O, O + m * Dp, 0.f);
+  for_each_key_tile(g, q0, q1, [&](int64_t k0, int64_t kn, int64_t d) {
+    const Band kb = tile_key_band(g, q0, k0, d), qbt = transposed(kb);
+    scores_t(s.ST.data(), krows + k0 * Dp, s.QT.data(), kn, nq, Dp, qbt);
+    if (d < 0)
+      softmax_tile<true>(s.ST.data(), kn, nqv, qbt, key_walk(g, k0, d), ql, c, mrow, lrow, alpha);
+    else
+      softmax_tile<false>(s.ST.data(), kn, nqv, qbt, key_walk(g, k0, d), ql, c, mrow, lrow, alpha);
+    for (int64_t x = 0; x < m; ++x) {
+      const float f = alpha[x / VL][x % VL];
+      if (f != 1.f) scale_row(O + x * Dp, Dp, f);
+    }
+    gemm_band<true, true>(O, Dp, s.ST.data(), 1, BLK, vrows + k0 * Dp, Dp, m, Dp, kn, kb);  // O += P V
+  });
+  float* out = a.out + (bh * g.T + q0) * Dp;
+  for (int64_t x = 0; x < m; ++x) {
+    const float l = lrow[x / VL][x % VL], inv = 1.f / l;
+    for (int64_t d = 0; d < Dp; d += VL) store(out + x * Dp + d, load(O + x * Dp + d) * inv);
+    a.lse[bh * g.T + q0 + x] = (mrow[x / VL][x % VL] + std::log2(l)) * kLn2;
+  }
+}
+
+// Multiply-adds of one query block, roughly: two GEMMs over its spans' bands.
+int64_t block_flops(const Geom& g, int64_t Dp) {
+  return 4 * BLK * Dp * ((g.rows + 1) * (g.left + g.right + 1 + 2 * VL) + std::min<int64_t>(g.P, BLK));
+}
+
+std::tuple<at::Tensor, at::Tensor> raster_window_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                                const at::Tensor& v, int64_t width, int64_t rows,
+                                                                int64_t left, int64_t right, int64_t n_prefix,
+                                                                double scale) {
+  const char* op = "raster_window_attention_fwd (cpp)";
+  check_attention_inputs(op, q, k, v);
+  TORCH_CHECK(k.size(2) == q.size(2), op, ": q has ", q.size(2), " positions but k has ", k.size(2));
+  const int64_t B = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), Dp = padded(D);
+  const Geom g = make_geom(op, T, width, rows, left, right, n_prefix);
+  auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {at::empty_like(q, at::MemoryFormat::Contiguous), lse};
+  const auto qr = as_rows(q, Dp), kr = as_rows(k, Dp), vr = as_rows(v, Dp);
+  auto out = empty_big({B, H, T, Dp});
+  const Forward a{qr.data_ptr<float>(), kr.data_ptr<float>(), vr.data_ptr<float>(), out.data_ptr<float>(),
+                  lse.data_ptr<float>(), H, H / Hk, Dp, g, static_cast<float>(scale)};
+  const int64_t nqb = query_blocks(g);
+  const auto order = block_order(g, 0, nqb);
+  parallel_ranges(B * H * nqb, grain_for(block_flops(g, Dp)), [&](int64_t t0, int64_t t1) {
+    Scratch s(Dp, false);
+    for (int64_t t = t0; t < t1; ++t) forward_block(a, t / nqb, order[t % nqb], s);
+  });
+  return {finish(out, D, q.scalar_type()), lse};
+}
+
+// ----------------------------------------------------------------------------- backward
+
+// The tile's P (into ST) and dS = scale P (dP - delta) (into dPT), recomputed from lse; 0 wherever
+// a query does not see a key.
+template <bool PREFIX>
+void grad_tile(float* ST, float* dPT, int64_t kn, int nqv, Band qb, KeyWalk key, const QueryLanes& ql, float c,
+               const vf* lse2, const vf* delta, float scale) {
+  const int64_t nq = nqv * VL;
+  KeyWalk kw = key;
+  for (int64_t r = 0; r < kn; ++r, kw.next()) {
+    int vlo, vhi;
+    band_vectors(r, qb, nq, vlo, vhi);
+    float* s = ST + r * BLK;
+    float* dp = dPT + r * BLK;
+    for (int v = 0; v < nqv; ++v) {
+      if (v < vlo || v >= vhi) {
+        store(s + v * VL, vf{});
+        store(dp + v * VL, vf{});
+        continue;
+      }
+      const vi ok = kw.sees<PREFIX>(ql, v);
+      const vf p = vexp2(ok ? load(s + v * VL) * c - lse2[v] : splat(kNegInf));
+      const vf ds = p * (load(dp + v * VL) - delta[v]) * scale;
+      store(s + v * VL, p);
+      store(dp + v * VL, ok ? ds : vf{});
+    }
+  }
+}
+
+struct Backward {
+  const float *q, *k, *v, *go, *out, *lse;  // rows (B*H or B*Hk, T, Dp); (B*H, T)
+  float *dq, *dk, *dv;                        // fp32 rows
+  float* overflow;                            // per (kv head, run): dK then dV rows, ov_rows each
+  int64_t H, group, Dp, run, runs, reach, ov_rows;
+  Geom g;
+  float scale;
+};
+
+// Keys a run's queries reach before its first query a_r: the prefix, then [a_r - reach, a_r).
+inline int64_t overflow_row(const Geom& g, int64_t key, int64_t a_r, int64_t reach) {
+  return key < g.P ? key : g.P + key - (a_r - reach);
+}
+
+void backward_run(const Backward& a, int64_t bkv, int64_t run, Scratch& s) {
+  const Geom& g = a.g;
+  const int64_t Dp = a.Dp, Hk = a.H / a.group, b = bkv / Hk, hk = bkv % Hk;
+  const int64_t qb0 = run * a.run, qb1 = std::min(query_blocks(g), qb0 + a.run);
+  const int64_t a_r = block_range(g, qb0).first, b_r = block_range(g, qb1 - 1).second;
+  const float* krows = a.k + bkv * g.T * Dp;
+  const float* vrows = a.v + bkv * g.T * Dp;
+  float* dk = a.dk + bkv * g.T * Dp;
+  float* dv = a.dv + bkv * g.T * Dp;
+  float* ovk = a.overflow + (bkv * a.runs + run) * 2 * a.ov_rows * Dp;
+  float* ovv = ovk + a.ov_rows * Dp;
+  // This run alone writes keys [a_r, b_r) directly; each row is zeroed where it is first reached
+  // (every key is, by its own query), while it comes into cache anyway.
+  std::vector<uint8_t> reached(b_r - a_r, 0);
+  if (a_r > 0) std::fill(ovk, ovk + 2 * a.ov_rows * Dp, 0.f);
+  const float c = a.scale * kLog2e;
+  const auto order = block_order(g, qb0, qb1);
+  for (int64_t gi = 0; gi < a.group; ++gi) {
+    const int64_t bh = b * a.H + hk * a.group + gi;
+    for (const int64_t qb : order) {
+      const auto range = block_range(g, qb);
+      const int64_t q0 = range.first, q1 = range.second, m = q1 - q0;
+      const int nqv = static_cast<int>((m + VL - 1) / VL);
+      const int64_t nq = nqv * VL;
+      const float* q = a.q + (bh * g.T + q0) * Dp;
+      const float* go = a.go + (bh * g.T + q0) * Dp;
+      const float* o = a.out + (bh * g.T + q0) * Dp;
+      prefetch_own_row(g, q0, q1, Dp, {krows, vrows, dk, dv});
+      pack_queries(s.QT.data(), q, m, nq, Dp);
+      pack_queries(s.dOT.data(), go, m, nq, Dp);
+      QueryLanes ql;
+      query_lanes(g, q0, m, ql);
+      vf lse2[NQV], delta[NQV];  // delta = rowsum(dO * O)
+      for (int v = 0; v < nqv; ++v)
+        for (int l = 0; l < VL; ++l) {
+          const int64_t x = v * VL + l;
+          vf acc{};
+          for (int64_t d = 0; x < m && d < Dp; d += VL) acc += load(go + x * Dp + d) * load(o + x * Dp + d);
+          lse2[v][l] = x < m ? a.lse[bh * g.T + q0 + x] * kLog2e : 0.f;
+          delta[v][l] = hsum(acc);
+        }
+      float* dQ = s.O.data();
+      std::fill(dQ, dQ + m * Dp, 0.f);
+      for_each_key_tile(g, q0, q1, [&](int64_t k0, int64_t kn, int64_t d) {
+        const Band kb = tile_key_band(g, q0, k0, d), qbt = transposed(kb);
+        scores_t(s.ST.data(), krows + k0 * Dp, s.QT.data(), kn, nq, Dp, qbt);
+        scores_t(s.dPT.data(), vrows + k0 * Dp, s.dOT.data(), kn, nq, Dp, qbt);  // dP^T = V dO^T
+        if (d < 0)
+          grad_tile<true>(s.ST.data(), s.dPT.data(), kn, nqv, qbt, key_walk(g, k0, d), ql, c, lse2, delta, a.scale);
+        else
+          grad_tile<false>(s.ST.data(), s.dPT.data(), kn, nqv, qbt, key_walk(g, k0, d), ql, c, lse2, delta, a.scale);
+        // dV += P^T dO and dK += dS^T Q over the tile's keys: those before a_r into the overflow
+        const int64_t split = std::clamp<int64_t>(a_r - k0, 0, kn);
+        for (int64_t key = k0 + split; key < k0 + kn; ++key)
+          if (!reached[key - a_r]) {
+            reached[key - a_r] = 1;
+            std::fill(dk + key * Dp, dk + (key + 1) * Dp, 0.f);
+            std::fill(dv + key * Dp, dv + (key + 1) * Dp, 0.f);
+          }
+        for (const auto& [c0, c1] : {std::pair<int64_t, int64_t>{0, split}, {split, kn}}) {
+          if (c1 <= c0) continue;
+          const int64_t key = k0 + c0;
+          const int64_t row = c0 < split ? overflow_row(g, key, a_r, a.reach) : key;
+          float* dvr = (c0 < split ? ovv : dv) + row * Dp;
+          float* dkr = (c0 < split ? ovk : dk) + row * Dp;
+          const Band part{qbt.lo + c0, qbt.hi + c0};
+          gemm_band<true, true>(dvr, Dp, s.ST.data() + c0 * BLK, BLK, 1, go, Dp, c1 - c0, Dp, m, part);
+          gemm_band<true, true>(dkr, Dp, s.dPT.data() + c0 * BLK, BLK, 1, q, Dp, c1 - c0, Dp, m, part);
+        }
+        gemm_band<true, true>(dQ, Dp, s.dPT.data(), 1, BLK, krows + k0 * Dp, Dp, m, Dp, kn, kb);  // dQ += dS K
+      });
+      std::memcpy(a.dq + (bh * g.T + q0) * Dp, dQ, m * Dp * sizeof(float));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> raster_window_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t width, int64_t rows, int64_t left, int64_t right, int64_t n_prefix, double scale) {
+  const char* op = "raster_window_attention_bwd (cpp)";
+  check_attention_inputs(op, q, k, v);
+  TORCH_CHECK(k.size(2) == q.size(2), op, ": q has ", q.size(2), " positions but k has ", k.size(2));
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op, ": grad_out ", grad_out.sizes(),
+              " and out ", out.sizes(), " must have q's shape ", q.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2), op,
+              ": lse must be (B, H, T) = ", q.sizes().slice(0, 3), ", got ", lse.sizes());
+  const int64_t B = q.size(0), H = q.size(1), Hk = k.size(1), T = q.size(2), D = q.size(3), Dp = padded(D);
+  const Geom g = make_geom(op, T, width, rows, left, right, n_prefix);
+  if (q.numel() == 0)
+    return {at::zeros_like(q, at::MemoryFormat::Contiguous), at::zeros_like(k, at::MemoryFormat::Contiguous),
+            at::zeros_like(v, at::MemoryFormat::Contiguous)};
+  const int64_t group = H / Hk, nqb = query_blocks(g);
+  const auto qr = as_rows(q, Dp), kr = as_rows(k, Dp), vr = as_rows(v, Dp), gr = as_rows(grad_out, Dp);
+  const auto outr = as_rows(out, Dp);
+  const auto lse32 = lse.to(at::kFloat).contiguous();
+  // Runs of query blocks: enough tasks for every thread, each run at least as long as the reach
+  // back (so its overflow rows lie in the run before it: the overflow stays O(T * Dp)).
+  const int64_t reach = g.rows * g.W + g.left;
+  const int64_t tasks_wanted = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t runs_wanted = std::max<int64_t>(1, (tasks_wanted + B * Hk - 1) / (B * Hk));
+  const int64_t run = std::max<int64_t>({1, blocks(reach) + 1, (nqb + runs_wanted - 1) / runs_wanted});
+  const int64_t runs = (nqb + run - 1) / run, ov_rows = g.P + reach;
+  auto dq = empty_big({B, H, T, Dp});
+  auto dk = empty_big({B, Hk, T, Dp});
+  auto dv = empty_big({B, Hk, T, Dp});
+  auto overflow = at::empty({runs > 1 ? B * Hk * runs * 2 * ov_rows * Dp : 0}, qr.options());
+  const Backward a{qr.data_ptr<float>(), kr.data_ptr<float>(), vr.data_ptr<float>(), gr.data_ptr<float>(),
+                   outr.data_ptr<float>(), lse32.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
+                   dv.data_ptr<float>(), overflow.data_ptr<float>(), H, group, Dp, run, runs, reach, ov_rows, g,
+                   static_cast<float>(scale)};
+  parallel_ranges(B * Hk * runs, 1, [&](int64_t t0, int64_t t1) {
+    Scratch s(Dp, true);
+    for (int64_t t = t0; t < t1; ++t) backward_run(a, t / runs, t % runs, s);
+  });
+  if (runs > 1)  // every run's prefix rows land on the same keys: the runs of one kv head in order
+    parallel_ranges(B * Hk, grain_for(runs * ov_rows * Dp), [&](int64_t t0, int64_t t1) {
+      for (int64_t bkv = t0; bkv < t1; ++bkv)
+        for (int64_t r = 1; r < runs; ++r) {
+          const int64_t a_r = block_range(g, r * run).first;
+          const float* ovk = a.overflow + (bkv * runs + r) * 2 * ov_rows * Dp;
+          const float* ovv = ovk + ov_rows * Dp;
+          auto add = [&](int64_t k0, int64_t k1) {
+            for (int64_t key = k0; key < k1; ++key) {
+              const int64_t o = overflow_row(g, key, a_r, reach) * Dp, t = (bkv * T + key) * Dp;
+              for (int64_t d = 0; d < Dp; d += VL) {
+                store(a.dk + t + d, load(a.dk + t + d) + load(ovk + o + d));
+                store(a.dv + t + d, load(a.dv + t + d) + load(ovv + o + d));
+              }
+            }
+          };
+          add(0, std::min(g.P, a_r));
+          add(std::max(g.P, a_r - reach), a_r);
+        }
+    });
+  return {finish(dq, D, q.scalar_type()), finish(dk, D, k.scalar_type()), finish(dv, D, v.scalar_type())};
+}
+
+// ----------------------------------------------------------------------------- decode
+
+constexpr int kAccVectors = 8;  // head_dim vectors summed in registers at a time
+
+// out[0..D) = softmax(c q . k_s) weighted sum of v_s over the L slots slot[0..L), for a head_dim D
+// that is a multiple of VL (keys and values contiguous along it). s: scratch for L rounded up to VL.
+template <typename T>
+void decode_row(const float* q, const T* kbase, int64_t ks, const T* vbase, int64_t vs, int64_t D,
+                const int32_t* slot, int64_t L, float c, float* s, float* out) {
+  vf mx = splat(kNegInf);
+  for (int64_t j0 = 0; j0 < L; j0 += VL) {
+    // accumulator i takes key j0 + lane_of(i), so the folded lanes come out in key order; keys
+    // past L repeat key j0 and are masked below
+    const T* kp[VL];
+#pragma GCC unroll 16
+    for (int i = 0; i < VL; ++i) {
+      const int64_t j = j0 + lane_of(i);
+      kp[i] = kbase + slot[j < L ? j : j0] * ks;
+    }
+    vf acc[VL];
+#pragma GCC unroll 16
+    for (int i = 0; i < VL; ++i) acc[i] = vf{};
+    for (int64_t d = 0; d < D; d += VL) {
+      const vf qv = load(q + d);
+#pragma GCC unroll 16
+      for (int i = 0; i < VL; ++i) acc[i] += qv * load(kp[i] + d);
+    }
+    vf sv = fold_lanes<VL>(acc) * c;
+    if (L - j0 < VL) {
+      vi lane;
+      for (int i = 0; i < VL; ++i) lane[i] = i;
+      sv = lane < static_cast<int32_t>(L - j0) ? sv : splat(kNegInf);
+    }
+    store(s + j0, sv);
+    mx = vmax(mx, sv);
+  }
+  const float m = hmax(mx);
+  vf sum{};
+  for (int64_t j0 = 0; j0 < L; j0 += VL) {
+    const vf p = vexp2(load(s + j0) - m);  // masked lanes: exactly 0
+    store(s + j0, p);
+    sum += p;
+  }
+  const vf inv = splat(1.f / hsum(sum));
+  for (int64_t d0 = 0; d0 < D; d0 += kAccVectors * VL) {
+    const int nv = static_cast<int>(std::min<int64_t>(kAccVectors, (D - d0) / VL));
+    vf o[kAccVectors];
+    for (int d = 0; d < nv; ++d) o[d] = vf{};
+    for (int64_t j = 0; j < L; ++j) {
+      const T* vr = vbase + slot[j] * vs + d0;
+      const vf p = splat(s[j]);
+      for (int d = 0; d < nv; ++d) o[d] += p * load(vr + d * VL);
+    }
+    for (int d = 0; d < nv; ++d) store(out + d0 + d * VL, o[d] * inv);
+  }
+}
+
+// The ring slots query (i, j) reads: the prefix, then image rows i - rows .. i (those that exist),
+// each a run of columns. Returns how many.
+int64_t visible_slots(const Geom& g, int64_t ring_rows, int64_t i, int64_t j, int32_t* out) {
+  int64_t n = 0;
+  for (int64_t p = 0; p < g.P; ++p) out[n++] = static_cast<int32_t>(p);
+  for (int64_t d = std::min(g.rows, i); d >= 0; --d) {
+    const int64_t base = g.P + ((i - d) % ring_rows) * g.W;
+    const int64_t hi = std::min(g.W - 1, j + (d > 0 ? g.right : 0));
+    for (int64_t col = std::max<int64_t>(0, j - g.left); col <= hi; ++col) out[n++] = static_cast<int32_t>(base + col);
+  }
+  return n;
+}
+
+at::Tensor raster_window_decode(const at::Tensor& q, const at::Tensor& k_ring, const at::Tensor& v_ring,
+                                const at::Tensor& rows_idx, const at::Tensor& cols_idx, int64_t width, int64_t rows,
+                                int64_t left, int64_t right, int64_t n_prefix, double scale) {
+  const char* op = "raster_window_decode (cpp)";
+  check_attention_inputs(op, q, k_ring, v_ring);
+  const int64_t B = q.size(0), H = q.size(1), Hk = k_ring.size(1), n = q.size(2), D = q.size(3), Dp = padded(D);
+  const int64_t slots = k_ring.size(2);
+  TORCH_CHECK(width >= 1 && rows >= 0 && left >= 0 && right >= 0 && n_prefix >= 0, op,
+              ": needs width >= 1 and rows, left, right, n_prefix >= 0");
+  TORCH_CHECK(slots >= n_prefix && (slots - n_prefix) % width == 0 && (slots - n_prefix) / width > rows, op,
+              ": the ring must hold n_prefix + ring_rows * width slots with ring_rows > rows = ", rows, ", got ", slots,
+              " slots for n_prefix ", n_prefix, ", width ", width);
+  const int64_t ring_rows = (slots - n_prefix) / width;
+  for (const auto* idx : {&rows_idx, &cols_idx})
+    TORCH_CHECK(idx->dim() == 1 && idx->size(0) == n && idx->device().is_cpu() && !idx->is_floating_point(), op,
+                ": rows_idx and cols_idx must be 1-D integer CPU tensors of one index per query (", n, ")");
+  const auto ri = rows_idx.to(at::kLong).contiguous(), ci = cols_idx.to(at::kLong).contiguous();
+  const Geom g{slots, n_prefix, width, rows, std::min(left, width - 1), std::min(right, width - 1)};
+  const int64_t max_keys = n_prefix + (rows + 1) * std::min(width, g.left + g.right + 1);
+  std::vector<int32_t> slot(std::max<int64_t>(1, n * max_keys));
+  std::vector<int64_t> count(n);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t i = ri.data_ptr<int64_t>()[t], j = ci.data_ptr<int64_t>()[t];
+    TORCH_CHECK(i >= 0 && j >= 0 && j < width, op, ": query ", t, " is at (", i, ", ", j,
+                "): rows must be >= 0 and columns in [0, width = ", width, ")");
+    count[t] = visible_slots(g, ring_rows, i, j, slot.data() + t * max_keys);
+  }
+  if (q.numel() == 0) return at::empty_like(q, at::MemoryFormat::Contiguous);
+  const auto qr = as_rows(q, Dp);
+  auto out = at::empty({B, H, n, Dp}, qr.options());
+  const int64_t group = H / Hk, scores = (max_keys + VL - 1) / VL * VL;
+  const float c = static_cast<float>(scale) * kLog2e;
+  // Direct reads need head_dim contiguous and whole vectors; anything else gathers a row's visible
+  // keys and values into fp32 rows first.
+  const bool direct = k_ring.stride(3) == 1 && v_ring.stride(3) == 1 && D % VL == 0;
+  auto run = [&](auto zero) {
+    using E = decltype(zero);
+    const E* kdata = static_cast<const E*>(k_ring.data_ptr());
+    const E* vdata = static_cast<const E*>(v_ring.data_ptr());
+    parallel_ranges(B * H * n, grain_for(4 * max_keys * Dp), [&](int64_t r0, int64_t r1) {
+      std::vector<float> s(scores), kg(direct ? 0 : max_keys * Dp), vg(direct ? 0 : max_keys * Dp);
+      std::vector<int32_t> iota(direct ? 0 : max_keys);
+      for (size_t j = 0; j < iota.size(); ++j) iota[j] = static_cast<int32_t>(j);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = r % n, h = (r / n) % H, b = r / (n * H), hk = h / group;
+        const E* kb = kdata + b * k_ring.stride(0) + hk * k_ring.stride(1);
+        const E* vb = vdata + b * v_ring.stride(0) + hk * v_ring.stride(1);
+        const float* qrow = qr.data_ptr<float>() + r * Dp;
+        float* orow = out.data_ptr<float>() + r * Dp;
+        const int32_t* sl = slot.data() + t * max_keys;
+        if (direct) {
+          decode_row<E>(qrow, kb, k_ring.stride(2), vb, v_ring.stride(2), D, sl, count[t], c, s.data(), orow);
+          continue;
+        }
+        for (int64_t j = 0; j < count[t]; ++j)
+          for (int64_t d = 0; d < Dp; ++d) {
+            kg[j * Dp + d] = d < D ? static_cast<float>(kb[sl[j] * k_ring.stride(2) + d * k_ring.stride(3)]) : 0.f;
+            vg[j * Dp + d] = d < D ? static_cast<float>(vb[sl[j] * v_ring.stride(2) + d * v_ring.stride(3)]) : 0.f;
+          }
+        decode_row<float>(qrow, kg.data(), Dp, vg.data(), Dp, Dp, iota.data(), count[t], c, s.data(), orow);
+      }
+    });
+  };
+  switch (k_ring.scalar_type()) {  // check_attention_inputs allows these three
+    case at::kHalf: run(c10::Half{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    default: run(float{});
+  }
+  return finish(out, D, q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastvq, m) {
+  m.def("raster_window_attention_fwd(Tensor q, Tensor k, Tensor v, int width, int rows, int left, int right, "
+        "int n_prefix, float scale) -> (Tensor, Tensor)");
+  m.def("raster_window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "int width, int rows, int left, int right, int n_prefix, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("raster_window_decode(Tensor q, Tensor k_ring, Tensor v_ring, Tensor rows_idx, Tensor cols_idx, int width, "
+        "int rows, int left, int right, int n_prefix, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
+  m.impl("raster_window_attention_fwd", &raster_window_attention_fwd);
+  m.impl("raster_window_attention_bwd", &raster_window_attention_bwd);
+  m.impl("raster_window_decode", &raster_window_decode);
+}
