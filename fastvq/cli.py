@@ -148,7 +148,7 @@ def _sample(args, parser) -> int:
 
     result = sample_images(args.ckpt, args.out, n=args.n, height=args.height, classes=args.classes,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           device=args.device or "cpu")
+                           zoom=args.zoom, device=args.device or "cpu")
     print(f"wrote {result['png']}: {args.n} images of {result['height']}x{result['width']} pixels, "
           f"{result['tokens_per_image']} codes each")
     return 0
@@ -260,6 +260,8 @@ def _add_training_parsers(sub) -> None:
     sample.add_argument("--top-k", type=_positive_int)
     sample.add_argument("--top-p", type=float)
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--zoom", type=_positive_int, default=1, metavar="N",
+                        help="enlarge every pixel to N x N in the PNG (nearest neighbour; default 1)")
     sample.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     sample.set_defaults(run=_sample, parser=sample)
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -73,6 +74,18 @@ def test_sample_taller_than_training_crops_through_the_ring(trained, tmp_path, c
     # two images side by side of 16 x 64 pixels (+ padding): 4x the tokens of a 16 x 16 crop
     assert height >= 64 and 2 * 16 <= width < 2 * 64
     assert "256 codes each" in capsys.readouterr().out
+
+
+def test_sample_zoom_enlarges_every_pixel(trained, tmp_path):
+    paths = {zoom: tmp_path / f"zoom{zoom}.png" for zoom in (1, 3)}
+    for zoom, png in paths.items():
+        assert main(["sample", "--ckpt", str(trained / "gpt" / "gpt.ckpt"), "--out", str(png), "-n", "2",
+                     "--zoom", str(zoom)]) == 0
+    small, big = (torch.from_numpy(np.asarray(Image.open(paths[z]))) for z in (1, 3))
+    assert small.shape[:2] == (16 + 4, 2 * 16 + 6) and big.shape[:2] == (3 * 16 + 4, 2 * 3 * 16 + 6)
+    # the zoomed first image is the plain one with every pixel repeated 3 x 3 (nearest neighbour)
+    first = small[2:18, 2:18]
+    assert torch.equal(big[2:50, 2:50], first.repeat_interleave(3, 0).repeat_interleave(3, 1))
 
 
 def test_resume_continues_where_the_last_checkpoint_stopped(trained, tmp_path):

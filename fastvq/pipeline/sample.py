@@ -4,7 +4,10 @@ Codes are drawn with fastvq.sample_with_past (prefill + KVCache ring buffer + fu
 decoded by the VQGAN. Images may be taller than the training crops: the code grid keeps the
 training width (the raster order, and so what "the token above" means, depends on it) and grows
 downwards; with a sliding window and rope the cache stays `window` slots per layer however many
-rows are sampled, so a 4x or 16x taller image costs memory like a training crop.
+rows are sampled, so a 4x or 16x taller image costs memory like a training crop. The VQGAN then
+decodes grids larger than DECODE_TILE codes a side in overlapping tiles (VQGAN.decode_tiled,
+tiles of several images per call up to DECODE_MEMORY bytes), so decoding is bounded too; smaller
+grids decode whole, exactly as before.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..models.gpt import GPT, sample_with_past
-from ..models.vqgan import VQGAN, VQGANConfig
+from ..models.vqgan import DEFAULT_TILE, VQGAN, VQGANConfig
 from .checkpoint import load_checkpoint, load_weights
 from .config import ConfigError, TrainGPTConfig
 from .logs import save_image_grid
@@ -72,6 +75,40 @@ def sample_codes(gpt: GPT, layout: dict, n: int, rows: int, *, classes=None, tem
     return codes.clamp_(max=layout["n_embed"] - 1).view(n, rows, w)  # class tokens are never drawn in practice
 
 
+DECODE_TILE = DEFAULT_TILE  # code grids with a side above this decode in tiles
+DECODE_MEMORY = 512 * 2 ** 20  # bytes of decoder activations one tiled decode call may hold
+
+
+@torch.no_grad()
+def decode_codes(vqgan: VQGAN, codes: torch.Tensor, *, tile: int = DECODE_TILE, memory: int = DECODE_MEMORY,
+                 callback=None) -> torch.Tensor:
+    """Images (n, 3, h * f, w * f) on the CPU from code grids (n, h, w).
+
+    A grid within tile x tile codes decodes whole (decode_indices, the batch at once, as before).
+    A larger one decodes in overlapping tiles (VQGAN.decode_tiled with this tile, so the images
+    do not depend on `memory`), as many tiles of as many images per call as fit in `memory`
+    bytes by the VQGAN's measured bytes per code (decode_memory_per_code), at least one: peak
+    memory stays near `memory` (or one tile, if larger) however tall and however many the samples
+    are, and calls stay large enough to keep a busy machine efficient. callback(done, total)
+    counts the tiles over all images.
+    """
+    n, h, w = codes.shape
+    if h <= tile and w <= tile:
+        return vqgan.decode_indices(codes).cpu()
+    fixed, per_code = vqgan.decode_memory_per_code()
+    per_call = max(1, int((memory - fixed) // (per_code * min(h, tile) * min(w, tile))))  # image-tiles a call
+    group = min(n, per_call)
+    starts = range(0, n, group)
+    images = []
+    for k, i in enumerate(starts):
+        progress = None if callback is None else (
+            lambda done, total, k=k, size=len(codes[i:i + group]): callback(k * group * total + size * done,
+                                                                              n * total))
+        images.append(vqgan.decode_tiled(codes[i:i + group], tile=tile, tiles_per_call=max(1, per_call // group),
+                                         callback=progress).cpu())
+    return torch.cat(images)
+
+
 def sample_images(ckpt, out_path, *, n: int = 8, height: int | None = None, classes=None, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int = 0, nrow: int | None = None,
                   zoom: int = 1, device: str = "cpu") -> dict:
@@ -86,7 +123,7 @@ def sample_images(ckpt, out_path, *, n: int = 8, height: int | None = None, clas
                           f"got {height}")
     codes = sample_codes(gpt, layout, n, height // factor, classes=classes, temperature=temperature, top_k=top_k,
                          top_p=top_p, seed=seed, device=device)
-    images = vqgan.decode_indices(codes.to(device)).clamp(-1, 1).cpu()
+    images = decode_codes(vqgan, codes.to(device)).clamp_(-1, 1)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(images, out_path, nrow=nrow or min(n, 8), zoom=zoom)
