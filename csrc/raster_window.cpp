@@ -5,12 +5,12 @@
 // divmod(t - P, W); it sees the prefix, rows i - rows .. i - 1 at columns j - left .. j + right, and
 // its own row at columns j - left .. j. Prefix tokens are causal among themselves.
 //
-// Blocks and spans. Queries are cut into blocks of BLK consecutive positions: the prefix from 0,
-// the grid from P (so on a grid whose width is a multiple or a divisor of BLK a block holds whole
+// Blocks and spans. Queries are cut into blocks of QB consecutive positions: the prefix from 0,
+// the grid from P (so on a grid whose width is a multiple or a divisor of QB a block holds whole
 // rows or part of one). At row offset d a block's keys lie in one flat interval,
 // [first - d W - left, last - d W + right] (own row, d = 0: up to the query itself), clipped to
 // the rows its queries can see at that offset; with the prefix that is rows + 2 spans, each at
-// most BLK + left + right long, so the work is O(T (rows (left + right + 1) + left + 1)) and no
+// most QB + left + right long, so the work is O(T (rows (left + right + 1) + left + 1)) and no
 // key outside every query's reach is read. Inside a span query x (position q0 + x) sees key c
 // (position k0 + c) only if c - x lies in the span's band [q0 - k0 - d W - left, q0 - k0 - d W +
 // right]: the GEMMs compute only the vectors (and sum only over the rows) that band reaches
@@ -34,6 +34,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -50,10 +51,37 @@ namespace {
 
 using fastvq::empty_big;
 
-constexpr int NQV = BLK / VL;    // query vectors per block
-constexpr int64_t KT = 2 * BLK;  // keys per tile at most (a span longer than that is split evenly)
+constexpr int64_t QB = 128;     // queries per block
+static_assert(QB % VL == 0, "blocks hold whole vectors");
+inline int64_t qblocks(int64_t t) { return (t + QB - 1) / QB; }
+constexpr int NQV = QB / VL;    // query vectors per block
+constexpr int64_t KT = 2 * QB;  // keys per tile at most (a span longer than that is split evenly)
 constexpr int32_t kNoRow = std::numeric_limits<int32_t>::min() / 2;  // grid row of a prefix or padding lane
 constexpr int64_t kWide = int64_t{1} << 40;                          // a band reaching every pair
+
+// f(task, scratch) for tasks [0, n) in one parallel region (none below about two grains of work),
+// handed out to whichever thread asks next in runs of consecutive tasks that shrink as the work
+// runs out (a share of what is left, at least min_run): a thread slowed by other work on its core
+// takes fewer tasks, where equal static shares would have every thread wait for it, while the
+// long first runs keep each thread on its own heads (its own keys in its own L2).
+// make_scratch() runs once per thread.
+template <typename MakeScratch, typename F>
+void parallel_tasks(int64_t n, int64_t grain, int64_t min_run, const MakeScratch& make_scratch, const F& f) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / grain));
+  std::atomic<int64_t> next{0};
+  parallel_ranges(threads, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    int64_t t0 = next.load(std::memory_order_relaxed), len = 0;
+    for (;;) {
+      do {
+        if (t0 >= n) return;
+        len = std::max(min_run, (n - t0) / (2 * threads));
+      } while (!next.compare_exchange_weak(t0, t0 + len, std::memory_order_relaxed));
+      for (int64_t t = t0; t < std::min(n, t0 + len); ++t) f(t, scratch);
+      t0 = next.load(std::memory_order_relaxed);
+    }
+  });
+}
 
 // ----------------------------------------------------------------------------- geometry
 
@@ -75,29 +103,14 @@ Geom make_geom(const char* op, int64_t T, int64_t width, int64_t rows, int64_t l
           std::min(right, width - 1)};
 }
 
-int64_t query_blocks(const Geom& g) { return blocks(g.P) + blocks(g.T - g.P); }
+int64_t query_blocks(const Geom& g) { return qblocks(g.P) + qblocks(g.T - g.P); }
 
 // Positions [first, second) of query block b: the prefix's blocks first, then the grid's from P.
 std::pair<int64_t, int64_t> block_range(const Geom& g, int64_t b) {
-  const int64_t pb = blocks(g.P);
-  if (b < pb) return {b * BLK, std::min(g.P, (b + 1) * BLK)};
-  const int64_t s = g.P + (b - pb) * BLK;
-  return {s, std::min(g.T, s + BLK)};
-}
-
-// The order in which blocks b0 .. b1 - 1 are visited: on grids at least two blocks wide, column
-// strips of BLK queries from top to bottom (a strip's keys, rows + 1 rows of about BLK + left +
-// right, stay in L2 while the strip walks down; a whole row's K, V, dK, dV at width 128 would not),
-// else raster order. Any order is correct: forward blocks are independent and the backward's
-// ownership of dK/dV rows goes by position.
-std::vector<int64_t> block_order(const Geom& g, int64_t b0, int64_t b1) {
-  std::vector<int64_t> order(b1 - b0);
-  for (int64_t b = b0; b < b1; ++b) order[b - b0] = b;
-  const int64_t strips = g.W / BLK, pb = blocks(g.P);
-  if (strips < 2) return order;
-  auto strip = [&](int64_t b) { return b < pb ? -1 : std::min(((b - pb) * BLK) % g.W / BLK, strips - 1); };
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return strip(x) < strip(y); });
-  return order;
+  const int64_t pb = qblocks(g.P);
+  if (b < pb) return {b * QB, std::min(g.P, (b + 1) * QB)};
+  const int64_t s = g.P + (b - pb) * QB;
+  return {s, std::min(g.T, s + QB)};
 }
 
 // f(k0, kn, d) for every key tile of the queries [q0, q1): the prefix (d = -1), then row offsets
@@ -131,11 +144,20 @@ Band tile_key_band(const Geom& g, int64_t q0, int64_t k0, int64_t d) {
 // The same band seen from key row c: query lanes [c + lo, c + hi).
 Band transposed(Band b) { return {1 - b.hi, 1 - b.lo}; }
 
-// The vectors [vlo, vhi) of query lanes that key row c's band reaches among nq lanes.
-inline void band_vectors(int64_t c, Band qb, int64_t nq, int& vlo, int& vhi) {
+// The vectors of query lanes (among nq) that key row c's band reaches, [vlo, vhi), and those the
+// band-restricted GEMMs over P or dS may read, [zlo, zhi): they take MR rows at a time, so a row
+// group reaches MR - 1 lanes past each member's band (fewer than a vector). The softmax passes
+// leave exact zeros in [zlo, zhi) outside the band and touch nothing else.
+struct BandVectors {
+  int vlo, vhi, zlo, zhi;
+};
+inline BandVectors band_vectors(int64_t c, Band qb, int64_t nq) {
   const int64_t lo = std::max<int64_t>(0, c + qb.lo), hi = std::min<int64_t>(nq, c + qb.hi);
-  vlo = hi > lo ? static_cast<int>(lo / VL) : 0;
-  vhi = hi > lo ? static_cast<int>((hi + VL - 1) / VL) : 0;
+  const int64_t zlo = std::max<int64_t>(0, c + qb.lo - (MR - 1)), zhi = std::min<int64_t>(nq, c + qb.hi + MR - 1);
+  BandVectors b{0, 0, 0, 0};
+  if (hi > lo) b.vlo = static_cast<int>(lo / VL), b.vhi = static_cast<int>((hi + VL - 1) / VL);
+  if (zhi > zlo) b.zlo = static_cast<int>(zlo / VL), b.zhi = static_cast<int>((zhi + VL - 1) / VL);
+  return b;
 }
 
 // The block's queries, one lane each: position, grid row (kNoRow for prefix and padding lanes)
@@ -178,28 +200,30 @@ KeyWalk key_walk(const Geom& g, int64_t k0, int64_t d) {
           static_cast<int32_t>(g.W)};
 }
 
-// dst[d][x] = rows[x][d] for x < m, zero for m <= x < nq.
+// dst[d][x] = rows[x][d] for x < m, zero for m <= x < nq (rows read in order: they come from
+// memory, the panel stays in L1).
 void pack_queries(float* dst, const float* rows, int64_t m, int64_t nq, int64_t Dp) {
-  for (int64_t d = 0; d < Dp; ++d) {
-    float* out = dst + d * BLK;
-    for (int64_t x = 0; x < m; ++x) out[x] = rows[x * Dp + d];
-    std::fill(out + m, out + nq, 0.f);
-  }
+  for (int64_t x = 0; x < m; ++x)
+    for (int64_t d = 0; d < Dp; ++d) dst[d * QB + x] = rows[x * Dp + d];
+  for (int64_t d = 0; m < nq && d < Dp; ++d) std::fill(dst + d * QB + m, dst + d * QB + nq, 0.f);
 }
 
 // S^T[c][x] = k_c . q_x for the tile's keys, the band's vectors only.
 inline void scores_t(float* ST, const float* keys, const float* QT, int64_t kn, int64_t nq, int64_t Dp, Band qb) {
-  gemm_band<false, false>(ST, BLK, keys, Dp, 1, QT, BLK, kn, nq, Dp, qb);
+  gemm_band<false, false>(ST, QB, keys, Dp, 1, QT, QB, kn, nq, Dp, qb);
 }
 
-// Walking a strip down, a block's own row is the one its spans have not met yet (the rows above
-// came with the blocks before it): ask for rows [q0 - left, q1 + right) of each tensor early, while
-// the spans of the rows above are computed (the next block's offset 1 needs the right margin).
-inline void prefetch_own_row(const Geom& g, int64_t q0, int64_t q1, int64_t Dp, std::initializer_list<const float*> rows) {
-  const int64_t lo = std::max(g.P, q0 - g.left), hi = std::min(g.T, q1 + g.right);
-  for (const float* base : rows)
-    for (int64_t key = lo; key < hi; ++key)
-      for (int64_t d = 0; d < Dp; d += 64 / sizeof(float)) __builtin_prefetch(base + key * Dp + d);
+// Rows [lo, hi) of each tensor into cache ahead of use: a block asks for the next block's rows
+// that are not in cache yet, its queries' rows (and output rows) and, walking a strip down, its
+// own grid row of keys, [q0 - left, q1 + right) (the rows above came with the blocks before it).
+inline void prefetch_rows(int64_t lo, int64_t hi, int64_t Dp, std::initializer_list<const float*> bases) {
+  for (const float* base : bases)
+    for (int64_t row = lo; row < hi; ++row)
+      for (int64_t d = 0; d < Dp; d += 64 / sizeof(float)) __builtin_prefetch(base + row * Dp + d);
+}
+
+inline std::pair<int64_t, int64_t> own_row_keys(const Geom& g, std::pair<int64_t, int64_t> block) {
+  return {std::max(g.P, block.first - g.left), std::min(g.T, block.second + g.right)};
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -215,10 +239,9 @@ void softmax_tile(float* ST, int64_t kn, int nqv, Band qb, KeyWalk key, const Qu
   for (int v = 0; v < nqv; ++v) mx[v] = splat(kNegInf), sum[v] = vf{};
   KeyWalk kw = key;
   for (int64_t r = 0; r < kn; ++r, kw.next()) {
-    int vlo, vhi;
-    band_vectors(r, qb, nq, vlo, vhi);
-    float* s = ST + r * BLK;
-    for (int v = vlo; v < vhi; ++v) {
+    const BandVectors bv = band_vectors(r, qb, nq);
+    float* s = ST + r * QB;
+    for (int v = bv.vlo; v < bv.vhi; ++v) {
       const vf x = kw.sees<PREFIX>(ql, v) ? load(s + v * VL) * c : splat(kNegInf);
       store(s + v * VL, x);
       mx[v] = vmax(mx[v], x);
@@ -231,11 +254,10 @@ void softmax_tile(float* ST, int64_t kn, int nqv, Band qb, KeyWalk key, const Qu
     mrow[v] = mn;
   }
   for (int64_t r = 0; r < kn; ++r) {
-    int vlo, vhi;
-    band_vectors(r, qb, nq, vlo, vhi);
-    float* s = ST + r * BLK;
-    for (int v = 0; v < nqv; ++v) {
-      if (v < vlo || v >= vhi) {
+    const BandVectors bv = band_vectors(r, qb, nq);
+    float* s = ST + r * QB;
+    for (int v = bv.zlo; v < bv.zhi; ++v) {
+      if (v < bv.vlo || v >= bv.vhi) {
         store(s + v * VL, vf{});
         continue;
       }
@@ -258,10 +280,10 @@ struct Forward {
 struct Scratch {
   std::vector<float> ST, dPT, QT, dOT, O;
   explicit Scratch(int64_t Dp, bool backward)
-      : ST(KT * BLK), dPT(backward ? KT * BLK : 0), QT(Dp * BLK), dOT(backward ? Dp * BLK : 0), O(BLK * Dp) {}
+      : ST(KT * QB), dPT(backward ? KT * QB : 0), QT(Dp * QB), dOT(backward ? Dp * QB : 0), O(QB * Dp) {}
 };
 
-void forward_block(const Forward& a, int64_t bh, int64_t qb, Scratch& s) {
+void forward_block(const Forward& a, int64_t bh, int64_t qb, int64_t next_bh, int64_t next_qb, Scratch& s) {
   const Geom& g = a.g;
   const auto range = block_range(g, qb);
   const int64_t q0 = range.first, q1 = range.second, m = q1 - q0, Dp = a.Dp;
@@ -271,7 +293,13 @@ void forward_block(const Forward& a, int64_t bh, int64_t qb, Scratch& s) {
   const float* krows = a.k + bkv * g.T * Dp;
   const float* vrows = a.v + bkv * g.T * Dp;
   const float c = a.scale * kLog2e;
-  prefetch_own_row(g, q0, q1, Dp, {krows, vrows});
+  if (next_bh >= 0) {
+    const auto nb = block_range(g, next_qb);
+    const auto keys = own_row_keys(g, nb);
+    const int64_t nkv = (next_bh / a.H) * (a.H / a.group) + (next_bh % a.H) / a.group;
+    prefetch_rows(keys.first, keys.second, Dp, {a.k + nkv * g.T * Dp, a.v + nkv * g.T * Dp});
+    prefetch_rows(nb.first, nb.second, Dp, {a.q + next_bh * g.T * Dp, a.out + next_bh * g.T * Dp});
+  }
   pack_queries(s.QT.data(), a.q + (bh * g.T + q0) * Dp, m, nq, Dp);
   QueryLanes ql;
   query_lanes(g, q0, m, ql);
@@ -290,7 +318,7 @@ void forward_block(const Forward& a, int64_t bh, int64_t qb, Scratch& s) {
       const float f = alpha[x / VL][x % VL];
       if (f != 1.f) scale_row(O + x * Dp, Dp, f);
     }
-    gemm_band<true, true>(O, Dp, s.ST.data(), 1, BLK, vrows + k0 * Dp, Dp, m, Dp, kn, kb);  // O += P V
+    gemm_band<true, true>(O, Dp, s.ST.data(), 1, QB, vrows + k0 * Dp, Dp, m, Dp, kn, kb);  // O += P V
   });
   float* out = a.out + (bh * g.T + q0) * Dp;
   for (int64_t x = 0; x < m; ++x) {
@@ -302,7 +330,7 @@ void forward_block(const Forward& a, int64_t bh, int64_t qb, Scratch& s) {
 
 // Multiply-adds of one query block, roughly: two GEMMs over its spans' bands.
 int64_t block_flops(const Geom& g, int64_t Dp) {
-  return 4 * BLK * Dp * ((g.rows + 1) * (g.left + g.right + 1 + 2 * VL) + std::min<int64_t>(g.P, BLK));
+  return 4 * QB * Dp * ((g.rows + 1) * (g.left + g.right + 1 + 2 * VL) + std::min<int64_t>(g.P, QB));
 }
 
 std::tuple<at::Tensor, at::Tensor> raster_window_attention_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -321,11 +349,13 @@ std::tuple<at::Tensor, at::Tensor> raster_window_attention_fwd(const at::Tensor&
   const Forward a{qr.data_ptr<float>(), kr.data_ptr<float>(), vr.data_ptr<float>(), out.data_ptr<float>(),
                   lse.data_ptr<float>(), H, H / Hk, Dp, g, static_cast<float>(scale)};
   const int64_t nqb = query_blocks(g);
-  const auto order = block_order(g, 0, nqb);
-  parallel_ranges(B * H * nqb, grain_for(block_flops(g, Dp)), [&](int64_t t0, int64_t t1) {
-    Scratch s(Dp, false);
-    for (int64_t t = t0; t < t1; ++t) forward_block(a, t / nqb, order[t % nqb], s);
-  });
+  const int64_t tasks = B * H * nqb;  // in chunks of a few blocks down a strip
+  parallel_tasks(tasks, grain_for(block_flops(g, Dp)), std::clamp<int64_t>(tasks / 64, 1, 4),
+                 [&] { return Scratch(Dp, false); },
+                 [&](int64_t t, Scratch& s) {
+                   const bool last = t + 1 == tasks;
+                   forward_block(a, t / nqb, t % nqb, last ? -1 : (t + 1) / nqb, (t + 1) % nqb, s);
+                 });
   return {finish(out, D, q.scalar_type()), lse};
 }
 
@@ -339,12 +369,11 @@ void grad_tile(float* ST, float* dPT, int64_t kn, int nqv, Band qb, KeyWalk key,
   const int64_t nq = nqv * VL;
   KeyWalk kw = key;
   for (int64_t r = 0; r < kn; ++r, kw.next()) {
-    int vlo, vhi;
-    band_vectors(r, qb, nq, vlo, vhi);
-    float* s = ST + r * BLK;
-    float* dp = dPT + r * BLK;
-    for (int v = 0; v < nqv; ++v) {
-      if (v < vlo || v >= vhi) {
+    const BandVectors bv = band_vectors(r, qb, nq);
+    float* s = ST + r * QB;
+    float* dp = dPT + r * QB;
+    for (int v = bv.zlo; v < bv.zhi; ++v) {
+      if (v < bv.vlo || v >= bv.vhi) {
         store(s + v * VL, vf{});
         store(dp + v * VL, vf{});
         continue;
@@ -388,10 +417,9 @@ void backward_run(const Backward& a, int64_t bkv, int64_t run, Scratch& s) {
   std::vector<uint8_t> reached(b_r - a_r, 0);
   if (a_r > 0) std::fill(ovk, ovk + 2 * a.ov_rows * Dp, 0.f);
   const float c = a.scale * kLog2e;
-  const auto order = block_order(g, qb0, qb1);
   for (int64_t gi = 0; gi < a.group; ++gi) {
     const int64_t bh = b * a.H + hk * a.group + gi;
-    for (const int64_t qb : order) {
+    for (int64_t qb = qb0; qb < qb1; ++qb) {
       const auto range = block_range(g, qb);
       const int64_t q0 = range.first, q1 = range.second, m = q1 - q0;
       const int nqv = static_cast<int>((m + VL - 1) / VL);
@@ -399,7 +427,13 @@ void backward_run(const Backward& a, int64_t bkv, int64_t run, Scratch& s) {
       const float* q = a.q + (bh * g.T + q0) * Dp;
       const float* go = a.go + (bh * g.T + q0) * Dp;
       const float* o = a.out + (bh * g.T + q0) * Dp;
-      prefetch_own_row(g, q0, q1, Dp, {krows, vrows, dk, dv});
+      if (qb + 1 < qb1) {
+        const auto nb = block_range(g, qb + 1);
+        const auto keys = own_row_keys(g, nb);
+        const int64_t row0 = bh * g.T;
+        prefetch_rows(keys.first, keys.second, Dp, {krows, vrows, dk, dv});
+        prefetch_rows(row0 + nb.first, row0 + nb.second, Dp, {a.q, a.go, a.out, a.dq});
+      }
       pack_queries(s.QT.data(), q, m, nq, Dp);
       pack_queries(s.dOT.data(), go, m, nq, Dp);
       QueryLanes ql;
@@ -438,10 +472,10 @@ void backward_run(const Backward& a, int64_t bkv, int64_t run, Scratch& s) {
           float* dvr = (c0 < split ? ovv : dv) + row * Dp;
           float* dkr = (c0 < split ? ovk : dk) + row * Dp;
           const Band part{qbt.lo + c0, qbt.hi + c0};
-          gemm_band<true, true>(dvr, Dp, s.ST.data() + c0 * BLK, BLK, 1, go, Dp, c1 - c0, Dp, m, part);
-          gemm_band<true, true>(dkr, Dp, s.dPT.data() + c0 * BLK, BLK, 1, q, Dp, c1 - c0, Dp, m, part);
+          gemm_band<true, true>(dvr, Dp, s.ST.data() + c0 * QB, QB, 1, go, Dp, c1 - c0, Dp, m, part);
+          gemm_band<true, true>(dkr, Dp, s.dPT.data() + c0 * QB, QB, 1, q, Dp, c1 - c0, Dp, m, part);
         }
-        gemm_band<true, true>(dQ, Dp, s.dPT.data(), 1, BLK, krows + k0 * Dp, Dp, m, Dp, kn, kb);  // dQ += dS K
+        gemm_band<true, true>(dQ, Dp, s.dPT.data(), 1, QB, krows + k0 * Dp, Dp, m, Dp, kn, kb);  // dQ += dS K
       });
       std::memcpy(a.dq + (bh * g.T + q0) * Dp, dQ, m * Dp * sizeof(float));
     }
@@ -472,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raster_window_attention_bwd(
   const int64_t reach = g.rows * g.W + g.left;
   const int64_t tasks_wanted = 4 * std::max<int64_t>(1, at::get_num_threads());
   const int64_t runs_wanted = std::max<int64_t>(1, (tasks_wanted + B * Hk - 1) / (B * Hk));
-  const int64_t run = std::max<int64_t>({1, blocks(reach) + 1, (nqb + runs_wanted - 1) / runs_wanted});
+  const int64_t run = std::max<int64_t>({1, qblocks(reach) + 1, (nqb + runs_wanted - 1) / runs_wanted});
   const int64_t runs = (nqb + run - 1) / run, ov_rows = g.P + reach;
   auto dq = empty_big({B, H, T, Dp});
   auto dk = empty_big({B, Hk, T, Dp});
@@ -482,10 +516,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raster_window_attention_bwd(
                    outr.data_ptr<float>(), lse32.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
                    dv.data_ptr<float>(), overflow.data_ptr<float>(), H, group, Dp, run, runs, reach, ov_rows, g,
                    static_cast<float>(scale)};
-  parallel_ranges(B * Hk * runs, 1, [&](int64_t t0, int64_t t1) {
-    Scratch s(Dp, true);
-    for (int64_t t = t0; t < t1; ++t) backward_run(a, t / runs, t % runs, s);
-  });
+  parallel_tasks(B * Hk * runs, grain_for(3 * run * block_flops(g, Dp)), 1, [&] { return Scratch(Dp, true); },
+                 [&](int64_t t, Scratch& s) { backward_run(a, t / runs, t % runs, s); });
   if (runs > 1)  // every run's prefix rows land on the same keys: the runs of one kv head in order
     parallel_ranges(B * Hk, grain_for(runs * ov_rows * Dp), [&](int64_t t0, int64_t t1) {
       for (int64_t bkv = t0; bkv < t1; ++bkv)

@@ -107,15 +107,15 @@ SPAN_CASES = CASES[3:] + [
     (1, 1, 1, 6, 0, 1, 1, 1, 5, 8),
     (1, 2, 2, 5, 61, 1, 2, 0, 2, 8),
 ]
-# The cpp kernel's structure (query blocks of 64 from the prefix and from the grid's start, key
-# tiles of at most 128, the backward's runs of query blocks with their overflow rows): rows of two
-# blocks and a row-straddling one with a prefix of two blocks and several runs (GQA), spans split
-# into tiles (left + right > 128), a 3-wide grid whose blocks hold 21 rows, a block per row at
-# head_dim 64.
+# The cpp kernel's structure (query blocks of 128 from the prefix and from the grid's start, key
+# tiles of at most 256, the backward's runs of query blocks with their overflow rows): a prefix of
+# two blocks and rows of two blocks and a straddling one, in two runs (GQA); spans split into tiles
+# (left + right > 256); a 3-wide grid whose blocks hold 42 rows, in two runs; a block of two rows
+# at head_dim 64.
 CPP_SPAN_CASES = [
-    (1, 2, 1, 130, 657, 2, 3, 2, 70, 16),
-    (1, 1, 1, 300, 900, 1, 200, 150, 0, 8),
-    (1, 2, 2, 3, 200, 5, 1, 1, 0, 8),
+    (1, 2, 1, 260, 561, 1, 3, 2, 150, 16),
+    (1, 1, 1, 300, 600, 1, 200, 150, 0, 8),
+    (1, 2, 2, 3, 400, 5, 1, 1, 0, 8),
     (1, 2, 2, 64, 384, 2, 8, 8, 0, 64),
 ]
 
