@@ -144,20 +144,20 @@ Band tile_key_band(const Geom& g, int64_t q0, int64_t k0, int64_t d) {
 // The same band seen from key row c: query lanes [c + lo, c + hi).
 Band transposed(Band b) { return {1 - b.hi, 1 - b.lo}; }
 
-// The vectors of query lanes (among nq) that key row c's band reaches, [vlo, vhi), and those the
-// band-restricted GEMMs over P or dS may read, [zlo, zhi): they take MR rows at a time, so a row
-// group reaches MR - 1 lanes past each member's band (fewer than a vector). The softmax passes
-// leave exact zeros in [zlo, zhi) outside the band and touch nothing else.
-struct BandVectors {
-  int vlo, vhi, zlo, zhi;
+// For query vector v (lanes [v VL, v VL + VL)), the key rows of a tile whose band (key row c meets
+// lanes [c + lo, c + hi)) reaches it, [b0, b1), and the rows the band-restricted GEMMs over P or
+// dS may read it from, [z0, z1): they take MR rows at a time, so a row group reaches MR - 1 lanes
+// past each member's band. The softmax passes run down each vector's rows (their running max and
+// sum stay in registers), leave exact zeros in rows [z0, b0) and [b1, z1) and touch no others.
+struct BandRows {
+  int64_t z0, b0, b1, z1;
 };
-inline BandVectors band_vectors(int64_t c, Band qb, int64_t nq) {
-  const int64_t lo = std::max<int64_t>(0, c + qb.lo), hi = std::min<int64_t>(nq, c + qb.hi);
-  const int64_t zlo = std::max<int64_t>(0, c + qb.lo - (MR - 1)), zhi = std::min<int64_t>(nq, c + qb.hi + MR - 1);
-  BandVectors b{0, 0, 0, 0};
-  if (hi > lo) b.vlo = static_cast<int>(lo / VL), b.vhi = static_cast<int>((hi + VL - 1) / VL);
-  if (zhi > zlo) b.zlo = static_cast<int>(zlo / VL), b.zhi = static_cast<int>((zhi + VL - 1) / VL);
-  return b;
+inline BandRows band_rows(int v, Band qb, int64_t kn) {
+  const int64_t first = v * VL, end = first + VL;
+  auto clip = [&](int64_t r) { return std::clamp<int64_t>(r, 0, kn); };
+  const int64_t b0 = clip(first - qb.hi + 1), b1 = std::max(b0, clip(end - qb.lo));
+  const int64_t z0 = std::min(b0, clip(first - qb.hi + 1 - (MR - 1))), z1 = std::max(b1, clip(end - qb.lo + MR - 1));
+  return {z0, b0, b1, z1};
 }
 
 // The block's queries, one lane each: position, grid row (kNoRow for prefix and padding lanes)
@@ -214,8 +214,8 @@ inline void scores_t(float* ST, const float* keys, const float* QT, int64_t kn, 
 }
 
 // Rows [lo, hi) of each tensor into cache ahead of use: a block asks for the next block's rows
-// that are not in cache yet, its queries' rows (and output rows) and, walking a strip down, its
-// own grid row of keys, [q0 - left, q1 + right) (the rows above came with the blocks before it).
+// that are not in cache yet, its queries' rows (and output rows) and, in raster order, its own
+// grid row of keys, [q0 - left, q1 + right) (the rows above came with the blocks before it).
 inline void prefetch_rows(int64_t lo, int64_t hi, int64_t Dp, std::initializer_list<const float*> bases) {
   for (const float* base : bases)
     for (int64_t row = lo; row < hi; ++row)
@@ -229,44 +229,35 @@ inline std::pair<int64_t, int64_t> own_row_keys(const Geom& g, std::pair<int64_t
 // ----------------------------------------------------------------------------- forward
 
 // One online-softmax step over a tile (keys as rows, queries in lanes): turns the band's scores
-// into probabilities relative to the updated max (every other entry of the block's lanes becomes
-// 0), updates (m, l) (base 2) and leaves in alpha the factor each query's output must be scaled by.
+// into probabilities relative to the updated max (0 where a query does not see a key), updates
+// (m, l) (base 2) and leaves in alpha the factor each query's output must be scaled by.
 template <bool PREFIX>
-void softmax_tile(float* ST, int64_t kn, int nqv, Band qb, KeyWalk key, const QueryLanes& ql, float c, vf* mrow,
-                  vf* lrow, vf* alpha) {
-  const int64_t nq = nqv * VL;
-  vf mx[NQV], sum[NQV], msub[NQV];
-  for (int v = 0; v < nqv; ++v) mx[v] = splat(kNegInf), sum[v] = vf{};
-  KeyWalk kw = key;
-  for (int64_t r = 0; r < kn; ++r, kw.next()) {
-    const BandVectors bv = band_vectors(r, qb, nq);
-    float* s = ST + r * QB;
-    for (int v = bv.vlo; v < bv.vhi; ++v) {
-      const vf x = kw.sees<PREFIX>(ql, v) ? load(s + v * VL) * c : splat(kNegInf);
-      store(s + v * VL, x);
-      mx[v] = vmax(mx[v], x);
-    }
-  }
+void softmax_tile(float* ST, int64_t kn, int nqv, Band qb, const Geom& g, int64_t k0, int64_t d,
+                  const QueryLanes& ql, float c, vf* mrow, vf* lrow, vf* alpha) {
   for (int v = 0; v < nqv; ++v) {
-    const vf mn = vmax(mrow[v], mx[v]);
-    msub[v] = mn == splat(kNegInf) ? vf{} : mn;  // no key seen yet: p = 0, nothing to rescale
-    alpha[v] = vexp2(mrow[v] - msub[v]);
-    mrow[v] = mn;
-  }
-  for (int64_t r = 0; r < kn; ++r) {
-    const BandVectors bv = band_vectors(r, qb, nq);
-    float* s = ST + r * QB;
-    for (int v = bv.zlo; v < bv.zhi; ++v) {
-      if (v < bv.vlo || v >= bv.vhi) {
-        store(s + v * VL, vf{});
-        continue;
-      }
-      const vf p = vexp2(load(s + v * VL) - msub[v]);
-      store(s + v * VL, p);
-      sum[v] += p;
+    const BandRows br = band_rows(v, qb, kn);
+    float* s = ST + v * VL;
+    vf mx = splat(kNegInf);
+    KeyWalk kw = key_walk(g, k0 + br.b0, d);
+    for (int64_t r = br.b0; r < br.b1; ++r, kw.next()) {
+      const vf x = kw.sees<PREFIX>(ql, v) ? load(s + r * QB) * c : splat(kNegInf);
+      store(s + r * QB, x);
+      mx = vmax(mx, x);
     }
+    const vf mn = vmax(mrow[v], mx);
+    const vf msub = mn == splat(kNegInf) ? vf{} : mn;  // no key seen yet: p = 0, nothing to rescale
+    alpha[v] = vexp2(mrow[v] - msub);
+    mrow[v] = mn;
+    vf sum{};
+    for (int64_t r = br.z0; r < br.b0; ++r) store(s + r * QB, vf{});
+    for (int64_t r = br.b0; r < br.b1; ++r) {
+      const vf p = vexp2(load(s + r * QB) - msub);
+      store(s + r * QB, p);
+      sum += p;
+    }
+    for (int64_t r = br.b1; r < br.z1; ++r) store(s + r * QB, vf{});
+    lrow[v] = lrow[v] * alpha[v] + sum;
   }
-  for (int v = 0; v < nqv; ++v) lrow[v] = lrow[v] * alpha[v] + sum[v];
 }
 
 struct Forward {
@@ -311,9 +302,9 @@ void forward_block(const Forward& a, int64_t bh, int64_t qb, int64_t next_bh, in
     const Band kb = tile_key_band(g, q0, k0, d), qbt = transposed(kb);
     scores_t(s.ST.data(), krows + k0 * Dp, s.QT.data(), kn, nq, Dp, qbt);
     if (d < 0)
-      softmax_tile<true>(s.ST.data(), kn, nqv, qbt, key_walk(g, k0, d), ql, c, mrow, lrow, alpha);
+      softmax_tile<true>(s.ST.data(), kn, nqv, qbt, g, k0, d, ql, c, mrow, lrow, alpha);
     else
-      softmax_tile<false>(s.ST.data(), kn, nqv, qbt, key_walk(g, k0, d), ql, c, mrow, lrow, alpha);
+      softmax_tile<false>(s.ST.data(), kn, nqv, qbt, g, k0, d, ql, c, mrow, lrow, alpha);
     for (int64_t x = 0; x < m; ++x) {
       const float f = alpha[x / VL][x % VL];
       if (f != 1.f) scale_row(O + x * Dp, Dp, f);
@@ -349,8 +340,8 @@ std::tuple<at::Tensor, at::Tensor> raster_window_attention_fwd(const at::Tensor&
   const Forward a{qr.data_ptr<float>(), kr.data_ptr<float>(), vr.data_ptr<float>(), out.data_ptr<float>(),
                   lse.data_ptr<float>(), H, H / Hk, Dp, g, static_cast<float>(scale)};
   const int64_t nqb = query_blocks(g);
-  const int64_t tasks = B * H * nqb;  // in chunks of a few blocks down a strip
-  parallel_tasks(tasks, grain_for(block_flops(g, Dp)), std::clamp<int64_t>(tasks / 64, 1, 4),
+  const int64_t tasks = B * H * nqb;
+  parallel_tasks(tasks, grain_for(block_flops(g, Dp)), 1,
                  [&] { return Scratch(Dp, false); },
                  [&](int64_t t, Scratch& s) {
                    const bool last = t + 1 == tasks;
@@ -364,26 +355,22 @@ std::tuple<at::Tensor, at::Tensor> raster_window_attention_fwd(const at::Tensor&
 // The tile's P (into ST) and dS = scale P (dP - delta) (into dPT), recomputed from lse; 0 wherever
 // a query does not see a key.
 template <bool PREFIX>
-void grad_tile(float* ST, float* dPT, int64_t kn, int nqv, Band qb, KeyWalk key, const QueryLanes& ql, float c,
-               const vf* lse2, const vf* delta, float scale) {
-  const int64_t nq = nqv * VL;
-  KeyWalk kw = key;
-  for (int64_t r = 0; r < kn; ++r, kw.next()) {
-    const BandVectors bv = band_vectors(r, qb, nq);
-    float* s = ST + r * QB;
-    float* dp = dPT + r * QB;
-    for (int v = bv.zlo; v < bv.zhi; ++v) {
-      if (v < bv.vlo || v >= bv.vhi) {
-        store(s + v * VL, vf{});
-        store(dp + v * VL, vf{});
-        continue;
-      }
+void grad_tile(float* ST, float* dPT, int64_t kn, int nqv, Band qb, const Geom& g, int64_t k0, int64_t d,
+               const QueryLanes& ql, float c, const vf* lse2, const vf* delta, float scale) {
+  for (int v = 0; v < nqv; ++v) {
+    const BandRows br = band_rows(v, qb, kn);
+    float* s = ST + v * VL;
+    float* dp = dPT + v * VL;
+    for (int64_t r = br.z0; r < br.b0; ++r) store(s + r * QB, vf{}), store(dp + r * QB, vf{});
+    KeyWalk kw = key_walk(g, k0 + br.b0, d);
+    for (int64_t r = br.b0; r < br.b1; ++r, kw.next()) {
       const vi ok = kw.sees<PREFIX>(ql, v);
-      const vf p = vexp2(ok ? load(s + v * VL) * c - lse2[v] : splat(kNegInf));
-      const vf ds = p * (load(dp + v * VL) - delta[v]) * scale;
-      store(s + v * VL, p);
-      store(dp + v * VL, ok ? ds : vf{});
+      const vf p = vexp2(ok ? load(s + r * QB) * c - lse2[v] : splat(kNegInf));
+      const vf ds = p * (load(dp + r * QB) - delta[v]) * scale;
+      store(s + r * QB, p);
+      store(dp + r * QB, ok ? ds : vf{});
     }
+    for (int64_t r = br.b1; r < br.z1; ++r) store(s + r * QB, vf{}), store(dp + r * QB, vf{});
   }
 }
 
@@ -454,9 +441,9 @@ void backward_run(const Backward& a, int64_t bkv, int64_t run, Scratch& s) {
         scores_t(s.ST.data(), krows + k0 * Dp, s.QT.data(), kn, nq, Dp, qbt);
         scores_t(s.dPT.data(), vrows + k0 * Dp, s.dOT.data(), kn, nq, Dp, qbt);  // dP^T = V dO^T
         if (d < 0)
-          grad_tile<true>(s.ST.data(), s.dPT.data(), kn, nqv, qbt, key_walk(g, k0, d), ql, c, lse2, delta, a.scale);
+          grad_tile<true>(s.ST.data(), s.dPT.data(), kn, nqv, qbt, g, k0, d, ql, c, lse2, delta, a.scale);
         else
-          grad_tile<false>(s.ST.data(), s.dPT.data(), kn, nqv, qbt, key_walk(g, k0, d), ql, c, lse2, delta, a.scale);
+          grad_tile<false>(s.ST.data(), s.dPT.data(), kn, nqv, qbt, g, k0, d, ql, c, lse2, delta, a.scale);
         // dV += P^T dO and dK += dS^T Q over the tile's keys: those before a_r into the overflow
         const int64_t split = std::clamp<int64_t>(a_r - k0, 0, kn);
         for (int64_t key = k0 + split; key < k0 + kn; ++key)
@@ -501,10 +488,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raster_window_attention_bwd(
   const auto qr = as_rows(q, Dp), kr = as_rows(k, Dp), vr = as_rows(v, Dp), gr = as_rows(grad_out, Dp);
   const auto outr = as_rows(out, Dp);
   const auto lse32 = lse.to(at::kFloat).contiguous();
-  // Runs of query blocks: enough tasks for every thread, each run at least as long as the reach
-  // back (so its overflow rows lie in the run before it: the overflow stays O(T * Dp)).
+  // Runs of query blocks: about eight tasks a thread (small enough shares to even out a thread
+  // slowed by other work), each run at least as long as the reach back (so its overflow rows lie
+  // in the run before it: the overflow stays O(T * Dp)).
   const int64_t reach = g.rows * g.W + g.left;
-  const int64_t tasks_wanted = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t tasks_wanted = 8 * std::max<int64_t>(1, at::get_num_threads());
   const int64_t runs_wanted = std::max<int64_t>(1, (tasks_wanted + B * Hk - 1) / (B * Hk));
   const int64_t run = std::max<int64_t>({1, qblocks(reach) + 1, (nqb + runs_wanted - 1) / runs_wanted});
   const int64_t runs = (nqb + run - 1) / run, ov_rows = g.P + reach;
