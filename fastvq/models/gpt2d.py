@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_int, check_prob
+from .gpt import GPT
 from ..nn.raster_attention import RasterKVCache, RasterWindowSelfAttention, wavefront_schedule
 from ..ops.sampling import sample_logits
 
@@ -82,15 +83,7 @@ class GPT2D(nn.Module):
         self.apply(self._init_weights)
         nn.init.normal_(self.row_start, std=0.02)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.data.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
+    _init_weights = staticmethod(GPT._init_weights)  # minGPT's initialisation, as the 1-D prior
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, left={self.left}, right={self.right}, n_classes={self.n_classes}"

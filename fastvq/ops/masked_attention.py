@@ -79,3 +79,26 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, scale: float, rule: M
         dk.index_add_(2, keys, scale * (ds.transpose(-1, -2) @ qf[:, :, rows]))
         dv.index_add_(2, keys, p.transpose(-1, -2) @ go[:, :, rows])
     return dq.to(q.dtype), fold_groups(dk, kv_heads).to(k.dtype), fold_groups(dv, kv_heads).to(v.dtype)
+
+
+class MaskedAttentionFunction(torch.autograd.Function):
+    """One autograd node for a windowed attention op: saves q, k, v, out and the row log-sum-exp
+    (B, H, T); `kernels` is the backend's KERNELS entry (forward(q, k, v, mask, scale),
+    backward(grad_out, q, k, v, out, lse, mask, scale)), `reference` the torch one (empty inputs),
+    `mask` the op's window (an int, a Geometry)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale, kernels, reference):
+        run = (reference if q.numel() == 0 else kernels).forward
+        out, lse = run(q.detach(), k.detach(), v.detach(), mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.config = (mask, scale, reference if q.numel() == 0 else kernels)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        mask, scale, kernels = ctx.config
+        dq, dk, dv = kernels.backward(grad_out, q.detach(), k.detach(), v.detach(), out, lse, mask, scale)
+        return dq, dk, dv, None, None, None, None

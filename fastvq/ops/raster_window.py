@@ -34,7 +34,8 @@ import torch
 
 from .._backend import cpp_op, requested_backend, resolve_backend
 from .._checks import check_int, check_tensor
-from .masked_attention import CHUNK, MaskRule, expand_kv, masked_attention_backward, masked_attention_forward
+from .masked_attention import (CHUNK, MaskedAttentionFunction, MaskRule, expand_kv, masked_attention_backward,
+                               masked_attention_forward)
 from .window_attention import _check_heads, _check_scale, _check_tensors
 
 class Geometry(NamedTuple):
@@ -174,27 +175,6 @@ def _backend_for(op: str, backend: str | None, device: torch.device) -> str:
     raise NotImplementedError(f"{op}: backend {name!r} has no kernel for this op yet (available: {sorted(KERNELS)})")
 
 
-class RasterWindowAttentionFunction(torch.autograd.Function):
-    """One node: saves q, k, v, out and the row log-sum-exp (B, H, T)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, geometry, scale, backend):
-        run = KERNELS["torch" if q.numel() == 0 else backend].forward
-        out, lse = run(q.detach(), k.detach(), v.detach(), geometry, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.config = (geometry, scale, backend)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        geometry, scale, backend = ctx.config
-        run = KERNELS["torch" if q.numel() == 0 else backend].backward
-        dq, dk, dv = run(grad_out, q.detach(), k.detach(), v.detach(), out, lse, geometry, scale)
-        return dq, dk, dv, None, None, None
-
-
 # ----------------------------------------------------------------------------- public
 
 def raster_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, width: int, rows: int, left: int,
@@ -233,7 +213,7 @@ def raster_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     geometry = _check_geometry(op, q.shape[2], width, rows, left, right, n_prefix)
     scale = _check_scale(scale, q.shape[3], op)
     name = _backend_for(op, backend, q.device)
-    out, _ = RasterWindowAttentionFunction.apply(q, k, v, geometry, scale, name)
+    out, _ = MaskedAttentionFunction.apply(q, k, v, geometry, scale, KERNELS[name], KERNELS["torch"])
     return out
 
 

@@ -33,7 +33,8 @@ import torch
 
 from .._backend import available_backends, cpp_op, requested_backend, resolve_backend
 from .._checks import check_pos, check_tensor
-from .masked_attention import CHUNK, MaskRule, expand_kv, masked_attention_backward, masked_attention_forward
+from .masked_attention import (CHUNK, MaskedAttentionFunction, MaskRule, expand_kv, masked_attention_backward,
+                               masked_attention_forward)
 
 
 
@@ -215,27 +216,6 @@ KERNELS = {
 
 # ----------------------------------------------------------------------------- autograd
 
-class SlidingWindowAttentionFunction(torch.autograd.Function):
-    """One node for the whole attention: saves q, k, v, out and the row log-sum-exp (B, H, T)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, window, scale, backend):
-        run = KERNELS["torch" if q.numel() == 0 else backend].forward
-        out, lse = run(q.detach(), k.detach(), v.detach(), window, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.config = (window, scale, backend)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        window, scale, backend = ctx.config
-        run = KERNELS["torch" if q.numel() == 0 else backend].backward
-        dq, dk, dv = run(grad_out, q.detach(), k.detach(), v.detach(), out, lse, window, scale)
-        return dq, dk, dv, None, None, None
-
-
 # ----------------------------------------------------------------------------- public
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, *,
@@ -243,7 +223,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Causal attention where query i sees keys i - window + 1 .. i (window >= T: plain causal).
 
     Softmax and accumulation are fp32; the cpp and triton backends do O(T * window) work and keep
-    O(T) extra memory (the row log-sum-exp); one autograd node (SlidingWindowAttentionFunction).
+    O(T) extra memory (the row log-sum-exp); one autograd node (MaskedAttentionFunction).
 
     Args:
         q: (B, H, T, Dh) float32, float16 or bfloat16, any strides.
@@ -272,7 +252,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     window = _check_window(window, op)
     scale = _check_scale(scale, q.shape[3], op)
     name = resolve_backend(backend, q.device, op)
-    out, _ = SlidingWindowAttentionFunction.apply(q, k, v, window, scale, name)
+    out, _ = MaskedAttentionFunction.apply(q, k, v, window, scale, KERNELS[name], KERNELS["torch"])
     return out
 
 
