@@ -149,6 +149,30 @@ def machine_info(threads: int, device: str = "cpu") -> dict:
 
 # ----------------------------------------------------------------------------- one case
 
+def attention_call(case: dict, attend: Callable):
+    """The timed call of an attention case: a forward under no_grad, or a forward plus backward of
+    a fixed upstream gradient, on seeded q, k, v of shape (B, H, T, Dh); returns (run, (q, k, v))."""
+    import torch
+
+    device, dtype = case.get("device", "cpu"), getattr(torch, case.get("dtype", "float32"))
+    g = torch.Generator().manual_seed(0)
+    shape = (case["B"], case["H"], case["T"], case["Dh"])
+    q, k, v, upstream = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(4))
+    if case["suite"] == "forward":
+        def run():
+            with torch.no_grad():
+                return attend(q, k, v)
+
+        return run, (q, k, v)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+
+    def run():
+        return torch.autograd.grad(attend(q, k, v), (q, k, v), upstream)
+
+    return run, (q, k, v)
+
+
 def measure_case(comparison: Comparison, case: dict, threads: int) -> dict:
     """The case with its measurements, or with an "error" saying why there are none."""
     import torch

@@ -166,28 +166,8 @@ def attention_fn(case: dict, extras: dict):
 
 
 def case_call(case: dict, extras: dict):
-    """The timed call (a forward under no_grad, or a forward plus backward of a fixed upstream
-    gradient) and its inputs q, k, v."""
-    import torch
-
-    device, dtype = case.get("device", "cpu"), getattr(torch, case.get("dtype", "float32"))
-    g = torch.Generator().manual_seed(0)
-    shape = (case["B"], case["H"], case["T"], case["Dh"])
-    q, k, v, upstream = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(4))
-    attend = attention_fn(case, extras)
-    if case["suite"] == "forward":
-        def run():
-            with torch.no_grad():
-                return attend(q, k, v)
-
-        return run, (q, k, v)
-    for x in (q, k, v):
-        x.requires_grad_(True)
-
-    def run():
-        return torch.autograd.grad(attend(q, k, v), (q, k, v), upstream)
-
-    return run, (q, k, v)
+    """The timed call and its inputs q, k, v (common.attention_call on this case's implementation)."""
+    return common.attention_call(case, attention_fn(case, extras))
 
 
 # ----------------------------------------------------------------------------- one case
