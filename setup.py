@@ -64,6 +64,7 @@ setup(
     description="Fused kernels for VQGAN-style discrete image models: codebook search, windowed attention, cached sampling",
     packages=["fastvq", "fastvq.ops", "fastvq.nn", "fastvq.models", "fastvq.pipeline", "fastvq.kernels"],
     package_dir={"fastvq.kernels": "kernels"},
+    package_data={"fastvq": ["assets/*.png"]},  # layouts shipped for `fastvq sample --cond` and the demo
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
