@@ -27,6 +27,7 @@ fresh Triton cache, so every ptxas log is produced afresh).
 
     python benchmarks/triton_compile.py                 # everything -> benchmarks/results/triton_compile.json
     python benchmarks/triton_compile.py --quick --out /tmp/tc.json   # the subset `make test` compiles
+    python benchmarks/triton_compile.py --ops raster_window --merge  # recompile one op, keep the others' records
 
 tests/test_triton_compile.py runs the --quick subset (every launch config at least once, in the
 main dtypes) and fails on any compile error or shared memory overflow, naming the kernel.
@@ -153,6 +154,19 @@ def _workloads() -> list[Workload]:
 
         out.append(Workload("raster_window", f"forward+backward {name(dtype)} B=2 H=8 H_kv=4 T=1025 Dh={hd} width=32",
                             dtype == bf16 and hd == 64, raster))
+
+    # raster window decode: a wavefront of 17 positions against a ring of 18 rows of 32 (+ the class
+    # token), every autotune config; GQA groups of 2 (one head tile) and 32 (the widest tile).
+    ring_slots = 1 + 18 * 32
+    for dtype, hd, h, h_kv in ((bf16, 64, 8, 4), (f32, 128, 8, 4), (f16, 256, 8, 4), (bf16, 32, 8, 4),
+                               (bf16, 64, 32, 1)):
+        def raster_decode(hd=hd, dtype=dtype, h=h, h_kv=h_kv):
+            ring = meta(2, h_kv, ring_slots, hd, dtype=dtype)
+            idx = meta(17, dtype=torch.int64)
+            raster_window.decode(meta(2, h, 17, hd, dtype=dtype), ring, ring, idx, idx, geometry, hd ** -0.5)
+
+        out.append(Workload("raster_window", f"decode {name(dtype)} B=2 H={h} H_kv={h_kv} n=17 slots={ring_slots} "
+                            f"Dh={hd} width=32", dtype == bf16 and hd == 64 and h_kv == 4, raster_decode))
 
     # sampling: a codebook-sized row per program, and short rows sharing one; with and without CFG.
     for dtype in (f32, bf16, f16):
@@ -387,6 +401,18 @@ def _ptxas_versions() -> dict:
     return versions
 
 
+def _kept_records(path: Path, ops: list[str] | None, quick: bool) -> list[dict]:
+    """--merge: the records of the ops not recompiled, from a previous result of the same mode."""
+    if not ops:
+        raise SystemExit("--merge needs --ops (the ops whose records are replaced)")
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    if previous.get("mode") != ("quick" if quick else "full"):
+        raise SystemExit(f"--merge: {path} is a {previous.get('mode')} result; rerun everything instead")
+    return [r for r in previous["records"] if r["op"] not in ops]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the subset `make test` compiles")
@@ -394,6 +420,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", nargs="+", help="only these ops (kernels/<op>.py)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds for all targets together")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --ops: replace only those ops' records in --out, keep the other ops' records")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -406,6 +434,8 @@ def main(argv=None) -> int:
     import triton
     start = time.perf_counter()
     records = compile_all(args.targets, args.quick, args.ops, args.timeout)
+    kept = _kept_records(args.out, args.ops, args.quick) if args.merge else []
+    records = kept + records
     summary = summarise(records)
     result = {
         "what": "every Triton kernel x launch config x specialisation, compiled ahead of time (no GPU) "
@@ -415,6 +445,8 @@ def main(argv=None) -> int:
         "triton": triton.__version__, "ptxas": _ptxas_versions(),
         "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
         "wall_s": round(time.perf_counter() - start, 1),
+        **({"merged": f"records of {', '.join(args.ops)} compiled in this run (wall_s); the others kept from the "
+                      f"previous {args.out.name}"} if kept else {}),
         "smem_limit": {f"sm_{a}": TARGETS[a] for a in args.targets},
         "summary": summary,
         "records": records,

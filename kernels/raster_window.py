@@ -1,4 +1,4 @@
-"""Raster-order 2-D window attention in Triton: forward and atomics-free backward.
+"""Raster-order 2-D window attention in Triton: forward, atomics-free backward, and the ring decode.
 
 The rule (fastvq.ops.raster_window): after a prefix of P tokens, grid token t is (i, j) =
 divmod(t - P, W); it sees the prefix, rows i - rows .. i - 1 at columns j - left .. j + right, and
@@ -30,6 +30,18 @@ Three backward launches, as in kernels/window_attention.py: delta = rowsum(dO * 
 key block, looping over the GQA group's query heads (one writer per dK/dV element); dQ by query
 block over the forward's spans. Both recompute the probabilities from the saved log-sum-exp.
 
+Decode (raster_window_decode): one program per (new query position, batch x key/value head, tile
+of the GQA group's query heads). The query heads of a group are the rows of the tile, so each ring
+slot is loaded once for all of them; the position (i, j) is read from device memory, so the launch
+is the same at every step. The program walks the prefix slots [0, P), then the image rows
+i - min(rows, i) .. i, each a contiguous run of ring slots P + (row % ring_rows) W + [max(j - left,
+0), min(j + right, W - 1)] (j for row i itself), in tiles of BLOCK_N: exactly the keys the rule
+lets the query see, read nowhere else, O(P + (rows + 1)(left + right + 1)) per query. No split of
+the keys (flash-decoding): a query reads a few hundred keys at most, and the wavefront's positions
+times B x H_kv already give several programs per SM. BLOCK_N and the warps are autotuned per
+(head_dim, run length, group size, dtype) over a list filtered by tile size; under the interpreter
+one config.
+
 Precision and the interpreter: the shared pieces (row loads that widen to the dot dtype, the online
 softmax step, block sizes, bf16 result buffers) come from kernels/window_attention.py, so the same
 rules hold: fp32 accumulation, IEEE fp32 dots, bf16 widened to fp32 under TRITON_INTERPRET=1.
@@ -38,13 +50,15 @@ same), which also keeps every position computation inside int32.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from fastvq.kernels.window_attention import (LOG2E, _blocks, _check_supported, _delta_kernel, _dot_dtype,
-                                             _empty_result, _finish_rows, _load_rows, _online_softmax_step,
-                                             _store_rows, _strides)
+from fastvq.kernels.window_attention import (_INTERPRET, LOG2E, _blocks, _check_supported, _delta_kernel,
+                                             _dot_dtype, _empty_result, _finish_rows, _load_rows,
+                                             _online_softmax_step, _store_rows, _strides)
 
 
 # ----------------------------------------------------------------------------- the rule and the spans
@@ -277,6 +291,70 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     _store_rows(dq_ptr + b * sdq_b + h * sdq_h, dq * scale, offs_m, offs_d, sdq_t, sdq_d, T, D)
 
 
+# ----------------------------------------------------------------------------- decode against a ring of image rows
+
+@triton.jit
+def _ring_run(q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_d, D, first, count, qk_scale, m_i, l_i, acc,
+              DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Fold the `count` consecutive ring slots from `first` into the running softmax; slots past
+    the run are masked on load (never read) and score -inf."""
+    for c0 in range(0, count, BLOCK_N):
+        offs = c0 + tl.arange(0, BLOCK_N)
+        inside = offs < count
+        slot = (first + offs).to(tl.int64)
+        mask = inside[:, None] & (offs_d < D)[None, :]
+        k = tl.load(k_base + slot[:, None] * sk_t + offs_d[None, :] * sk_d, mask=mask, other=0.0).to(DOT)
+        v = tl.load(v_base + slot[:, None] * sv_t + offs_d[None, :] * sv_d, mask=mask, other=0.0).to(DOT)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        m_i, l_i, acc = _online_softmax_step(tl.where(inside[None, :], s, float("-inf")), v, m_i, l_i, acc, DOT)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _ring_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, rows_ptr, cols_ptr,
+                        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+                        so_b, so_h, so_t, so_d,
+                        H_KV, GROUP, D, P, W, RING_ROWS, ROWS, LEFT, RIGHT, SPAN, qk_scale,
+                        DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows of the tile: query heads hk * GROUP + r of one key/value head, all at the query
+    position t = program_id(0). SPAN (the longest run, min(W, left + right + 1)) only keys the
+    autotuner."""
+    t = tl.program_id(0).to(tl.int64)
+    bhk = tl.program_id(1)
+    b, hk = (bhk // H_KV).to(tl.int64), (bhk % H_KV).to(tl.int64)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h = hk * GROUP + offs_r
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = (offs_r < GROUP)[:, None] & (offs_d < D)[None, :]
+    q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + t * sq_t + offs_d[None, :] * sq_d,
+                mask=row_mask, other=0.0).to(DOT)
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    i = tl.load(rows_ptr + t)  # int64, checked >= 0 by the op
+    j = tl.load(cols_ptr + t)  # int64, checked in [0, W)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = _ring_run(q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_d, D, 0, P, qk_scale, m_i, l_i, acc,
+                              DOT, BLOCK_N)
+    col_lo = tl.maximum(j - LEFT, 0)
+    d_top = tl.minimum(i, ROWS).to(tl.int32)  # rows above the grid's first do not exist
+    # Row offsets from the top of the band down to the query's own row: the keys in raster order.
+    for e in range(0, d_top + 1):
+        d = d_top - e
+        ring_row = (i - d) % RING_ROWS
+        col_hi = tl.minimum(j + tl.where(d > 0, RIGHT, 0), W - 1)
+        first = (P + ring_row * W + col_lo).to(tl.int32)
+        count = (col_hi - col_lo + 1).to(tl.int32)
+        m_i, l_i, acc = _ring_run(q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, offs_d, D, first, count, qk_scale,
+                                  m_i, l_i, acc, DOT, BLOCK_N)
+
+    out, _ = _finish_rows(m_i, l_i, acc)  # every query sees itself: l > 0 on real rows
+    o_rows = o_ptr + b * so_b + h[:, None] * so_h + t * so_t
+    tl.store(o_rows + offs_d[None, :] * so_d, out.to(o_ptr.dtype.element_ty), mask=row_mask)
+
+
 # ----------------------------------------------------------------------------- launch
 
 def _window(geometry, t: int) -> tuple[int, int, int, int, int]:
@@ -325,3 +403,51 @@ def attention_backward(grad_out, q, k, v, out, lse, geometry, scale: float):
         h, h // h_kv, t, d, *window, scale, scale * LOG2E.value,
         DOT=dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# (BLOCK_N, num_warps, num_stages) the decode's autotuner tries, smallest tile first. A run of the
+# band is min(W, left + right + 1) slots (16 for taming's window), so tiles beyond 64 would mostly
+# be masked; pipelining stages help only on the prefix and on runs of several tiles.
+_DECODE_CONFIGS = ((16, 2, 1), (16, 4, 2), (32, 4, 2), (64, 4, 2))
+_DECODE_TILE_BYTES = 16 * 1024  # a K or V tile (BLOCK_N x BLOCK_D) above this leaves registers to spill
+_DECODE_ACC_ELEMS = 16 * 256   # the fp32 accumulator (BLOCK_R x BLOCK_D): 32 registers a thread at 4 warps
+_DECODE_INTERPRET = dict(BLOCK_N=16, num_warps=4, num_stages=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_autotuned(block_d: int, elem_size: int):
+    """The decode kernel autotuned over the configs whose K/V tile stays small enough for
+    registers (the first one always kept); one config under the interpreter, which cannot time."""
+    if _INTERPRET:
+        configs = [triton.Config({"BLOCK_N": _DECODE_INTERPRET["BLOCK_N"]}, num_warps=_DECODE_INTERPRET["num_warps"],
+                                 num_stages=_DECODE_INTERPRET["num_stages"])]
+    else:
+        configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for k, (n, w, st) in
+                   enumerate(_DECODE_CONFIGS) if k == 0 or n * block_d * elem_size <= _DECODE_TILE_BYTES]
+    return triton.autotune(configs=configs, key=["D", "SPAN", "GROUP"])(_ring_decode_kernel)
+
+
+def decode(q, k_ring, v_ring, rows_idx, cols_idx, geometry, scale: float):
+    """Output (B, H, n, Dh) of n grid queries at (rows_idx[t], cols_idx[t]) against the ring
+    (B, H_kv, n_prefix + ring_rows * width, Dh); any strides. Inputs are checked by
+    fastvq.ops.raster_window.raster_window_decode (positions in the grid, the ring's size)."""
+    _check_supported(q)
+    width, rows, left, right, n_prefix = geometry
+    b, h, n, d = q.shape
+    h_kv = k_ring.shape[1]
+    group = h // h_kv
+    ring_rows = (k_ring.shape[2] - n_prefix) // width
+    left, right = min(left, width), min(right, width)  # wider than the grid means the same window
+    block_d = max(16, triton.next_power_of_2(d))
+    cap = 16 if _INTERPRET else max(16, _DECODE_ACC_ELEMS // block_d)  # small in tests: groups span tiles
+    block_r = min(cap, max(16, triton.next_power_of_2(group)))
+    out = _empty_result(q)
+    rows_idx = rows_idx.to(torch.int64).contiguous()
+    cols_idx = cols_idx.to(torch.int64).contiguous()
+    kernel = _decode_autotuned(block_d, q.element_size())
+    kernel[(n, b * h_kv, triton.cdiv(group, block_r))](
+        q, k_ring, v_ring, out, rows_idx, cols_idx, *_strides(q), *_strides(k_ring), *_strides(v_ring),
+        *_strides(out), h_kv, group, d, n_prefix, width, ring_rows, rows, left, right,
+        min(width, left + right + 1), scale * LOG2E.value,
+        DOT=_dot_dtype(q.dtype), BLOCK_R=block_r, BLOCK_D=block_d)
+    return out.to(q.dtype)

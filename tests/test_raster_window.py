@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import fastvq
-from fastvq.ops.raster_window import KERNELS, Geometry, raster_window_decode_reference, raster_window_visible, ring_visible
-from helpers import assert_close, backend_params, device_of, interpreted, requires
+from fastvq.ops.raster_window import (KERNELS, Geometry, raster_window_decode_reference, raster_window_visible,
+                                      ring_slots, ring_visible)
+from helpers import assert_close, backend_params, device_of, interpreted
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -175,21 +176,31 @@ def test_kernel_reads_no_row_outside_a_blocks_reach(backend, n_prefix, grid_rows
 # (B, H, H_kv, width, ring_rows, rows, left, right, n_prefix, Dh, dtype, layout, queries (i, j)): a
 # wavefront on rows 0 .. 7 (ring rows reused), first rows that see fewer rows than `rows`, both
 # grid borders, GQA, a window wider than the grid, head sizes the kernels read in whole vectors (64)
-# and ones they do not (8, 24), and a ring whose head_dim is not contiguous ("strided").
+# and ones they do not (8, 12, 20, 24), and views that are not contiguous ("strided": q transposed,
+# the rings' head_dim every other element). Then, for the Triton kernel's tiles (16 slots, 16 heads
+# under the interpreter): runs of 18 slots (two tiles) on a 33-wide grid without a prefix, a prefix
+# of 17 (two tiles), a GQA group of 18 heads (two head tiles, a group of 3 (not a power of two)),
+# rows = 0 with left wider than the grid, and a ring that wrapped in every case but the second.
 DECODE_CASES = [
     (2, 4, 2, 20, 5, 2, 3, 2, 1, 64, torch.float32, "contiguous", [(7, 0), (6, 3), (5, 6), (4, 19), (1, 5), (0, 0)]),
     (1, 2, 2, 20, 4, 3, 8, 7, 2, 64, torch.float16, "contiguous", [(3, 19), (2, 0), (9, 10)]),
     (1, 4, 1, 9, 3, 1, 2, 1, 0, 8, torch.bfloat16, "contiguous", [(5, 4), (4, 8), (0, 3)]),
     (2, 2, 1, 3, 4, 2, 5, 5, 3, 24, torch.float32, "contiguous", [(2, 2), (1, 0), (6, 1)]),
     (1, 2, 2, 16, 4, 2, 2, 2, 1, 32, torch.float32, "strided", [(5, 15), (4, 3), (3, 7)]),
+    (1, 6, 2, 33, 6, 2, 9, 8, 0, 20, torch.bfloat16, "contiguous", [(9, 0), (8, 13), (7, 32)]),
+    (1, 2, 1, 7, 6, 3, 1, 6, 17, 12, torch.float16, "strided", [(2, 0), (1, 6), (0, 3)]),
+    (1, 18, 1, 5, 3, 1, 0, 0, 1, 8, torch.float32, "contiguous", [(4, 4), (3, 0)]),
+    (2, 2, 2, 10, 2, 0, 20, 3, 2, 16, torch.float32, "contiguous", [(7, 9), (7, 2)]),
 ]
 
 
-@requires("cpp")  # (triton's decode is the dense torch reference)
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[10]}-{c[11]}-Dh{c[9]}")
-def test_cpp_decode_matches_the_reference_and_reads_only_visible_slots(case):
+@pytest.mark.parametrize("backend, case", [
+    pytest.param(b.values[0], case, marks=b.marks, id=f"{b.id}-{n}-{str(case[10])[6:]}-{case[11]}-Dh{case[9]}")
+    for b in backend_params(("cpp", "triton")) for n, case in enumerate(DECODE_CASES)])
+def test_decode_matches_the_reference_and_reads_only_visible_slots(backend, case):
     """Every ring slot no query sees is NaN (a read of one would reach the outputs); the result is
-    the reference's on the clean ring."""
+    the reference's on the clean ring, and the ring is left as it was."""
+    dev = device_of(backend)
     b, h, hk, width, ring_rows, rows, left, right, n_prefix, d, dtype, layout, positions = case
     g = torch.Generator().manual_seed(width)
     slots = n_prefix + ring_rows * width
@@ -206,12 +217,81 @@ def test_cpp_decode_matches_the_reference_and_reads_only_visible_slots(case):
         x[:, :, ~seen] = float("nan")
         if layout == "strided":  # head_dim every other element
             x = torch.stack((x, torch.full_like(x, float("nan"))), -1).flatten(-2)[..., ::2]
-        return x
+        return x.to(dev)
 
-    got = fastvq.raster_window_decode(q, poisoned(k_ring), poisoned(v_ring), rows_idx, cols_idx, **geometry._asdict(),
-                                      backend="cpp")
+    if layout == "strided":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_dev, v_dev = poisoned(k_ring), poisoned(v_ring)
+    k_before, v_before = k_dev.clone(), v_dev.clone()
+    got = fastvq.raster_window_decode(q.to(dev), k_dev, v_dev, rows_idx.to(dev), cols_idx.to(dev),
+                                      **geometry._asdict(), backend=backend)
     assert got.dtype == dtype and got.shape == q.shape
     assert_close(got.cpu(), want, dtype=dtype)
+    for ring, before in ((k_dev, k_before), (v_dev, v_before)):
+        assert torch.equal(ring.isnan(), before.isnan()) and torch.equal(ring.nan_to_num(), before.nan_to_num())
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_wavefront_decode_of_a_whole_grid_matches_the_oracle(backend):
+    """A 5 x 6 grid after a class token, decoded by wavefront (rows lag right + 1 columns, up to
+    three rows a step) into a 4-row ring written in place (row 4 reuses row 0's slots), gives the
+    float64 oracle's outputs of the whole sequence. Slots not yet written are NaN for the kernels,
+    which read only visible slots; the dense reference reads every slot, so there they are huge."""
+    dev = device_of(backend)
+    width, grid_rows, rows, left, right, n_prefix, d = 6, 5, 1, 1, 1, 1, 8
+    ring_rows, lag = rows + 3, right + 1  # a wavefront spans 3 rows: rows + 1 + 2 ring rows
+    t = n_prefix + grid_rows * width
+    q, k, v = make(1, 2, 1, t, d, torch.float32, seed=7)
+    want = oracle(q, k, v, rule_mask(t, width, rows, left, right, n_prefix), d ** -0.5)
+    unwritten = 1e6 if backend == "torch" else float("nan")
+    k_ring, v_ring = (torch.full((1, 1, n_prefix + ring_rows * width, d), unwritten, device=dev) for _ in range(2))
+    k_ring[:, :, :n_prefix], v_ring[:, :, :n_prefix] = k[:, :, :n_prefix].to(dev), v[:, :, :n_prefix].to(dev)
+    storage = k_ring.data_ptr(), v_ring.data_ptr()
+    got = torch.full_like(want, float("nan"))
+    steps = width + (grid_rows - 1) * lag
+    for step in range(steps):
+        positions = [(i, step - i * lag) for i in range(grid_rows) if 0 <= step - i * lag < width]
+        rows_idx, cols_idx = (torch.tensor(c) for c in zip(*positions))
+        flat = n_prefix + rows_idx * width + cols_idx
+        slots = ring_slots(rows_idx, cols_idx, width, ring_rows, n_prefix).to(dev)
+        k_ring[:, :, slots], v_ring[:, :, slots] = k[:, :, flat].to(dev), v[:, :, flat].to(dev)
+        out = fastvq.raster_window_decode(q[:, :, flat].to(dev), k_ring, v_ring, rows_idx.to(dev), cols_idx.to(dev),
+                                          width=width, rows=rows, left=left, right=right, n_prefix=n_prefix,
+                                          backend=backend)
+        got[:, :, flat] = out.cpu().double()
+    assert (k_ring.data_ptr(), v_ring.data_ptr()) == storage
+    assert_close(got[:, :, n_prefix:], want[:, :, n_prefix:], dtype=torch.float32, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("change, exc, words", [
+    (dict(rows_idx=[-1, 2]), ValueError, r"query 0 is at .*rows_idx must be >= 0"),
+    (dict(cols_idx=[0, 4]), ValueError, r"query 1 is at .*cols_idx in \[0, width = 4\)"),
+    (dict(cols_idx=[-2, 1]), ValueError, r"cols_idx in \[0, width = 4\)"),
+    (dict(rows_idx=[1]), ValueError, "rows_idx must hold one index per query"),
+    (dict(cols_idx=[0.0, 1.0]), TypeError, "cols_idx"),
+    (dict(slots=1 + 3 * 4 + 1), ValueError, "k_ring must hold n_prefix"),
+    (dict(slots=1 + 1 * 4), ValueError, "ring_rows > rows"),
+    (dict(width=0), ValueError, "width must be an integer >= 1"),
+    (dict(left=-1), ValueError, "left must be an integer >= 0"),
+    (dict(n_prefix=20), ValueError, "n_prefix"),
+    (dict(v_dtype=torch.float16), TypeError, "v_ring"),
+])
+def test_decode_refuses_bad_arguments_and_leaves_the_ring_as_it_was(backend, change, exc, words):
+    dev = device_of(backend)
+    change = dict(change)  # shared by the backends' runs: pop from a copy
+    slots = change.pop("slots", 1 + 3 * 4)
+    v_dtype = change.pop("v_dtype", torch.float32)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 2, 8, generator=g).to(dev)
+    k_ring = torch.randn(1, 1, slots, 8, generator=g).to(dev)
+    v_ring = torch.randn(1, 1, slots, 8, generator=g).to(dev, v_dtype)
+    args = dict(rows_idx=[2, 1], cols_idx=[0, 3], width=4, rows=1, left=1, right=1, n_prefix=1) | change
+    rows_idx, cols_idx = (torch.tensor(args.pop(name), device=dev) for name in ("rows_idx", "cols_idx"))
+    k_before, v_before = k_ring.clone(), v_ring.clone()
+    with pytest.raises(exc, match=words):
+        fastvq.raster_window_decode(q, k_ring, v_ring, rows_idx, cols_idx, **args, backend=backend)
+    assert torch.equal(k_ring, k_before) and torch.equal(v_ring, v_before)
 
 
 def test_non_contiguous_inputs_and_a_long_grid_in_chunks():

@@ -42,7 +42,7 @@ def test_compiles(compiled, op, kernel, target):
     name = f"sm_{target}"
     crashed = [r["error"] for r in compiled if r["target"] == name and r["op"] == op and r["kernel"] is None]
     assert not crashed, f"the {name} compile worker failed: {crashed[0]}"
-    records = [r for r in compiled if r["target"] == name and r["kernel"] == kernel]
+    records = [r for r in compiled if r["target"] == name and r["op"] == op and r["kernel"] == kernel]
     assert records, f"no workload in benchmarks/triton_compile.py launches {op}.{kernel}: add one to _workloads()"
     failed = [f"[{r.get('workload')}; {r.get('config')}; {r.get('role')}] {r['error']}" for r in records if not r["ok"]]
     assert not failed, f"{op}.{kernel} for {name}:\n" + "\n".join(failed)

@@ -22,8 +22,9 @@ every position. Every key seen comes earlier in raster order (j + right on row i
 (i, j)), so the rule is causal and every query sees at least itself.
 
 Backend contract (RasterKernels): forward(q, k, v, geometry, scale) -> (out, lse fp32 (B, H, T));
-backward(grad_out, q, k, v, out, lse, geometry, scale) -> (dq, dk, dv); geometry is a Geometry
-(width, rows, left, right, n_prefix). Work is O(T * (rows * (left + right + 1) + left + 1)) in
+backward(grad_out, q, k, v, out, lse, geometry, scale) -> (dq, dk, dv); decode(q, k_ring, v_ring,
+rows_idx, cols_idx, geometry, scale) -> out (int64 indices, already checked to lie on the grid);
+geometry is a Geometry (width, rows, left, right, n_prefix). Work is O(T * (rows * (left + right + 1) + left + 1)) in
 the fast backends; the torch reference is chunked (O(chunk * (rows + 1) * width) memory).
 """
 from __future__ import annotations
@@ -56,6 +57,16 @@ def _check_geometry(op: str, seq_len: int, width, rows, left, right, n_prefix) -
     if geometry.n_prefix > seq_len:
         raise ValueError(f"{op}: n_prefix ({geometry.n_prefix}) must be at most the sequence length T = {seq_len}")
     return geometry
+
+
+def _check_positions(op: str, rows_idx: torch.Tensor, cols_idx: torch.Tensor, width: int) -> None:
+    """Every query on the grid: row >= 0, column in [0, width). Checked here for every backend (the
+    kernels trust it); on a GPU this one reduction is a sync with the host."""
+    bad = (rows_idx < 0) | (cols_idx < 0) | (cols_idx >= width)
+    if bad.numel() and bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: query {t} is at (rows_idx, cols_idx) = ({int(rows_idx[t])}, {int(cols_idx[t])}); "
+                         f"rows_idx must be >= 0 and cols_idx in [0, width = {width})")
 
 
 # ----------------------------------------------------------------------------- the rule and the torch reference
@@ -161,9 +172,7 @@ KERNELS = {"torch": RasterKernels(raster_window_attention_reference, raster_wind
                                   raster_window_decode_reference),
            "cpp": RasterKernels(_cpp("raster_window_attention_fwd"), _cpp("raster_window_attention_bwd"),
                                 _cpp("raster_window_decode")),
-           # no Triton decode kernel yet: the reference (plain torch, runs on CUDA tensors) serves it
-           "triton": RasterKernels(_triton("attention_forward"), _triton("attention_backward"),
-                                   raster_window_decode_reference)}
+           "triton": RasterKernels(_triton("attention_forward"), _triton("attention_backward"), _triton("decode"))}
 
 
 def _backend_for(op: str, backend: str | None, device: torch.device) -> str:
@@ -242,7 +251,8 @@ def raster_window_decode(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Te
 
     Raises:
         TypeError / ValueError naming the argument (shapes, a ring whose slot count is not
-        n_prefix + ring_rows * width, ring_rows <= rows, indices of the wrong shape or dtype).
+        n_prefix + ring_rows * width, ring_rows <= rows, indices of the wrong shape or dtype, a
+        position off the grid: a row < 0 or a column outside [0, width)). The ring is only read.
 
     Example:
         >>> ring = torch.zeros(1, 8, 1 + 10 * 64, 64)   # prefix 1, 10 ring rows of width 64
@@ -265,6 +275,7 @@ def raster_window_decode(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Te
         if idx.shape[0] != n or idx.device != q.device:
             raise ValueError(f"{op}: {name} must hold one index per query ({n}) on q's device, got "
                              f"{tuple(idx.shape)} on {idx.device}")
+    _check_positions(op, rows_idx, cols_idx, geometry.width)
     scale = _check_scale(scale, q.shape[3], op)
     name = _backend_for(op, backend, q.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_ring, v_ring)):
