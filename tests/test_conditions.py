@@ -131,27 +131,37 @@ def boundary_distance(layout):
     return ndimage.distance_transform_edt(~boundary)
 
 
-def test_edges_of_texture_mosaics_trace_the_region_boundaries():
-    # Textures at full resolution, 96-pixel crops: EDGE_SIGMA was chosen so that the grain inside
-    # each texture stays below Canny's thresholds and the step between two textures does not.
-    dataset = LayoutMosaics(96, "train", length=24, seed=3)
+def test_edges_of_a_two_tone_mosaic_trace_the_region_boundary():
+    # brick dark, grass bright, each at a fifth of its contrast: the step between the regions is
+    # the strong edge, and at EDGE_SIGMA the textures' own grain stays below Canny's thresholds
+    dataset = LayoutMosaics(64, "train", textures=["brick", "grass"], length=20, seed=5)
     near = total = traced = boundaries = 0
     for image, layout in items(dataset):
-        edges = condition_map("edges", image)
-        assert edges.shape == (1, 96, 96) and set(edges.unique().tolist()) <= {0.0, 1.0}
-        distance = boundary_distance(layout)
-        on_edge = edges[0].bool().numpy()
-        near += (distance[on_edge] <= 4).sum()
+        two_tone = torch.where(layout == 0, image * 0.2 - 0.5, image * 0.2 + 0.5)
+        edges = condition_map("edges", two_tone)
+        assert edges.shape == (1, 64, 64) and set(edges.unique().tolist()) <= {0.0, 1.0}
+        on_edge, distance = edges[0].bool().numpy(), boundary_distance(layout)
+        near += (distance[on_edge] <= 3).sum()
         total += on_edge.sum()
         boundary = distance == 0
-        if boundary.any():
-            # a boundary pixel is traced when an edge lies within 4 pixels of it
-            traced += (ndimage.distance_transform_edt(~on_edge)[boundary] <= 4).sum()
+        if boundary.any():  # a boundary pixel is traced when an edge lies within 3 pixels of it
+            traced += (ndimage.distance_transform_edt(~on_edge)[boundary] <= 3).sum()
             boundaries += boundary.sum()
-    assert total > 0 and boundaries > 0
-    assert near / total > 0.8, f"only {near / total:.0%} of the edge pixels lie near a region boundary"
-    assert traced / boundaries > 0.6, f"only {traced / boundaries:.0%} of the boundary is traced"
-    assert EDGE_SIGMA == 3.0
+    assert boundaries > 0
+    assert near / total > 0.95, f"only {near / total:.0%} of the edge pixels lie near the region boundary"
+    assert traced / boundaries > 0.9, f"only {traced / boundaries:.0%} of the boundary is traced"
+
+
+def test_edge_sigma_keeps_each_textures_own_pattern():
+    # EDGE_SIGMA's reason (see conditions.py): brick's sparse outlines vs the dense grain of grass
+    # and gravel, without letting the grain fill the map
+    crops = EmbeddedImages(64, "train", length=30)
+    density = {label: [] for label in range(3)}
+    for image, label in items(crops):
+        density[label].append(condition_map("edges", image).mean().item())
+    brick, grass, gravel = (float(np.mean(density[label])) for label in range(3))
+    assert 0.02 < brick < 0.4 * min(grass, gravel) and max(grass, gravel) < 0.22
+    assert EDGE_SIGMA == 2.0
 
 
 def test_edges_of_a_constant_image_are_empty_and_batches_match():
