@@ -405,25 +405,36 @@ def attention_backward(grad_out, q, k, v, out, lse, geometry, scale: float):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-# (BLOCK_N, num_warps, num_stages) the decode's autotuner tries, smallest tile first. A run of the
-# band is min(W, left + right + 1) slots (16 for taming's window), so tiles beyond 64 would mostly
-# be masked; pipelining stages help only on the prefix and on runs of several tiles.
-_DECODE_CONFIGS = ((16, 2, 1), (16, 4, 2), (32, 4, 2), (64, 4, 2))
+# (BLOCK_N, num_warps, num_stages) the decode's autotuner tries, by the bytes of a head row in the
+# dot's dtype, the first one the default. A run of the band is min(W, left + right + 1) slots (16
+# for taming's window), so tiles beyond 64 would mostly be masked; stages help only on the prefix
+# and on runs of several tiles. Measured with benchmarks/triton_compile.py (ptxas, sm_80/sm_90): two
+# warps spill at 512-byte rows (fp32 Dh 128: 255 registers, ~500 B of spills) and sit at 254
+# registers for fp16 Dh 256, so wide rows start from eight warps and never try two.
+_DECODE_CONFIGS = {128: ((16, 2, 1), (16, 4, 2), (32, 4, 2), (64, 4, 2)),
+                   256: ((16, 4, 2), (32, 4, 2), (64, 4, 2)),
+                   1024: ((16, 8, 2), (16, 4, 2), (32, 4, 2))}
 _DECODE_TILE_BYTES = 16 * 1024  # a K or V tile (BLOCK_N x BLOCK_D) above this leaves registers to spill
 _DECODE_ACC_ELEMS = 16 * 256   # the fp32 accumulator (BLOCK_R x BLOCK_D): 32 registers a thread at 4 warps
 _DECODE_INTERPRET = dict(BLOCK_N=16, num_warps=4, num_stages=1)
 
 
+def _decode_configs(row_bytes: int) -> list[tuple[int, int, int]]:
+    """The configs for head rows of `row_bytes` (BLOCK_D x the dot's element size), tiles too
+    large for registers left out (the first config of each list is always kept)."""
+    table = next(configs for limit, configs in _DECODE_CONFIGS.items() if row_bytes <= limit)
+    return [c for k, c in enumerate(table) if k == 0 or c[0] * row_bytes <= _DECODE_TILE_BYTES]
+
+
 @functools.lru_cache(maxsize=None)
-def _decode_autotuned(block_d: int, elem_size: int):
-    """The decode kernel autotuned over the configs whose K/V tile stays small enough for
-    registers (the first one always kept); one config under the interpreter, which cannot time."""
+def _decode_autotuned(row_bytes: int):
+    """The decode kernel autotuned over _decode_configs(row_bytes); one config under the
+    interpreter, which cannot time."""
     if _INTERPRET:
-        configs = [triton.Config({"BLOCK_N": _DECODE_INTERPRET["BLOCK_N"]}, num_warps=_DECODE_INTERPRET["num_warps"],
-                                 num_stages=_DECODE_INTERPRET["num_stages"])]
+        chosen = [tuple(_DECODE_INTERPRET.values())]
     else:
-        configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for k, (n, w, st) in
-                   enumerate(_DECODE_CONFIGS) if k == 0 or n * block_d * elem_size <= _DECODE_TILE_BYTES]
+        chosen = _decode_configs(row_bytes)
+    configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in chosen]
     return triton.autotune(configs=configs, key=["D", "SPAN", "GROUP"])(_ring_decode_kernel)
 
 
@@ -444,7 +455,7 @@ def decode(q, k_ring, v_ring, rows_idx, cols_idx, geometry, scale: float):
     out = _empty_result(q)
     rows_idx = rows_idx.to(torch.int64).contiguous()
     cols_idx = cols_idx.to(torch.int64).contiguous()
-    kernel = _decode_autotuned(block_d, q.element_size())
+    kernel = _decode_autotuned(block_d * q.element_size())
     kernel[(n, b * h_kv, triton.cdiv(group, block_r))](
         q, k_ring, v_ring, out, rows_idx, cols_idx, *_strides(q), *_strides(k_ring), *_strides(v_ring),
         *_strides(out), h_kv, group, d, n_prefix, width, ring_rows, rows, left, right,
