@@ -97,3 +97,61 @@ def check_pos(where: str, pos, device: torch.device):
     if pos < 0:
         raise ValueError(f"{where}: pos (the absolute position of the first new token) must be >= 0, got {pos}")
     return int(pos)
+
+
+# ----------------------------------------------------------------------------- non-finite values
+# One reduction over the tensor, one host sync; only a refused call pays for finding the first bad row.
+
+def _nonfinite_kinds(values: torch.Tensor) -> str:
+    """Which of NaN, +inf, -inf occur in values, e.g. "NaN and +inf"."""
+    kinds = [label for label, hit in (("NaN", torch.isnan(values)), ("+inf", values == math.inf),
+                                      ("-inf", values == -math.inf)) if bool(hit.any())]
+    return " and ".join(kinds)
+
+
+def check_finite(where: str, name: str, t: torch.Tensor, *, vector_dim: int = -1, row: str = "row") -> None:
+    """Every element of t must be finite (no NaN, no +inf or -inf).
+
+    The rows are t's vectors along vector_dim, in row-major order of the other dims: a refusal names
+    the first row holding a non-finite value (its index, a tuple above 2-D) and what it holds.
+    One min/max pass over t and one host sync when every value is finite.
+
+    Raises:
+        ValueError: "<where>: <name> must be finite, but <row> <index> holds NaN" (or +inf, -inf).
+    """
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)
+    if all(math.isfinite(v) for v in torch.stack((lo, hi)).tolist()):
+        return
+    first = (~torch.isfinite(t)).any(vector_dim).nonzero()[0].tolist()
+    index = first[0] if len(first) == 1 else tuple(first)
+    values = t.movedim(vector_dim, -1)[tuple(first)]
+    raise ValueError(f"{where}: {name} must be finite, but {row} {index} holds {_nonfinite_kinds(values)}")
+
+
+def check_logits(where: str, name: str, logits: torch.Tensor) -> None:
+    """Every row of a (B, V) logits tensor must hold no NaN, no +inf and at least one finite value;
+    -inf entries beside finite ones are masked tokens and allowed.
+
+    One max per row (NaN propagates through it) and one host sync when every row is valid.
+
+    Raises:
+        ValueError: "<where>: <name> row <i> holds NaN" (or +inf, or is -inf everywhere), i the first bad row.
+    """
+    if logits.numel() == 0:
+        return
+    top = logits.amax(1)
+    bad = ~torch.isfinite(top)
+    if not bool(bad.any()):
+        return
+    i = int(bad.nonzero()[0])
+    values = logits[i]
+    if bool(torch.isnan(values).any()):
+        what = "holds NaN"
+    elif bool((values == math.inf).any()):
+        what = "holds +inf"
+    else:
+        what = "is -inf everywhere (every token masked: nothing to draw)"
+    raise ValueError(f"{where}: {name} row {i} {what}; a row must be finite where it is not masked by -inf, "
+                     "with at least one finite logit")

@@ -34,6 +34,7 @@ from .._checks import check_int, check_pos
 from ..nn.attention import AttentionDecodeWeights, SlidingWindowSelfAttention, StepKernels, step_kernels
 from ..nn.decode_state import DecodeWeights, packed_in_huge_pages
 from ..nn.kv_cache import KVCache
+from ..ops.sampling import check_sample_args
 from ..ops.sampling import sample_logits as fused_sample_logits
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -393,14 +394,28 @@ def sample_with_past(x: torch.Tensor, model: GPT, steps: int, temperature: float
     """
     _check_sampler_args(x, model, steps, cfg_scale)
     rows, t0 = x.shape
+    top_k = None if isinstance(top_k, numbers.Integral) and top_k == 0 else top_k
+    top_p = None if isinstance(top_p, numbers.Real) and top_p == 1 else top_p
+    temperature = temperature if sample_logits else 0.0
+    # Every argument before anything runs: prefill overwrites a given cache, so a sampling argument
+    # refused only at the first draw would leave the caller's cache half rewritten.
+    check_sample_args("sample_with_past", rows, model.vocab_size, x.device, temperature=temperature, top_k=top_k,
+                      top_p=top_p, cfg_scale=cfg_scale)
+    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device != x.device):
+        got = generator.device if isinstance(generator, torch.Generator) else type(generator).__name__
+        raise TypeError(f"sample_with_past: generator must be a torch.Generator on x's device ({x.device}) or None, "
+                        f"got {got}")
+    if cache is not None:
+        model._check_cache(cache, rows)
+        model._check_cache_dtype(cache, x.device, "sample_with_past")
+        if cache.slots < model.window:
+            raise ValueError(f"sample_with_past: the cache has {cache.slots} slots but sampling needs at least "
+                             f"window = {model.window}")
     batch = rows // 2 if cfg_scale is not None else rows
     out = torch.empty(batch, steps, dtype=torch.int64, device=x.device)
     if steps == 0:
         return out
     cache = model.new_cache(rows) if cache is None else cache
-    top_k = None if isinstance(top_k, numbers.Integral) and top_k == 0 else top_k
-    top_p = None if isinstance(top_p, numbers.Real) and top_p == 1 else top_p
-    temperature = temperature if sample_logits else 0.0
     was_training = model.training
     model.eval()
     try:

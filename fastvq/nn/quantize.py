@@ -15,7 +15,9 @@ Keyword-only extras, all off by default:
 Under torch.distributed (world size > 1) the per-code counts and sums are summed over ranks
 before any update, and restart seeds come from rank 0, so every rank keeps the same codebook.
 A call that raises leaves the codebook and EMA buffers untouched: inputs are validated first and
-every update is computed into temporaries that are copied in only at the very end.
+every update is computed into temporaries that are copied in only at the very end. z (and the codebook,
+and project_in's output) must be finite: a NaN or inf is refused naming its (b, h, w) before any
+buffer is updated, since one NaN averaged into the EMA would spread to its code for good.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_float, check_int, check_positive, check_prob
+from .._checks import check_finite, check_float, check_int, check_positive, check_prob
 from ..ops.quantize import vector_quantize
 
 METRICS = ("l2", "cosine")
@@ -161,6 +163,7 @@ class VectorQuantizer(nn.Module):
                              f"got {tuple(z.shape)}")
         if z.numel() == 0:
             raise ValueError(f"VectorQuantizer: z must not be empty, got shape {tuple(z.shape)}")
+        check_finite("VectorQuantizer", "z", z, vector_dim=1, row="the vector z[b, :, h, w] at (b, h, w) =")
 
     def _loss_weights(self):
         if self.ema:  # the codebook follows the EMA, so only the encoder is pulled (by beta)

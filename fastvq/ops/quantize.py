@@ -7,6 +7,10 @@ Public:
 `nearest_code_reference` is the oracle every backend is tested against. The backends compute the
 same thing without ever holding an N x K distance matrix: codebook tiles stream past each block of
 rows while a running (min, argmin) is kept. Ties go to the lowest index, as torch.argmin does.
+
+Non-finite values, one rule on every backend: NaN, +inf or -inf anywhere in x (z) or the codebook
+is refused with a ValueError naming the argument and its first bad row, checked in one min/max pass
+before dispatch (a NaN row has no nearest code), so nothing is computed and no gradient is written.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .._backend import cpp_ops, resolve_backend
-from .._checks import FLOATS, check_tensor
+from .._checks import FLOATS, check_finite, check_tensor
 
 METRICS = ("l2", "cosine")
 _SEARCH_DTYPES = FLOATS + (torch.float64,)  # fp64 is accepted for oracles and computed in fp32
@@ -24,8 +28,9 @@ _EPS = 1e-12  # floor on norms for the cosine metric, so zero vectors give dista
 
 # ----------------------------------------------------------------------------- input checks
 
-def _check_search_inputs(x: torch.Tensor, codebook: torch.Tensor, metric: str, op: str = "nearest_code") -> None:
-    check_tensor(op, "x", x, ("N", "D"), _SEARCH_DTYPES)
+def _check_search_inputs(x: torch.Tensor, codebook: torch.Tensor, metric: str, op: str = "nearest_code",
+                         x_name: str = "x") -> None:
+    check_tensor(op, x_name, x, ("N", "D"), _SEARCH_DTYPES)
     check_tensor(op, "codebook", codebook, ("K", "D"), _SEARCH_DTYPES)
     if codebook.shape[0] == 0:
         raise ValueError(f"{op}: codebook must have at least one entry, got shape {tuple(codebook.shape)}")
@@ -37,6 +42,10 @@ def _check_search_inputs(x: torch.Tensor, codebook: torch.Tensor, metric: str, o
         raise ValueError(f"{op}: x is on {x.device} but codebook is on {codebook.device}; they must be on the same device")
     if metric not in METRICS:
         raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
+    # Last, as the only pass over the values: a NaN or inf row has no nearest code (backends would
+    # return index 0, or K, with a NaN distance), so every backend refuses it before dispatch.
+    check_finite(op, x_name, x)
+    check_finite(op, "codebook", codebook)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -200,8 +209,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
     block of rows with a running (min, argmin). Accumulation is always fp32 (no TF32).
 
     Args:
-        x: (N, D) float32, float16 or bfloat16 (float64 accepted, computed in fp32).
-        codebook: (K, D), K >= 1, on x's device.
+        x: (N, D) float32, float16 or bfloat16 (float64 accepted, computed in fp32), finite.
+        codebook: (K, D), K >= 1, on x's device, finite.
         metric: "l2" (squared Euclidean distance) or "cosine" (one minus the cosine similarity).
         backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
 
@@ -211,6 +220,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
 
     Raises:
         TypeError / ValueError naming the argument for a wrong type, rank, dtype, D or metric;
+        ValueError naming x or codebook and its first row holding NaN or +-inf (on every backend:
+        one min/max pass before dispatch, next to the O(N K D) search);
         RuntimeError when the backend asked for cannot run here (and why).
 
     Example:
@@ -234,8 +245,8 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, *, commitment_weigh
     taming's VectorQuantizer2(legacy=True) is commitment_weight=1, codebook_weight=beta.
 
     Args:
-        z: (N, D) float tensor, N >= 1.
-        codebook: (K, D) on z's device.
+        z: (N, D) float tensor, N >= 1, finite.
+        codebook: (K, D) on z's device, finite.
         commitment_weight: weight of ||z - sg[z_q]||^2 (gradient to z).
         codebook_weight: weight of ||sg[z] - z_q||^2 (gradient to the codebook).
         backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
@@ -245,7 +256,8 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, *, commitment_weigh
         and passes its gradient to z unchanged; both loss terms are means over all elements.
 
     Raises:
-        TypeError / ValueError naming the argument (as nearest_code; an empty z);
+        TypeError / ValueError naming the argument (as nearest_code; an empty z); ValueError naming
+        z or codebook and its first row holding NaN or +-inf, before anything is computed;
         RuntimeError when the backend asked for cannot run here.
 
     Example:
@@ -254,7 +266,7 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, *, commitment_weigh
         >>> z_q, loss, idx = fastvq.vector_quantize(z, codebook, commitment_weight=0.25)
         >>> (z_q.sum() + loss).backward()
     """
-    _check_search_inputs(z, codebook, "l2", op="vector_quantize")
+    _check_search_inputs(z, codebook, "l2", op="vector_quantize", x_name="z")
     name = resolve_backend(backend, z.device, "vector_quantize")
     if z.shape[0] == 0:
         raise ValueError("vector_quantize: z must have at least one row (the loss is a mean over z)")

@@ -23,6 +23,12 @@ What every backend computes, per row (fp32 math, whatever the logits' dtype):
 Selection (steps 3, 4) compares logits, not logits / t, so it does not depend on how a backend
 rounds the division. temperature, top_k and top_p are numbers or per-row tensors (rows,).
 
+Non-finite logits, one rule on every backend (checked before dispatch, one max per row): -inf
+masks a token; a row holding NaN or +inf, or -inf everywhere, is refused with a ValueError naming
+`logits` and the first such row (there is no token to draw, and backends would disagree on one).
+With cfg_scale each of the 2B input rows is checked, a token -inf in either half is masked in the
+guided row, and each guided row needs a token finite in both halves.
+
 Backends: "torch" (this file's reference: sorts, the oracle), "cpp" (csrc/sampling.cpp: radix
 select over each row), "triton" (kernels/sampling.py: radix select by counting, no sort).
 """
@@ -34,63 +40,102 @@ from numbers import Integral, Real
 import torch
 
 from .._backend import cpp_ops, resolve_backend
-from .._checks import check_tensor
+from .._checks import check_logits, check_tensor
 
 
 
 # ----------------------------------------------------------------------------- argument checks
 
-def _per_row(value, name, rows, device, *, integer, default):
+def _per_row(where, value, name, rows, device, *, integer, default):
     """A number or a (rows,) tensor -> a (rows,) tensor on `device` (int64 or fp32)."""
     if value is None:
         value = default
     if isinstance(value, torch.Tensor):
         if value.shape not in ((rows,), ()):
-            raise ValueError(f"sample_logits: {name} as a tensor must have shape ({rows},) (one per output row) "
+            raise ValueError(f"{where}: {name} as a tensor must have shape ({rows},) (one per output row) "
                              f"or be a scalar, got shape {tuple(value.shape)}")
         if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
-            raise TypeError(f"sample_logits: {name} must be an integer tensor, got {value.dtype}")
+            raise TypeError(f"{where}: {name} must be an integer tensor, got {value.dtype}")
         if not integer and value.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            raise TypeError(f"sample_logits: {name} must be a floating-point tensor, got {value.dtype}")
+            raise TypeError(f"{where}: {name} must be a floating-point tensor, got {value.dtype}")
         out = value.to(device=device, dtype=torch.int64 if integer else torch.float32).expand(rows).contiguous()
     else:
         if isinstance(value, bool) or not isinstance(value, Integral if integer else Real):
-            raise TypeError(f"sample_logits: {name} must be {'an int' if integer else 'a number'} or a tensor, "
+            raise TypeError(f"{where}: {name} must be {'an int' if integer else 'a number'} or a tensor, "
                             f"got {type(value).__name__}")
         if not integer and not math.isfinite(float(value)):
-            raise ValueError(f"sample_logits: {name} must be finite, got {value}")
+            raise ValueError(f"{where}: {name} must be finite, got {value}")
         if integer and not -2 ** 63 <= value < 2 ** 63:
-            raise ValueError(f"sample_logits: {name} must be an integer >= 1 that fits in int64 (a {name} at "
+            raise ValueError(f"{where}: {name} must be an integer >= 1 that fits in int64 (a {name} at "
                              f"least the vocabulary size keeps every token), got {value}")
         out = torch.full((rows,), value, dtype=torch.int64 if integer else torch.float32, device=device)
     return out
 
 
+def check_sample_args(where: str, batch: int, vocab_size: int, device, *, temperature=1.0, top_k=None, top_p=None,
+                      cfg_scale=None):
+    """sample_logits' parameter checks, for callers that must refuse a bad call before they compute
+    the logits (sample_with_past checks before its prefill writes the cache).
+
+    Args:
+        where: the name errors start with.
+        batch, vocab_size: the (B, V) shape the logits will have.
+        device: where the logits will be.
+        temperature, top_k, top_p, cfg_scale: as sample_logits takes them.
+
+    Returns:
+        (rows, temperature fp32 (rows,), top_k int64 (rows,) in [1, V], top_p fp32 (rows,)), rows = B
+        or B / 2 with cfg_scale.
+
+    Raises:
+        TypeError / ValueError naming the argument, as sample_logits.
+    """
+    if cfg_scale is not None:
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, Real) or not math.isfinite(float(cfg_scale)):
+            raise TypeError(f"{where}: cfg_scale must be a finite number, got {cfg_scale!r}")
+        if batch % 2:
+            raise ValueError(f"{where}: with cfg_scale the batch holds conditional rows then as many "
+                             f"unconditional rows, so B must be even; got B={batch}")
+    rows = batch // 2 if cfg_scale is not None else batch
+    t = _per_row(where, temperature, "temperature", rows, device, integer=False, default=1.0)
+    k = _per_row(where, top_k, "top_k", rows, device, integer=True, default=vocab_size)
+    p = _per_row(where, top_p, "top_p", rows, device, integer=False, default=1.0)
+    if rows:
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise ValueError(f"{where}: temperature must be >= 0 (0 means argmax), got {_show(temperature)}")
+        if bool((k < 1).any()):
+            raise ValueError(f"{where}: top_k must be >= 1, got {_show(top_k)}")
+        if not bool(((p > 0) & (p <= 1)).all()):
+            raise ValueError(f"{where}: top_p must be in (0, 1], got {_show(top_p)}")
+    return rows, t, k.clamp_(max=vocab_size), p
+
+
+def _check_guided_rows(logits, rows) -> bool:
+    """With guidance a token has a guided logit only where both halves are finite (elsewhere
+    u + s (c - u) is NaN or infinite): each guided row needs one such token, or there is nothing to
+    draw. Returns whether any token is masked in either half."""
+    both = torch.isfinite(logits[:rows]) & torch.isfinite(logits[rows:])
+    empty = ~both.any(1)
+    if bool(empty.any()):
+        i = int(empty.nonzero()[0])
+        raise ValueError(f"sample_logits: logits rows {i} (conditional) and {i + rows} (unconditional) have no "
+                         f"token finite in both, so guided row {i} has nothing to draw")
+    return not bool(both.all())
+
+
 def _prepare(logits, temperature, top_k, top_p, cfg_scale):
-    """Check everything; return (rows, per-row temperature fp32, top_k int64 in [1, V], top_p fp32)."""
+    """Check everything; return (rows, per-row temperature fp32, top_k int64 in [1, V], top_p fp32,
+    whether guidance meets a masked token)."""
     check_tensor("sample_logits", "logits", logits, ("B", "V"))
     B, V = logits.shape
     if V == 0:
         raise ValueError(f"sample_logits: logits must have a vocabulary of at least one token, got shape {tuple(logits.shape)}")
-    if cfg_scale is not None:
-        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, Real) or not math.isfinite(float(cfg_scale)):
-            raise TypeError(f"sample_logits: cfg_scale must be a finite number, got {cfg_scale!r}")
-        if B % 2:
-            raise ValueError(f"sample_logits: with cfg_scale the batch holds conditional rows then as many "
-                             f"unconditional rows, so B must be even; got B={B}")
-    rows = B // 2 if cfg_scale is not None else B
-    dev = logits.device
-    t = _per_row(temperature, "temperature", rows, dev, integer=False, default=1.0)
-    k = _per_row(top_k, "top_k", rows, dev, integer=True, default=V)
-    p = _per_row(top_p, "top_p", rows, dev, integer=False, default=1.0)
-    if rows:
-        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-            raise ValueError(f"sample_logits: temperature must be >= 0 (0 means argmax), got {_show(temperature)}")
-        if bool((k < 1).any()):
-            raise ValueError(f"sample_logits: top_k must be >= 1, got {_show(top_k)}")
-        if not bool(((p > 0) & (p <= 1)).all()):
-            raise ValueError(f"sample_logits: top_p must be in (0, 1], got {_show(top_p)}")
-    return rows, t, k.clamp_(max=V), p
+    rows, t, k, p = check_sample_args("sample_logits", B, V, logits.device, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, cfg_scale=cfg_scale)
+    # The values last: one pass over (B, V) before dispatch, so every backend refuses the same rows.
+    check_logits("sample_logits", "logits", logits)
+    masked_guidance = cfg_scale is not None and _check_guided_rows(logits, rows)
+    return rows, t, k, p, masked_guidance
 
 
 def _show(value):
@@ -105,7 +150,10 @@ def _guided(logits, cfg_scale):
         return x
     half = x.shape[0] // 2
     cond, uncond = x[:half], x[half:]
-    return uncond + float(cfg_scale) * (cond - uncond)
+    # A token masked (-inf) in either half stays masked, whatever the sign of cfg_scale
+    # (u + s (c - u) would be NaN or +inf there).
+    return torch.where(torch.isfinite(cond) & torch.isfinite(uncond), uncond + float(cfg_scale) * (cond - uncond),
+                       float("-inf"))
 
 
 def _kept_weights(x, t, k, p):
@@ -142,7 +190,7 @@ def sample_logits_reference(logits, temperature, top_k, top_p, cfg_scale, unifor
 
 def sampling_probs(logits, *, temperature=1.0, top_k=None, top_p=None, cfg_scale=None):
     """The exact distribution sample_logits draws from: (rows, V) fp32, one-hot on argmax where t = 0."""
-    rows, t, k, p = _prepare(logits, temperature, top_k, top_p, cfg_scale)
+    rows, t, k, p, _ = _prepare(logits, temperature, top_k, top_p, cfg_scale)
     x = _guided(logits, cfg_scale)
     w = _kept_weights(x, t, k, p)
     probs = w / w.sum(1, keepdim=True)
@@ -195,6 +243,8 @@ def sample_logits(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=No
 
     Raises:
         TypeError / ValueError naming the argument (shape, dtype, range, an odd B with cfg_scale);
+        ValueError naming `logits` and its first row that holds NaN or +inf or is -inf everywhere
+        (-inf beside finite logits masks a token), on every backend;
         RuntimeError when the backend asked for cannot run here.
 
     Example:
@@ -206,8 +256,12 @@ def sample_logits(logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=No
     """
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"sample_logits: generator must be a torch.Generator or None, got {type(generator).__name__}")
-    rows, t, k, p = _prepare(logits, temperature, top_k, top_p, cfg_scale)
+    rows, t, k, p, masked_guidance = _prepare(logits, temperature, top_k, top_p, cfg_scale)
     name = resolve_backend(backend, logits.device, "sample_logits")
+    if masked_guidance:
+        # The kernels guide finite logits only: with masked tokens the guided rows are formed here
+        # (O(B V), only then), so every backend masks them the same way.
+        logits, cfg_scale = _guided(logits, cfg_scale), None
     if uniform is None:
         r = torch.rand(rows, generator=generator, device=logits.device, dtype=torch.float32)
     else:

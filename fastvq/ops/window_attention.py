@@ -40,6 +40,10 @@ from .masked_attention import (CHUNK, MaskedAttentionFunction, MaskRule, expand_
 
 # ----------------------------------------------------------------------------- input checks
 
+_MAX_WINDOW = 2 ** 31 - 1
+_MAX_SCALE = torch.finfo(torch.float32).max  # the kernels scale in fp32: beyond this it is inf
+
+
 def _check_window(window, op: str) -> int:
     if isinstance(window, bool):
         raise TypeError(f"{op}: window must be an int >= 1, got a bool")
@@ -49,6 +53,11 @@ def _check_window(window, op: str) -> int:
         raise TypeError(f"{op}: window must be an int >= 1, got {type(window).__name__}") from None
     if window < 1:
         raise ValueError(f"{op}: window must be an int >= 1 (1 = each query sees only itself), got {window}")
+    if window > _MAX_WINDOW:
+        # The kernels do index arithmetic with the window in C++ and Triton integers; any window >= T
+        # is plain causal attention, so nothing is lost by asking for one that fits.
+        raise ValueError(f"{op}: window must be at most 2**31 - 1 = {_MAX_WINDOW} (any window >= the sequence "
+                         f"length is plain causal attention), got {window}")
     return window
 
 
@@ -82,6 +91,8 @@ def _check_scale(scale, head_dim: int, op: str) -> float:
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    if not abs(scale) <= _MAX_SCALE:  # also catches NaN: every score would be NaN or +-inf
+        raise ValueError(f"{op}: scale must be a finite number (within float32's range), got {scale!r}")
     return float(scale)
 
 
@@ -130,8 +141,12 @@ def sliding_window_decode_reference(q, k_cache, v_cache, pos, window: int, scale
     heads = q.shape[1]
     kf, vf = expand_kv(k_cache, heads).to(acc), expand_kv(v_cache, heads).to(acc)
     query_pos, key_pos = ring_positions(pos, q.shape[2], k_cache.shape[2], q.device)
+    visible = _visible(query_pos, key_pos, window)
     s = (q.to(acc) @ kf.transpose(-1, -2)) * scale
-    s = s.masked_fill(~_visible(query_pos, key_pos, window), float("-inf"))
+    s = s.masked_fill(~visible, float("-inf"))
+    # A slot no new query sees may hold anything (another sequence's keys, NaN): its weight is 0,
+    # but 0 * NaN is NaN in the product, so its values are left out, not just weighted 0.
+    vf = vf.masked_fill(~visible.any(0)[:, None], 0.0)
     return (torch.softmax(s, dim=-1) @ vf).to(q.dtype)
 
 
@@ -228,15 +243,16 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Args:
         q: (B, H, T, Dh) float32, float16 or bfloat16, any strides.
         k, v: (B, H_kv, T, Dh), q's dtype and device, H a multiple of H_kv (grouped-query attention).
-        window: int >= 1, the positions each query sees, itself included.
-        scale: the score scale, default Dh ** -0.5.
+        window: int in [1, 2**31 - 1], the positions each query sees, itself included.
+        scale: the score scale, a finite number; default Dh ** -0.5.
         backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
 
     Returns:
         (B, H, T, Dh) in q's dtype, differentiable in q, k and v.
 
     Raises:
-        TypeError / ValueError naming the argument (rank, dtype, device, shapes, window, scale);
+        TypeError / ValueError naming the argument (rank, dtype, device, shapes, a window outside
+        [1, 2**31 - 1], a scale that is NaN or infinite);
         RuntimeError when the backend asked for cannot run here.
 
     Example:
@@ -290,8 +306,8 @@ def sliding_window_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         k_cache, v_cache: (B, H_kv, S, Dh), q's dtype and device.
         pos: absolute position of the first new query: an int >= 0 or a 0-dim integer tensor on q's
             device (read only on the device, so a step can be captured in a CUDA graph; trusted >= 0).
-        window: int >= 1.
-        scale: default Dh ** -0.5.
+        window: int in [1, 2**31 - 1].
+        scale: a finite number; default Dh ** -0.5.
         backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton". Only "torch" is
             differentiable: with gradients, "auto" takes it and an explicit cpp/triton raises.
 
@@ -334,8 +350,8 @@ def sliding_window_decode_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache:
             (x @ cat(Wq, Wk, Wv).T).view(B, n, 3, H, Dh); float32, float16 or bfloat16.
         k_cache, v_cache: (B, H, S, Dh) rings, qkv's dtype and device, S >= window + n - 1.
         pos: int >= 0 or a 0-dim integer tensor on qkv's device.
-        window: int >= 1.
-        scale: default Dh ** -0.5.
+        window: int in [1, 2**31 - 1].
+        scale: a finite number; default Dh ** -0.5.
         backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
 
     Returns:
