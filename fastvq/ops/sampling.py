@@ -4,6 +4,8 @@ Public:
   sample_logits(logits, *, temperature=1.0, top_k=None, top_p=None, cfg_scale=None,
                 generator=None, backend=None) -> int64 (B,) or (B/2,) with cfg_scale
   sampling_probs(logits, ...) -> fp32 (B, V): the exact distribution sample_logits draws from
+  check_sample_args(where, B, V, device, ...) -> the checked per-row parameters, for a caller that
+      must refuse a bad call before it computes the logits (sample_with_past, before its prefill)
 
 What every backend computes, per row (fp32 math, whatever the logits' dtype):
   1. guidance: with cfg_scale s, row i of the first half (conditional, c) and row i of the second
