@@ -13,7 +13,9 @@ rows x width per layer (+ the prefix), row i in ring row i % ring_rows: memory p
 width, independent of the image height. The tokens of one step may sit on different rows (the
 wavefront: row i runs right + 1 columns behind row i - 1), and the cache checks on the host, before
 anything is written, that every key a new token needs is in the ring and that no row still needed
-is overwritten.
+is overwritten. A model's decode step (GPT2D.step) uses _step instead: the same ring writes and
+attention, with q/k/v in one product on stacked weight copies and the output projection through
+fastvq's decode_linear (decode_weights(), as SlidingWindowSelfAttention's).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from torch import nn
 from .._checks import check_int, check_prob
 from ..ops.raster_window import raster_window_attention, raster_window_decode, ring_slots
 from ..ops.rope import axial_rope
+from .attention import AttentionDecodeWeights
+from .decode_state import DecodeWeights, packed_in_huge_pages
 
 _WHERE = "RasterWindowSelfAttention"
 
@@ -154,6 +158,7 @@ class RasterWindowSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
         self.attn_pdrop = check_prob(_WHERE, "attn_pdrop", attn_pdrop)
         self.resid_drop = nn.Dropout(check_prob(_WHERE, "resid_pdrop", resid_pdrop))
+        self._decode_weights = DecodeWeights(self._decode_sources, self._build_decode_weights)
 
     def extra_repr(self) -> str:
         return (f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, rows={self.rows}, "
@@ -241,10 +246,50 @@ class RasterWindowSelfAttention(nn.Module):
         if ring_k.shape[0] != x.shape[0] or ring_k.dtype != x.dtype or ring_k.device != x.device:
             raise ValueError(f"{_WHERE}.forward_cached: the cache is batch {ring_k.shape[0]}, {ring_k.dtype} on "
                              f"{ring_k.device}; x is batch {x.shape[0]}, {x.dtype} on {x.device}")
-        q, k, v = self._qkv(x, 0, rows_idx.to(x.device), cols_idx.to(x.device))
-        slots = ring_slots(rows_idx.to(x.device), cols_idx.to(x.device), cache.width, cache.ring_rows, cache.n_prefix)
+        rows_idx, cols_idx = rows_idx.to(x.device), cols_idx.to(x.device)
+        q, k, v = self._qkv(x, 0, rows_idx, cols_idx)
+        return self._output(self._write_and_attend(q, k, v, cache, rows_idx, cols_idx, layer))
+
+    def _write_and_attend(self, q, k, v, cache: RasterKVCache, rows_idx, cols_idx, layer: int) -> torch.Tensor:
+        """Write the step's rotated keys and values (B, H_kv, n, hs) into their ring slots, then the
+        attention of its rotated queries (B, H, n, hs) over the ring (checked arguments)."""
+        ring_k, ring_v = cache[layer]
+        slots = ring_slots(rows_idx, cols_idx, cache.width, cache.ring_rows, cache.n_prefix)
         ring_k.index_copy_(2, slots, k)
         ring_v.index_copy_(2, slots, v)
-        y = raster_window_decode(q, ring_k, ring_v, rows_idx.to(x.device), cols_idx.to(x.device), width=cache.width,
-                                 n_prefix=cache.n_prefix, **self._window())
-        return self._output(y)
+        return raster_window_decode(q, ring_k, ring_v, rows_idx, cols_idx, width=cache.width, n_prefix=cache.n_prefix,
+                                    **self._window())
+
+    # ------------------------------------------------------------------------- decode step on decode_linear
+
+    def _decode_sources(self) -> tuple[torch.Tensor, ...]:
+        return (self.query.weight, self.key.weight, self.value.weight, self.proj.weight,
+                self.query.bias, self.key.bias, self.value.bias, self.proj.bias)
+
+    def _build_decode_weights(self) -> AttentionDecodeWeights:
+        wq, wk, wv, wp, bq, bk, bv, bp = self._decode_sources()
+        qkv, proj = packed_in_huge_pages(torch.cat((wq, wk, wv)), wp)
+        return AttentionDecodeWeights(qkv, torch.cat((bq, bk, bv)), proj, bp.detach())
+
+    def decode_weights(self) -> AttentionDecodeWeights:
+        """The tensors _step reads: query/key/value weights stacked ((n_embd + 2 kv) x n_embd) and
+        the output projection, copies (on CPU in huge pages) rebuilt when a parameter changes
+        (fastvq.nn.decode_state); `self._decode_weights.invalidate()` frees them."""
+        return self._decode_weights.get()
+
+    def _step(self, x: torch.Tensor, cache: RasterKVCache, rows_idx: torch.Tensor, cols_idx: torch.Tensor, layer: int,
+              weights: AttentionDecodeWeights, linear, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """forward_cached's step on arguments the caller checked once for every layer (cache.check_step,
+        the cache's batch, dtype and device), its products through `linear` (a fastvq decode_linear
+        KERNELS entry: the step's tokens as one small batch, each weight read once): q/k/v in one
+        product on the stacked weights, then residual + proj(attention). x (B, n, n_embd); indices
+        on x's device. Returns (B, n, n_embd)."""
+        b, n, _ = x.shape
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = linear(x, weights.qkv_weight, weights.qkv_bias, None, None).split((self.n_embd, kv, kv), dim=-1)
+        q = axial_rope(q.view(b, n, self.n_head, self.head_dim).transpose(1, 2), rows_idx, cols_idx)
+        k = axial_rope(k.view(b, n, self.n_kv_head, self.head_dim).transpose(1, 2), rows_idx, cols_idx)
+        v = v.reshape(b, n, self.n_kv_head, self.head_dim).transpose(1, 2)
+        y = self._write_and_attend(q, k, v, cache, rows_idx, cols_idx, layer)
+        return linear(y.transpose(1, 2).reshape(b, n, self.n_embd), weights.proj_weight, weights.proj_bias, residual,
+                      None)
