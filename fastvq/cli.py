@@ -136,7 +136,7 @@ def _train_vqgan(args, parser) -> int:
 def _train_gpt(args, parser) -> int:
     from .pipeline.train_gpt import config_for, train_gpt
 
-    overrides = {**_train_overrides(args), "train.pkeep": args.pkeep,
+    overrides = {**_train_overrides(args), "train.pkeep": args.pkeep, "train.cond": args.cond,
                  "train.conditional": None if args.conditional is None else args.conditional == "yes"}
     train_gpt(config_for(args.config, overrides), args.out, args.vqgan, data=args.data, resume=args.resume,
               device=args.device, show_progress=not args.no_progress)
@@ -146,11 +146,15 @@ def _train_gpt(args, parser) -> int:
 def _sample(args, parser) -> int:
     from .pipeline.sample import sample_images
 
-    result = sample_images(args.ckpt, args.out, n=args.n, height=args.height, classes=args.classes,
+    result = sample_images(args.ckpt, args.out, n=args.n, height=args.height, width=args.width,
+                           classes=args.classes, cond=args.cond, cfg_scale=args.cfg_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           zoom=args.zoom, device=args.device or "cpu")
+                           zoom=args.zoom, wavefront=not args.sequential, device=args.device or "cpu",
+                           show_progress=not args.no_progress)
+    speed = result["timings"].get("tokens_per_s")
     print(f"wrote {result['png']}: {args.n} images of {result['height']}x{result['width']} pixels, "
-          f"{result['tokens_per_image']} codes each")
+          f"{result['tokens_per_image']} codes each" + (f", {speed:.0f} codes/s" if speed else "")
+          + f" (details in {result['json']})")
     return 0
 
 
@@ -246,6 +250,9 @@ def _add_training_parsers(sub) -> None:
                      help="the VQGAN from train-vqgan (default runs/vqgan/vqgan.ckpt)")
     gpt.add_argument("--pkeep", type=float, help="fraction of input codes kept uncorrupted (default from the config)")
     gpt.add_argument("--conditional", choices=("yes", "no"), help="condition on the image class (default yes)")
+    gpt.add_argument("--cond", choices=("none", "layout", "edges", "lowres"),
+                     help="spatial condition of a GPT2D prior: a texture layout (mosaics of the embedded textures), "
+                          "the Canny edges or a low-resolution copy of the image (default none)")
     gpt.set_defaults(run=_train_gpt, parser=gpt)
 
     sample = sub.add_parser("sample", help="sample images from a trained prior",
@@ -253,8 +260,16 @@ def _add_training_parsers(sub) -> None:
     sample.add_argument("--ckpt", default="runs/gpt/gpt.ckpt", help="gpt.ckpt from train-gpt (default runs/gpt/gpt.ckpt)")
     sample.add_argument("--out", default="samples.png", metavar="PNG", help="image grid to write (default samples.png)")
     sample.add_argument("-n", type=_positive_int, default=8, help="number of images (default 8)")
-    sample.add_argument("--height", type=_positive_int, help="image height in pixels (default the training crop; "
-                                                             "taller needs a rope prior)")
+    sample.add_argument("--height", type=_positive_int, help="image height in pixels (default: the condition's or "
+                                                             "the training crop's)")
+    sample.add_argument("--width", type=_positive_int, help="image width in pixels, any multiple of the VQGAN's "
+                                                            "downsampling for a GPT2D prior (default as --height)")
+    sample.add_argument("--cond", metavar="PNG", help="spatial condition: a layout PNG in the colours the "
+                                                      "checkpoint lists, an edge map, or a low-resolution picture")
+    sample.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none; GPT2D priors)")
+    sample.add_argument("--sequential", action="store_true",
+                        help="one code at a time instead of the wavefront (the same image, slower)")
+    sample.add_argument("--no-progress", action="store_true", help="no progress bar")
     sample.add_argument("--class", dest="classes", nargs="+", metavar="CLASS", help="class names or indices, cycled")
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--top-k", type=_positive_int)

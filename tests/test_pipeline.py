@@ -26,8 +26,8 @@ TINY_VQGAN = {
 }
 TINY_GPT = {
     "preset": "demo",
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "window": 8},
-    "train": {"steps": 4, "batch_size": 4, "codes": 16, "warmup": 1, "log_every": 1, "ckpt_every": 2},
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "rows": 2, "left": 2, "right": 1},  # GPT2D
+    "train": {"size": 16, "steps": 4, "batch_size": 4, "codes": 16, "warmup": 1, "log_every": 1, "ckpt_every": 2},
 }
 
 
@@ -86,6 +86,13 @@ def test_sample_zoom_enlarges_every_pixel(trained, tmp_path):
     # the zoomed first image is the plain one with every pixel repeated 3 x 3 (nearest neighbour)
     first = small[2:18, 2:18]
     assert torch.equal(big[2:50, 2:50], first.repeat_interleave(3, 0).repeat_interleave(3, 1))
+
+
+def test_sample_cond_on_a_prior_without_a_spatial_condition_is_refused(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--ckpt", str(trained / "gpt" / "gpt.ckpt"), "--out", str(tmp_path / "s.png"),
+              "--cond", str(tmp_path / "layout.png")])
+    assert e.value.code == 2 and "without a spatial condition" in capsys.readouterr().err
 
 
 def test_resume_continues_where_the_last_checkpoint_stopped(trained, tmp_path):
@@ -157,8 +164,10 @@ def test_demo_quick_writes_the_report(tmp_path):
 
     result = run_demo(tmp_path, quick=True, show_progress=False, log=lambda *a: None)
     report = result["report"].read_text()
-    for name in ("samples.png", "sample_tall.png", "vqgan/loss_curves.png", "gpt/loss_curves.png"):
+    for name in ("panoramas.png", "layout_to_image.png", "lowres_to_highres.png", "vqgan/loss_curves.png",
+                 "gpt_layout/loss_curves.png"):
         assert (tmp_path / name).is_file() and name in report
-    assert "held-out PSNR" in report and "codebook usage" in report
+    assert "held-out PSNR" in report and "codebook usage" in report and "with the layout" in report
+    assert result["pictures"]["speed"]["same_codes"]  # the wavefront drew what one code at a time draws
     assert {r["op"].split()[0] for r in result["kernels"]} == {"nearest_code", "sliding_window_attention",
                                                                 "sample_logits"}

@@ -36,8 +36,8 @@ TINY_VQGAN = {
 }
 TINY_GPT = {  # the demo preset's dropout (0.1) and pkeep (0.9) stay
     "preset": "demo",
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "window": 8},
-    "train": {"steps": STEPS, "batch_size": 4, "codes": 16, "warmup": 2, "log_every": 1, "ckpt_every": 2},
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "rows": 2, "left": 2, "right": 1},  # GPT2D
+    "train": {"size": 16, "steps": STEPS, "batch_size": 4, "codes": 16, "warmup": 2, "log_every": 1, "ckpt_every": 2},
 }
 TIMING_COLUMNS = {"images_per_s", "tokens_per_s"}  # wall-clock rates: the only values that may differ
 
@@ -174,9 +174,14 @@ def test_train_vqgan_resumed_after_sigkill_equals_the_uninterrupted_run(vqgan_ru
     assert "disc_loss" in header  # the discriminator started after the checkpoint
 
 
-def test_train_gpt_resumed_after_sigkill_equals_the_uninterrupted_run(vqgan_runs, images, tmp_path):
+TINY_GPT_1D = {"preset": "demo1d", "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "window": 8},
+               "train": {k: v for k, v in TINY_GPT["train"].items() if k != "size"}}
+
+
+@pytest.mark.parametrize("config", [TINY_GPT, TINY_GPT_1D], ids=["gpt2d", "gpt"])
+def test_train_gpt_resumed_after_sigkill_equals_the_uninterrupted_run(vqgan_runs, images, tmp_path, config):
     vqgan = vqgan_runs[0] / "vqgan.ckpt"
-    argv = ["train-gpt", "--config", _yaml(tmp_path / "gpt.yaml", TINY_GPT), "--vqgan", str(vqgan),
+    argv = ["train-gpt", "--config", _yaml(tmp_path / "gpt.yaml", config), "--vqgan", str(vqgan),
             "--data", str(images)]
     full, resumed = interrupted_and_uninterrupted(tmp_path, argv)
     assert_same_run(full, resumed, ["model", "opt"], "gpt.ckpt")

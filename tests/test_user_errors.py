@@ -32,8 +32,8 @@ TINY_VQGAN = {
 }
 TINY_GPT = {
     "preset": "demo",
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "window": 8},
-    "train": {"steps": 2, "batch_size": 4, "codes": 16, "warmup": 1, "log_every": 1, "ckpt_every": 2},
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "rows": 2, "left": 2, "right": 1},  # GPT2D
+    "train": {"size": 16, "steps": 2, "batch_size": 4, "codes": 16, "warmup": 1, "log_every": 1, "ckpt_every": 2},
 }
 
 

@@ -10,10 +10,12 @@ the preset the command uses by default) and only the keys it changes. Unknown se
 errors naming the key, so a typo never trains silently with a default.
 
 Presets:
-  demo   the smallest, what `make demo` trains on a CPU (32x32 crops, f = 4, 8x8 codes)
+  demo   the smallest, what `make demo` trains on a CPU (32x32 crops, f = 4, 8x8 codes; the
+         GPT2D prior on 64x64 crops, 16x16 codes)
   small  for a small GPU or a long CPU run (64x64 crops, f = 8)
   base   taming's f16 1024-code ImageNet autoencoder shape (256x256, attention at 16) and a
-         24-layer GPT; for GPUs
+         24-layer GPT2D with taming's 8/8/7 window; for GPUs
+  demo1d, small1d, base1d (train-gpt only): the 1-D sliding-window GPT instead of GPT2D
 """
 from __future__ import annotations
 
@@ -100,6 +102,10 @@ class GPTTrainSection(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     pkeep: float = 0.9  # fraction of input codes kept; the others are replaced by random codes
     conditional: bool = True  # a class token (the crop's source image) before the codes
+    cond: str = "none"  # spatial condition (GPT2D only): none, layout, edges or lowres
+    cond_drop: float = 0.1  # fraction of training crops shown with the null condition (CFG needs it)
+    lowres_factor: int = 8  # cond lowres: how much the low-resolution input is shrunk
+    size: int = 0  # pixel side of the crops encoded for the prior; 0: the VQGAN's training crop
     codes: int = 4096  # crops encoded into the training bank (shared out among the processes)
     warmup: int = 50
     log_every: int = 20
@@ -116,6 +122,15 @@ class GPTTrainSection(_Section):
         self.betas = _check_betas("train", self.betas)
         self.pkeep = check_positive("config", "train.pkeep", self.pkeep, 1.0)  # 0 would train on noise alone
         check_bool("config", "train.conditional", self.conditional)
+        if self.cond not in SPATIAL_CONDITIONS:
+            raise ConfigError(f"config: train.cond must be one of {', '.join(SPATIAL_CONDITIONS)}, got {self.cond!r}")
+        self.cond_drop = check_prob("config", "train.cond_drop", self.cond_drop)
+        self.lowres_factor = check_int("config", "train.lowres_factor", self.lowres_factor, 1)
+        self.size = check_int("config", "train.size", self.size, 0)
+
+
+SPATIAL_CONDITIONS = ("none", "layout", "edges", "lowres")
+PRIORS = ("gpt2d", "gpt")  # model.prior: the 2-D raster-window prior (default) or the 1-D sliding-window GPT
 
 
 def _sections(config, names: tuple[str, ...], where: str) -> Mapping:
@@ -161,7 +176,8 @@ class TrainVQGANConfig:
 
 @dataclass
 class TrainGPTConfig:
-    """train-gpt's configuration: `model` GPT arguments (vocab_size and block_size come from the VQGAN)."""
+    """train-gpt's configuration: `model` the prior's arguments (vocab, classes and sizes come from the
+    VQGAN and the data), with `prior`: gpt2d (fastvq.GPT2D, the default) or gpt (the 1-D fastvq.GPT)."""
     model: dict
     train: GPTTrainSection = field(default_factory=GPTTrainSection)
 
@@ -171,7 +187,23 @@ class TrainGPTConfig:
         if isinstance(config, cls):
             return config
         sections = _sections(config, ("model", "train"), where)
-        return cls(dict(sections["model"]), GPTTrainSection.from_dict(sections["train"], f"{where}.train"))
+        result = cls(dict(sections["model"]), GPTTrainSection.from_dict(sections["train"], f"{where}.train"))
+        if result.prior not in PRIORS:
+            raise ConfigError(f"{where}.model.prior must be one of {', '.join(PRIORS)}, got {result.prior!r}")
+        if result.prior == "gpt" and result.train.cond != "none":
+            raise ConfigError(f"{where}.train.cond: a spatial condition needs model.prior gpt2d "
+                              f"(the 1-D GPT has no grid to add it to), got cond {result.train.cond!r}")
+        return result
+
+    @property
+    def prior(self) -> str:
+        # checkpoints written before GPT2D have no `prior` key: they hold a 1-D GPT
+        return self.model.get("prior", "gpt")
+
+    @property
+    def model_args(self) -> dict:
+        """The model section without `prior`: the keyword arguments of GPT2D / GPT."""
+        return {k: v for k, v in self.model.items() if k != "prior"}
 
     def to_dict(self) -> dict:
         return {"model": dict(self.model), "train": self.train.to_dict()}
@@ -206,29 +238,51 @@ VQGAN_PRESETS = {
     },
 }
 
-GPT_PRESETS = {
-    "demo": {
+GPT_1D_PRESETS = {
+    "demo1d": {
         # 4096 crops of three textures overlap heavily: dropout, weight decay and pkeep keep the
         # prior from memorising them (without, held-out loss rises after ~200 steps)
-        "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "window": 32, "rope": True, "embd_pdrop": 0.1,
-                  "resid_pdrop": 0.1, "attn_pdrop": 0.0},
+        "model": {"prior": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128, "window": 32, "rope": True,
+                  "embd_pdrop": 0.1, "resid_pdrop": 0.1, "attn_pdrop": 0.0},
         "train": GPTTrainSection().to_dict(),
     },
-    "small": {
-        "model": {"n_layer": 8, "n_head": 8, "n_embd": 256, "window": 64, "rope": True, "embd_pdrop": 0.0,
-                  "resid_pdrop": 0.0, "attn_pdrop": 0.0},
+    "small1d": {
+        "model": {"prior": "gpt", "n_layer": 8, "n_head": 8, "n_embd": 256, "window": 64, "rope": True,
+                  "embd_pdrop": 0.0, "resid_pdrop": 0.0, "attn_pdrop": 0.0},
         "train": {"steps": 20000, "batch_size": 32, "lr": 4e-4, "weight_decay": 0.01, "betas": [0.9, 0.95],
                   "pkeep": 0.9, "conditional": True, "codes": 65536, "warmup": 500, "log_every": 50,
                   "ckpt_every": 1000, "seed": 0},
     },
-    "base": {
-        "model": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "window": 256, "rope": True, "embd_pdrop": 0.0,
-                  "resid_pdrop": 0.0, "attn_pdrop": 0.0},
+    "base1d": {
+        "model": {"prior": "gpt", "n_layer": 24, "n_head": 16, "n_embd": 1024, "window": 256, "rope": True,
+                  "embd_pdrop": 0.0, "resid_pdrop": 0.0, "attn_pdrop": 0.0},
         "train": {"steps": 200000, "batch_size": 16, "lr": 3e-4, "weight_decay": 0.01, "betas": [0.9, 0.95],
                   "pkeep": 0.9, "conditional": True, "codes": 262144, "warmup": 2000, "log_every": 100,
                   "ckpt_every": 5000, "seed": 0},
     },
 }
+
+# The 2-D raster-window prior (GPT2D): trained on crops of `train.size` pixels (larger than the
+# VQGAN's, so the window's interior is seen), sampled at any size. rows/left/right: taming's crop
+# context is 8/8/7; the demo's is smaller to fit its 16 x 16 code crops and a CPU.
+GPT_2D_PRESETS = {
+    "demo": {
+        "model": {"prior": "gpt2d", "n_layer": 4, "n_head": 4, "n_embd": 128, "rows": 4, "left": 4, "right": 3,
+                  "embd_pdrop": 0.1, "resid_pdrop": 0.1},
+        "train": {**GPTTrainSection().to_dict(), "size": 64, "codes": 2048, "batch_size": 16},
+    },
+    "small": {
+        "model": {"prior": "gpt2d", "n_layer": 8, "n_head": 8, "n_embd": 256, "rows": 8, "left": 8, "right": 7,
+                  "embd_pdrop": 0.0, "resid_pdrop": 0.0},
+        "train": {**GPT_1D_PRESETS["small1d"]["train"], "size": 128, "codes": 32768, "batch_size": 16},
+    },
+    "base": {
+        "model": {"prior": "gpt2d", "n_layer": 24, "n_head": 16, "n_embd": 1024, "rows": 8, "left": 8, "right": 7,
+                  "embd_pdrop": 0.0, "resid_pdrop": 0.0},
+        "train": {**GPT_1D_PRESETS["base1d"]["train"], "size": 256},
+    },
+}
+GPT_PRESETS = {**GPT_2D_PRESETS, **GPT_1D_PRESETS}
 
 PRESETS = {"vqgan": VQGAN_PRESETS, "gpt": GPT_PRESETS}
 CONFIGS = {"vqgan": TrainVQGANConfig, "gpt": TrainGPTConfig}

@@ -1,16 +1,23 @@
 """`fastvq demo` / `make demo`: the whole pipeline on the embedded textures, then a report.
 
 1. train-vqgan on random crops of scikit-image's brick, grass and gravel textures;
-2. train-gpt on the VQGAN's codes, conditioned on the texture, sliding window + rope;
-3. sample a grid per texture and one image 4x taller than the training crops (4x the tokens,
-   through the ring-buffer cache);
-4. time fastvq's kernels against their torch references at the demo's shapes;
-5. write report.md with the pictures, held-out PSNR, codebook usage and the timings.
-The demo preset fits a few minutes on a 2-core CPU; on a GPU the `small` preset's larger models
-(64x64 crops, f = 8, 512 codes; an 8-layer GPT) are trained for a few thousand steps.
+2. train-gpt: a GPT2D prior (2-D raster window, axial rope) conditioned on texture layouts, on
+   mosaics of the three textures cut along random smooth label fields (crops twice the VQGAN's);
+3. train-gpt: a second, smaller GPT2D conditioned on a low-resolution copy of the image
+   (stochastic super-resolution);
+4. sample with the wavefront through the ring cache: (a) a panorama per texture (a uniform
+   layout), wider and taller than the training crops, (b) a 512 x 512 picture from the layout
+   shipped in fastvq/assets (the letters VQ in brick on grass), (c) held-out crops from their
+   8x smaller copies; and the same grid one code at a time, to time the wavefront against it;
+5. time fastvq's kernels against their torch references at the demo's shapes;
+6. write report.md with the pictures (each condition beside its result), the held-out NLL with and
+   without the condition, PSNR of the super-resolution, and the timings.
+The demo preset fits 10 minutes on a 2-core CPU; on a GPU the `small` preset's larger models
+are trained for a few thousand steps.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -55,58 +62,138 @@ def kernel_timings(device: str = "cpu") -> list[dict]:
     return rows
 
 
+def _configs(preset: str, quick: bool) -> tuple[dict, dict, dict]:
+    """(vqgan, layout prior, low-res prior) configs of the demo."""
+    vq_cfg = load_config("vqgan", preset)
+    layout_cfg = load_config("gpt", preset, {"train.cond": "layout"})
+    lowres_cfg = load_config("gpt", preset, {"train.cond": "lowres"})
+    if preset == "small":  # the small models, trained for minutes rather than the preset's hours
+        vq_cfg["train"].update(steps=4000, eval_every=1000, ckpt_every=1000)
+        vq_cfg["loss"]["disc_start"] = 2500
+        for cfg in (layout_cfg, lowres_cfg):
+            cfg["train"].update(steps=3000, codes=8192, warmup=200, ckpt_every=1000)
+    else:  # the super-resolution prior learns an easier task: fewer steps
+        lowres_cfg["train"].update(steps=LOWRES_STEPS, codes=1024)
+    if quick:
+        vq_cfg["train"].update(steps=6, log_every=2, eval_every=3, ckpt_every=3, heldout=8, batch_size=4)
+        vq_cfg["loss"]["disc_start"] = 3
+        for cfg in (layout_cfg, lowres_cfg):
+            cfg["train"].update(steps=4, log_every=2, ckpt_every=2, codes=16, warmup=1, batch_size=4, size=32)
+    return vq_cfg, layout_cfg, lowres_cfg
+
+
+LOWRES_STEPS = 200
+PANORAMA = (128, 256)  # pixels (height, width) of each texture's panorama on the CPU; the crops are 64
+LAYOUT_SIZE = 512  # the layout-to-image picture
+SPEED_GRID = 24  # codes a side of the wavefront / one-at-a-time timing
+
+
 def run_demo(out_dir, *, quick: bool = False, device: str | None = None, show_progress: bool = True,
              log=print) -> dict:
     """Everything above into out_dir; quick=True is a seconds-long smoke run for tests."""
-    from .sample import sample_images
     from .train_gpt import train_gpt
     from .train_vqgan import train_vqgan
 
     out = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     preset = "small" if device.startswith("cuda") else "demo"
-    vq_cfg, gpt_cfg = load_config("vqgan", preset), load_config("gpt", preset)
-    if preset == "small":  # the small models, trained for minutes rather than the preset's hours
-        vq_cfg["train"].update(steps=4000, eval_every=1000, ckpt_every=1000)
-        vq_cfg["loss"]["disc_start"] = 2500
-        gpt_cfg["train"].update(steps=3000, codes=16384, warmup=200, ckpt_every=1000)
-    if quick:
-        vq_cfg["train"].update(steps=6, log_every=2, eval_every=3, ckpt_every=3, heldout=8, batch_size=4)
-        vq_cfg["loss"]["disc_start"] = 3
-        gpt_cfg["train"].update(steps=6, log_every=2, ckpt_every=3, codes=64, warmup=2, batch_size=8)
-    timings = {}
-    t0 = time.perf_counter()
-    log(f"[1/4] train-vqgan ({preset} preset, {vq_cfg['train']['steps']} steps) -> {out / 'vqgan'}")
+    vq_cfg, layout_cfg, lowres_cfg = _configs(preset, quick)
+    timings, t0 = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal t0
+        timings[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+
+    log(f"[1/6] train-vqgan ({preset} preset, {vq_cfg['train']['steps']} steps) -> {out / 'vqgan'}")
     vq = train_vqgan(vq_cfg, out / "vqgan", device=device, show_progress=show_progress, log=log)
-    timings["train-vqgan"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    log(f"[2/4] train-gpt ({gpt_cfg['train']['steps']} steps) -> {out / 'gpt'}")
-    gpt = train_gpt(gpt_cfg, out / "gpt", out / "vqgan" / "vqgan.ckpt", device=device, show_progress=show_progress,
-                    log=log)
-    timings["train-gpt"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    log("[3/4] sampling")
-    ckpt = out / "gpt" / "gpt.ckpt"
-    zoom = max(1, 96 // vq_cfg["train"]["size"])
-    grid = sample_images(ckpt, out / "samples.png", n=8 if quick else 24, seed=1, zoom=zoom, device=device)
-    tall = sample_images(ckpt, out / "sample_tall.png", n=6, height=4 * grid["height"], seed=2, nrow=6, zoom=zoom,
-                         device=device)  # two of every texture
-    timings["sampling"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    log("[4/4] kernel timings against the torch references")
+    lap("train-vqgan")
+    vqgan_ckpt = out / "vqgan" / "vqgan.ckpt"
+    log(f"[2/6] train-gpt, layout-conditioned GPT2D ({layout_cfg['train']['steps']} steps) -> {out / 'gpt_layout'}")
+    gpt = train_gpt(layout_cfg, out / "gpt_layout", vqgan_ckpt, device=device, show_progress=show_progress, log=log)
+    lap("train-gpt layout")
+    log(f"[3/6] train-gpt, low-res-conditioned GPT2D ({lowres_cfg['train']['steps']} steps) -> {out / 'gpt_lowres'}")
+    sr = train_gpt(lowres_cfg, out / "gpt_lowres", vqgan_ckpt, device=device, show_progress=show_progress, log=log)
+    lap("train-gpt lowres")
+    log("[4/6] sampling: panoramas, layout to image, low-res to high-res, wavefront vs one code at a time")
+    pictures = draw_pictures(out, quick, device, show_progress)
+    lap("sampling")
+    log("[5/6] kernel timings against the torch references")
     kernels = kernel_timings(device)
-    timings["kernel timings"] = time.perf_counter() - t0
-    report = write_report(out, vq_cfg, gpt_cfg, vq, gpt, grid, tall, kernels, timings, preset)
-    log(f"wrote {report}")
-    return {"report": report, "vqgan": vq, "gpt": gpt, "kernels": kernels, "timings": timings}
+    lap("kernel timings")
+    report = write_report(out, vq_cfg, layout_cfg, vq, gpt, sr, pictures, kernels, timings, preset)
+    log(f"[6/6] wrote {report}")
+    return {"report": report, "vqgan": vq, "gpt": gpt, "lowres": sr, "pictures": pictures, "kernels": kernels,
+            "timings": timings}
 
 
-def write_report(out: Path, vq_cfg, gpt_cfg, vq, gpt, grid, tall, kernels, timings, preset) -> Path:
-    m = vq_cfg["model"]
+def _save_row(path: Path, images: list[torch.Tensor], zoom: int = 1) -> Path:
+    """Images (3, H, W) of one height side by side in one PNG."""
+    from .logs import save_image_grid
+
+    return save_image_grid(torch.stack(images), path, nrow=len(images), zoom=zoom)
+
+
+def layout_picture(cond_map: torch.Tensor, colours) -> torch.Tensor:
+    """A one-hot layout (C, H, W) as an image (3, H, W) in [-1, 1], class k in colours[k]."""
+    palette = torch.tensor(colours, dtype=torch.float32) / 127.5 - 1  # (C, 3)
+    return torch.einsum("chw,cd->dhw", cond_map.float(), palette)
+
+
+def draw_pictures(out: Path, quick: bool, device, show_progress: bool) -> dict:
+    """The report's pictures and the sampling speeds; see the module docstring."""
+    from .conditions import LayoutMosaics, condition_map, shipped_layout
+    from .metrics import psnr
+    from .sample import load_prior, sample_grid_images
+
+    gpt, vqgan, layout = load_prior(out / "gpt_layout" / "gpt.ckpt", map_location=device)
+    names, colours = layout["cond_classes"], layout["cond_colours"]
+    scale = 4 if quick else 1
+    common = {"top_k": 100, "device": device, "show_progress": show_progress}
+    pano_h, pano_w = (s // scale for s in PANORAMA)
+    pano = sample_grid_images(gpt, vqgan, layout, n=len(names), height=pano_h, width=pano_w, classes=names, seed=3,
+                              **common)
+    _save_row(out / "panoramas.png", list(pano["images"]))
+
+    size = LAYOUT_SIZE // scale
+    lay = sample_grid_images(gpt, vqgan, layout, n=1, cond=shipped_layout(), height=size, width=size, seed=4,
+                             cfg_scale=CFG_SCALE, **common)
+    _save_row(out / "layout_to_image.png", [layout_picture(lay["cond_map"][0], colours), lay["images"][0]])
+
+    speed = wavefront_speed(gpt, vqgan, layout, SPEED_GRID // (2 if quick else 1), device)
+
+    gpt_sr, vqgan_sr, layout_sr = load_prior(out / "gpt_lowres" / "gpt.ckpt", map_location=device)
+    crop = 128 // scale
+    real = torch.stack([LayoutMosaics(crop, "heldout", length=3)[i][0] for i in range(3)])
+    lowres = condition_map("lowres", real, lowres_factor=layout_sr["lowres_factor"])
+    sr = sample_grid_images(gpt_sr, vqgan_sr, layout_sr, n=3, height=crop, width=crop, cond=None, seed=5,
+                            **{**common, "show_progress": False}, cond_map=lowres)
+    _save_row(out / "lowres_to_highres.png", [*lowres, *sr["images"], *real], zoom=2)
+    return {"panorama": pano, "layout": lay, "speed": speed, "superres": sr,
+            "superres_psnr": float(psnr(sr["images"], real)), "lowres_psnr": float(psnr(lowres, real))}
+
+
+CFG_SCALE = 1.5
+
+
+def wavefront_speed(gpt, vqgan, layout, side: int, device) -> dict:
+    """Codes per second drawing one side x side grid with the wavefront and one code at a time
+    (the same seed gives the same codes: checked)."""
+    from .sample import sample_grid_images
+
+    factor = layout["size"] // layout["h"]
+    kw = {"n": 1, "height": side * factor, "width": side * factor, "classes": [layout["cond_classes"][0]],
+          "seed": 6, "device": device}
+    fast = sample_grid_images(gpt, vqgan, layout, wavefront=True, **kw)
+    slow = sample_grid_images(gpt, vqgan, layout, wavefront=False, **kw)
+    return {"side": side, "wavefront": fast["timings"]["tokens_per_s"], "sequential": slow["timings"]["tokens_per_s"],
+            "same_codes": bool(torch.equal(fast["codes"], slow["codes"]))}
+
+
+def write_report(out: Path, vq_cfg, gpt_cfg, vq, gpt, sr, pictures, kernels, timings, preset) -> Path:
+    m, g = vq_cfg["model"], gpt_cfg["model"]
     recon = sorted((out / "vqgan").glob("reconstructions_*.png"))[-1]
+    pano, lay, speed = pictures["panorama"], pictures["layout"], pictures["speed"]
     lines = [
         "# fastvq demo report", "",
         f"Preset `{preset}`, on {torch.get_num_threads()} CPU threads" if not torch.cuda.is_available()
@@ -122,15 +209,34 @@ def write_report(out: Path, vq_cfg, gpt_cfg, vq, gpt, grid, tall, kernels, timin
         f"{m['n_embed']} codes (perplexity {vq.get('heldout_perplexity', float('nan')):.1f})", "",
         f"Held-out crops (top) and their reconstructions (bottom):\n\n![reconstructions]({recon.relative_to(out)})", "",
         "![VQGAN loss curves](vqgan/loss_curves.png)", "",
-        "## GPT prior",
-        f"{gpt_cfg['model']['n_layer']} layers, width {gpt_cfg['model']['n_embd']}, sliding window "
-        f"{gpt_cfg['model']['window']}, rope, conditioned on the texture; {gpt['steps']} steps.", "",
-        f"- held-out loss: **{gpt.get('heldout_loss', float('nan')):.3f} nats/code** (uniform would be "
-        f"{torch.log(torch.tensor(float(m['n_embed']))).item():.3f})", "",
-        "Samples, one texture after another (brick, grass, gravel):\n\n![samples](samples.png)", "",
-        f"Six images {tall['height']}x{tall['width']} pixels: {tall['tokens_per_image']} codes each, 4x the "
-        "tokens of a training crop, sampled through the ring-buffer cache:\n\n![tall samples](sample_tall.png)", "",
-        "![GPT loss curves](gpt/loss_curves.png)", "",
+        "## GPT2D prior, conditioned on a texture layout",
+        f"{g['n_layer']} layers, width {g['n_embd']}, a raster window of {g['rows']} rows above, {g['left']} codes "
+        f"left and {g['right']} right, axial rope, no position table; {gpt['steps']} steps on "
+        f"{gpt_cfg['train']['size']}x{gpt_cfg['train']['size']} mosaics of the three textures cut along random "
+        f"smooth label fields (held-out mosaics come from each texture's held-out strip).", "",
+        f"- held-out NLL: **{gpt.get('heldout_loss', float('nan')):.3f} nats/code** with the layout, "
+        f"{gpt.get('heldout_loss_uncond', float('nan')):.3f} without it (uniform would be "
+        f"{math.log(m['n_embed']):.3f})", "",
+        f"A panorama per texture, {pano['height']}x{pano['width']} pixels ({pano['tokens_per_image']} codes each, the "
+        f"training crops are {gpt_cfg['train']['size']} a side), from a uniform layout:\n\n![panoramas](panoramas.png)",
+        "",
+        f"Layout to image, {lay['height']}x{lay['width']} pixels ({lay['tokens_per_image']} codes) from the layout "
+        f"shipped in fastvq/assets (guidance scale {CFG_SCALE}), the layout beside the result:\n\n"
+        "![layout to image](layout_to_image.png)", "",
+        f"Sampling speed ({speed['side']}x{speed['side']} codes, one image): wavefront **{speed['wavefront']:.0f} "
+        f"codes/s**, one code at a time {speed['sequential']:.0f} codes/s "
+        f"({speed['wavefront'] / speed['sequential']:.1f}x; same codes for the same seed: {speed['same_codes']}). "
+        f"The 512x512 picture: {lay['timings']['sample_s']:.1f} s to sample, {lay['timings']['decode_s']:.1f} s to "
+        "decode in tiles.", "",
+        "![GPT loss curves](gpt_layout/loss_curves.png)", "",
+        "## Low-resolution to high-resolution",
+        f"A GPT2D of the same shape conditioned on an 8x smaller copy of the image, {sr['steps']} steps. Held-out "
+        f"crops: the low-resolution input (top), a sample (middle), the real crop (bottom). PSNR against the real "
+        f"crop: **{pictures['superres_psnr']:.2f} dB** for the sample, {pictures['lowres_psnr']:.2f} dB for the "
+        f"blurry input itself (a sample draws detail the input does not have, so its PSNR can be lower); held-out "
+        f"NLL {sr.get('heldout_loss', float('nan')):.3f} nats/code with the low-res input, "
+        f"{sr.get('heldout_loss_uncond', float('nan')):.3f} without.\n\n![low-res to high-res](lowres_to_highres.png)",
+        "",
         f"## Kernels against their torch references (median of {TIMED_CALLS} calls)", "",
         "| op | shape | backend | fastvq ms | torch reference ms | speed-up |", "|---|---|---|---:|---:|---:|",
     ]
