@@ -9,8 +9,9 @@ from .ops.raster_window import raster_window_attention, raster_window_decode
 from .ops.rope import axial_rope
 from .models import (GPT, GPT2D, LPIPS, VQGAN, ConditionEncoder, NLayerDiscriminator, VQGANConfig, VQGANLoss,
                      load_taming_vqgan, sample_grid, sample_with_past)
+from .models import load_taming_transformer
 
 __version__ = "0.1.0"
 
 __all__ = ["available_backends", "nearest_code", "vector_quantize", "VectorQuantizer", "sliding_window_attention", "sliding_window_decode", "sliding_window_decode_qkv", "empty_cache", "raster_window_attention", "raster_window_decode", "axial_rope", "SlidingWindowSelfAttention", "RasterWindowSelfAttention", "RasterKVCache", "sample_logits", "decode_linear", "KVCache", "GPT", "sample_with_past", "GPT2D", "sample_grid", "ConditionEncoder",
-           "VQGAN", "VQGANConfig", "VQGANLoss", "LPIPS", "NLayerDiscriminator", "load_taming_vqgan", "__version__"]
+           "VQGAN", "VQGANConfig", "VQGANLoss", "LPIPS", "NLayerDiscriminator", "load_taming_vqgan", "load_taming_transformer", "__version__"]
