@@ -4,7 +4,8 @@ Reads benchmarks/results/*.json written by the compare_<op>.py scripts, draws <f
 (quantize: time vs D, one panel per suite and K; window attention: time vs T, one panel per suite and
 W; raster window: time vs T per suite and the decode tokens/s, the op's goals under its table;
 sampling: tokens/s per length and batch, and the rope model's memory vs length; decode_linear:
-weight bandwidth per batch), and rewrites the README between <!-- bench:<op>:start --> and
+weight bandwidth per batch; grid sampling: time to a 64 x 64 code grid per sampler and the
+wavefront's memory vs height, the goals under its table), and rewrites the README between <!-- bench:<op>:start --> and
 <!-- bench:<op>:end --> with one section per device (CPU first). An op without markers, quick and
 dry-run results, and --print get the tables printed instead.
 
@@ -22,18 +23,20 @@ from pathlib import Path
 from common import MIB, REPO, RESULTS_DIR, git, load_average
 
 # a file's "benchmark"; its README marker
-KINDS = ("quantize", "window_attention", "raster_window", "sampling", "decode_linear")
+KINDS = ("quantize", "window_attention", "raster_window", "sampling", "decode_linear", "grid_sampling")
 # the implementations under test (fastvq_torch: an op whose auto backend fell back to its torch reference)
 FASTVQ = ("fastvq", "fastvq_cpp", "fastvq_triton", "fastvq_torch")
 SHORT = {"fastvq_cpp": "fastvq", "fastvq_triton": "fastvq", "fastvq_torch": "fastvq", "fastvq": "fastvq",
          "faiss": "faiss", "matmul": "matmul", "torch_reference": "torch ref", "taming": "taming", "vqp": "vq-pytorch",
          "flex": "flex", "sdpa_mask": "SDPA mask", "sdpa_causal": "SDPA causal", "taming_past": "taming past",
          "taming_uncached": "taming uncached", "fastvq_kernel": "fastvq kernel", "torch_linear": "F.linear",
-         "sliding_window": "1-D window", "wavefront": "wavefront", "sequential": "sequential"}
+         "sliding_window": "1-D window", "wavefront": "wavefront", "sequential": "sequential",
+         "taming_crop": "taming crop", "taming_crop_causal": "taming crop (causal)"}
 COLORS = {"fastvq_cpp": "C0", "fastvq_triton": "C0", "fastvq": "C0", "fastvq_rope": "C0", "faiss": "C1", "matmul": "C2",
           "torch_reference": "C3", "taming": "C1", "vqp": "C2", "flex": "C1", "sdpa_mask": "C2", "sdpa_causal": "C4",
           "taming_past": "C1", "taming_uncached": "C3", "fastvq_kernel": "C5", "torch_linear": "C2",
-          "fastvq_torch": "C0", "sliding_window": "C5", "wavefront": "C0", "sequential": "C3"}
+          "fastvq_torch": "C0", "sliding_window": "C5", "wavefront": "C0", "sequential": "C3", "taming_crop": "C1",
+          "taming_crop_causal": "C2"}
 
 
 # ----------------------------------------------------------------------------- shared
@@ -692,11 +695,129 @@ def dl_plot(doc: dict, out: Path) -> Path | None:
     return save(fig, plt, out, plot_title("decode_linear", doc))
 
 
+# ----------------------------------------------------------------------------- grid sampling
+
+GS_GOALS = {"taming_crop": 50.0, "sequential": 3.0, "memory_flat": 1.5}
+
+
+def gs_grid(doc: dict) -> dict:
+    """(model name, impl) -> the grid case that ran."""
+    return {(r["model_name"], r["impl"]): r for r in doc["results"] if r["suite"] == "grid" and ok(r)}
+
+
+def gs_memory(doc: dict) -> dict:
+    """model name -> its memory cases that ran, by height."""
+    out: dict = {}
+    for r in doc["results"]:
+        if r["suite"] == "memory" and ok(r) and r.get("peak_extra_bytes") is not None:
+            out.setdefault(r["model_name"], []).append(r)
+    return {name: sorted(rs, key=lambda r: r["height"]) for name, rs in out.items()}
+
+
+def gs_goals(doc: dict) -> list[str]:
+    grid, mem = gs_grid(doc), gs_memory(doc)
+    models = list(dict.fromkeys(name for name, _ in grid))
+    lines = []
+    for anchor, what in (("taming_crop", "taming's crop-and-recompute sampler"), ("sequential", "fastvq sequential")):
+        goal = GS_GOALS[anchor]
+        anchors = [a for a in (anchor, f"{anchor}_causal") if any(i == a for _, i in grid)]
+        cells, values = [], []
+        for name in models:
+            for a in anchors:
+                if (name, "wavefront") in grid and (name, a) in grid:
+                    x = grid[(name, a)]["grid_time_s"] / grid[(name, "wavefront")]["grid_time_s"]
+                    values.append(x)
+                    cells.append(f"{name} {x:.1f}× ({SHORT[a]})")
+        lines.append(f"- wavefront ≥ {goal:g}× {what} (time to the grid): " + (", ".join(cells) or "–")
+                     + f" ({verdict(values, lambda v: v >= goal)})")
+    cells, values = [], []
+    for name, rs in mem.items():
+        if len(rs) > 1:
+            x = rs[-1]["peak_extra_bytes"] / max(rs[0]["peak_extra_bytes"], 1)
+            values.append(x)
+            cells.append(f"{name} {rs[0]['height']}→{rs[-1]['height']} rows: {fmt_bytes(rs[0]['peak_extra_bytes'])}"
+                         f" → {fmt_bytes(rs[-1]['peak_extra_bytes'])} ({x:.2f}×)")
+    lines.append(f"- wavefront memory flat as the height grows (≤ {GS_GOALS['memory_flat']:g}× from the shortest "
+                 "grid to the tallest): " + ("; ".join(cells) or "–")
+                 + f" ({verdict(values, lambda v: v <= GS_GOALS['memory_flat'])})")
+    return lines
+
+
+def gs_markdown(path: Path, doc: dict, png: Path | None) -> str:
+    m = doc["method"]
+    grid, mem = gs_grid(doc), gs_memory(doc)
+    parts = header(path, doc) + ["", f"{m['models']}; {m['grid']}. {m['crop']}. Extrapolation: {m['extrapolation']} "
+                                     "(marked in the table). Speedup = the sampler's grid time / the wavefront's; "
+                                     "mem = peak extra memory of one call. " + columns(doc)]
+    if png is not None:
+        parts += ["", f"![grid sampling benchmark]({rel(png)})"]
+    parts += ["", "| model | sampler | codes timed | time to the grid | tokens/s | wavefront speedup | mem |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for (name, impl), r in grid.items():
+        timed = str(r["tokens_timed"])
+        if r.get("extrapolated"):
+            timed += f" ({r['rows_timed']} of {r['height']} rows; ×{r['height'] * r['width'] / r['tokens_timed']:g})"
+        wave = grid.get((name, "wavefront"))
+        speed = ratio(r["grid_time_s"], wave["grid_time_s"]) if wave and impl != "wavefront" else "–"
+        parts.append(f"| {name} ({r['parameters'] / 1e6:.3g}M) | {SHORT[impl]} | {timed} | {fmt_time(r['grid_time_s'])} "
+                     f"| {r['tokens_per_s']:.1f} | {speed} | {fmt_mem(r)} |")
+    for name in dict.fromkeys(n for n, _ in grid):
+        pair = [grid.get((name, i)) for i in ("wavefront", "sequential")]
+        if all(pair):
+            same = pair[0]["first_rows_sha1"] == pair[1]["first_rows_sha1"]
+            parts += ["", f"{name}: same codes from the wavefront and one token a step (first "
+                          f"{pair[0]['compare_rows']} rows, hashed): {'yes' if same else 'NO'}."]
+        causal = grid.get((name, "taming_crop_causal"))
+        if causal and "mean_context_grid" in causal:
+            parts += ["", f"{name}: taming crop (causal) runs {causal['mean_context_timed']:.0f} tokens a code on the "
+                          f"rows timed, {causal['mean_context_grid']:.0f} on average over the whole grid."]
+    if mem:
+        parts += ["", f"Wavefront memory against the grid's height ({m['memory']}):", "",
+                  "| model | height (rows of codes) | peak extra memory | tokens/s (one call) |", "|---|---:|---:|---:|"]
+        parts += [f"| {name} | {r['height']} | {fmt_mem(r)} | {r['tokens_per_s']:.0f} |" for name, rs in mem.items()
+                  for r in rs]
+    notes = [f"Not measured: {SHORT.get(r['impl'], r['impl'])} ({r['model_name']}, {r['grid']}): "
+             f"{r.get('skipped') or 'error: ' + str(r.get('error'))}" for r in doc["results"] if not ok(r)]
+    parts += ([""] + ["  \n".join(notes)] if notes else []) + ["", "Goals:", ""] + gs_goals(doc)
+    return "\n".join(parts)
+
+
+def gs_plot(doc: dict, out: Path) -> Path | None:
+    plt = matplotlib_pyplot()
+    grid, mem = gs_grid(doc), gs_memory(doc)
+    if plt is None or not (grid or mem):
+        return None
+    fig, (ax, axm) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    models = list(dict.fromkeys(n for n, _ in grid))
+    impls = [i for i in doc["labels"] if any(k == i for _, k in grid)]
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        xs = [g + k * width for g, name in enumerate(models) if (name, impl) in grid]
+        ax.bar(xs, [grid[(n, impl)]["grid_time_s"] for n in models if (n, impl) in grid], width,
+               label=SHORT[impl] + (" (extrapolated)" if impl != "wavefront" else ""), color=COLORS.get(impl))
+    ax.set_xticks([g + width * (len(impls) - 1) / 2 for g in range(len(models))], models)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds to the grid (lower is better)")
+    ax.set_title(f"time to sample a {doc['sizes']['grid']}×{doc['sizes']['grid']} code grid, batch 1", fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    for name, rs in mem.items():
+        axm.plot([r["height"] for r in rs], [r["peak_extra_bytes"] / MIB for r in rs], marker="o", label=name)
+    if mem:
+        log2_axis(axm, sorted({r["height"] for rs in mem.values() for r in rs}), "grid height (rows of codes)")
+        axm.set_ylim(bottom=0)
+        axm.legend(fontsize=7)
+    axm.set_ylabel("peak extra memory (MiB)")
+    axm.set_title(f"wavefront memory vs height, width {doc['sizes']['memory_width']}", fontsize=10)
+    axm.grid(True, alpha=0.3)
+    return save(fig, plt, out, plot_title("grid sampling", doc))
+
+
 # ----------------------------------------------------------------------------- README
 
 WRITERS = {"quantize": (q_plot, q_markdown), "window_attention": (wa_plot, wa_markdown),
            "raster_window": (rw_plot, rw_markdown), "sampling": (sp_plot, sp_markdown),
-           "decode_linear": (dl_plot, dl_markdown)}
+           "decode_linear": (dl_plot, dl_markdown), "grid_sampling": (gs_plot, gs_markdown)}
 
 
 def markers(kind: str) -> tuple[str, str]:
