@@ -125,3 +125,16 @@ def test_prefix_must_be_written_first_and_bad_module_args():
 def test_exported():
     assert fastvq.RasterWindowSelfAttention is RasterWindowSelfAttention
     assert fastvq.raster_window_decode is not None
+
+
+def test_wavefront_steps_are_every_position_once_within_the_lag_and_lanes_bound_them():
+    from fastvq.nn.raster_attention import wavefront_lanes, wavefront_steps
+
+    for height, width, lag in [(1, 1, 1), (5, 7, 3), (7, 5, 9), (9, 4, 2), (3, 12, 1)]:
+        steps = list(wavefront_steps(height, width, lag))
+        flat = [p for step in steps for p in step]
+        assert sorted(flat) == [(i, j) for i in range(height) for j in range(width)]  # each once
+        when = {p: s for s, step in enumerate(steps) for p in step}
+        lag_ = max(1, min(lag, width))
+        assert all(when[(i, j)] == i * lag_ + j for i, j in flat)
+        assert max(len(step) for step in steps) == wavefront_lanes(height, width, lag)

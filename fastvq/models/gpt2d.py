@@ -30,7 +30,7 @@ from torch import nn
 from .._checks import check_float, check_int, check_prob
 from ..nn.attention import step_kernels
 from ..nn.decode_state import DecodeWeights, packed_in_huge_pages
-from ..nn.raster_attention import RasterKVCache, RasterWindowSelfAttention, wavefront_schedule
+from ..nn.raster_attention import RasterKVCache, RasterWindowSelfAttention, wavefront_lanes, wavefront_steps
 from ..ops.sampling import sample_logits
 from .cond_encoder import ConditionEncoder
 from .gpt import GPT, BlockDecodeWeights, GPTDecodeWeights
@@ -418,7 +418,9 @@ def sample_grid(model: GPT2D, rows: int, cols: int, *, batch: int = 1, cls: torc
     if cfg_scale is not None:
         cfg_scale = check_float("sample_grid", "cfg_scale", cfg_scale)
     lag = min(model.right + 1, cols + 1)
-    schedule = wavefront_schedule(rows, cols + 1, lag) if wavefront else [[(i, j)] for i in range(rows) for j in range(cols + 1)]
+    # generators, not lists: the schedule of a tall grid is never held whole (flat memory in height)
+    schedule = wavefront_steps(rows, cols + 1, lag) if wavefront else ([(i, j)] for i in range(rows) for j in range(cols + 1))
+    lanes = wavefront_lanes(rows, cols + 1, lag) if wavefront else 1
     was_training = model.training
     model.eval()
     try:
@@ -429,7 +431,7 @@ def sample_grid(model: GPT2D, rows: int, cols: int, *, batch: int = 1, cls: torc
         else:
             classes, feats, keep = _guided_inputs(model, cls, feats, batch, device)
             decoding = 2 * batch
-        cache = model.new_cache(decoding, cols, lag_rows=max(len(s) for s in schedule))
+        cache = model.new_cache(decoding, cols, lag_rows=lanes)
         model.prefill(classes, cache)
         codes = torch.zeros(batch, rows, cols, dtype=torch.long, device=device)
         for step_index, positions in enumerate(schedule):

@@ -116,14 +116,28 @@ class RasterKVCache:
                 f"n_prefix={self.n_prefix}, head_dim={d}, dtype={self.k.dtype})")
 
 
-def wavefront_schedule(height: int, width: int, lag: int) -> list[list[tuple[int, int]]]:
+def wavefront_steps(height: int, width: int, lag: int):
     """Decode steps for a height x width grid where row i runs `lag` columns behind row i - 1
-    (lag = right + 1 is the smallest the window allows): step s holds (i, s - i * lag) for every row
+    (lag = right + 1 is the smallest the window allows), one list a step, made as they are needed
+    (a 4096-row grid's schedule is never held whole): step s holds (i, s - i * lag) for every row
     with that column inside the grid, in raster order. width + (height - 1) * lag steps in all
     (lag >= width degenerates to one token a step)."""
     lag = max(1, min(lag, width))
-    steps = width + (height - 1) * lag
-    return [[(i, s - i * lag) for i in range(height) if 0 <= s - i * lag < width] for s in range(steps)]
+    for s in range(width + (height - 1) * lag):
+        first = max(0, -(-(s - width + 1) // lag))  # rows whose column s - i * lag is still < width
+        last = min(height - 1, s // lag)  # rows that have started
+        yield [(i, s - i * lag) for i in range(first, last + 1)]
+
+
+def wavefront_schedule(height: int, width: int, lag: int) -> list[list[tuple[int, int]]]:
+    """wavefront_steps as a list."""
+    return list(wavefront_steps(height, width, lag))
+
+
+def wavefront_lanes(height: int, width: int, lag: int) -> int:
+    """The most positions any wavefront step holds: rows in flight at once."""
+    lag = max(1, min(lag, width))
+    return min(height, -(-width // lag))
 
 
 def grid_positions(seq_len: int, width: int, n_prefix: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
