@@ -11,7 +11,7 @@ errors naming the key, so a typo never trains silently with a default.
 
 Presets:
   demo   the smallest, what `make demo` trains on a CPU (32x32 crops, f = 4, 8x8 codes; the
-         GPT2D prior on 64x64 crops, 16x16 codes)
+         GPT2D prior on 48x48 crops, 12x12 codes)
   small  for a small GPU or a long CPU run (64x64 crops, f = 8)
   base   taming's f16 1024-code ImageNet autoencoder shape (256x256, attention at 16) and a
          24-layer GPT2D with taming's 8/8/7 window; for GPUs
@@ -264,12 +264,12 @@ GPT_1D_PRESETS = {
 
 # The 2-D raster-window prior (GPT2D): trained on crops of `train.size` pixels (larger than the
 # VQGAN's, so the window's interior is seen), sampled at any size. rows/left/right: taming's crop
-# context is 8/8/7; the demo's is smaller to fit its 16 x 16 code crops and a CPU.
+# context is 8/8/7; the demo's is smaller to fit its 12 x 12 code crops and a CPU.
 GPT_2D_PRESETS = {
     "demo": {
         "model": {"prior": "gpt2d", "n_layer": 4, "n_head": 4, "n_embd": 128, "rows": 4, "left": 4, "right": 3,
                   "embd_pdrop": 0.1, "resid_pdrop": 0.1},
-        "train": {**GPTTrainSection().to_dict(), "size": 64, "codes": 2048, "batch_size": 16},
+        "train": {**GPTTrainSection().to_dict(), "size": 48, "codes": 2048, "batch_size": 16},
     },
     "small": {
         "model": {"prior": "gpt2d", "n_layer": 8, "n_head": 8, "n_embd": 256, "rows": 8, "left": 8, "right": 7,

@@ -82,7 +82,7 @@ def _configs(preset: str, quick: bool) -> tuple[dict, dict, dict]:
     return vq_cfg, layout_cfg, lowres_cfg
 
 
-LOWRES_STEPS = 200
+LOWRES_STEPS = 150
 PANORAMA = (128, 256)  # pixels (height, width) of each texture's panorama on the CPU; the crops are 64
 LAYOUT_SIZE = 512  # the layout-to-image picture
 SPEED_GRID = 24  # codes a side of the wavefront / one-at-a-time timing
@@ -127,11 +127,11 @@ def run_demo(out_dir, *, quick: bool = False, device: str | None = None, show_pr
             "timings": timings}
 
 
-def _save_row(path: Path, images: list[torch.Tensor], zoom: int = 1) -> Path:
-    """Images (3, H, W) of one height side by side in one PNG."""
+def _save_row(path: Path, images: list[torch.Tensor], zoom: int = 1, nrow: int | None = None) -> Path:
+    """Images (3, H, W) of one height side by side in one PNG (nrow a row; default all in one)."""
     from .logs import save_image_grid
 
-    return save_image_grid(torch.stack(images), path, nrow=len(images), zoom=zoom)
+    return save_image_grid(torch.stack(images), path, nrow=nrow or len(images), zoom=zoom)
 
 
 def layout_picture(cond_map: torch.Tensor, colours) -> torch.Tensor:
@@ -168,7 +168,7 @@ def draw_pictures(out: Path, quick: bool, device, show_progress: bool) -> dict:
     lowres = condition_map("lowres", real, lowres_factor=layout_sr["lowres_factor"])
     sr = sample_grid_images(gpt_sr, vqgan_sr, layout_sr, n=3, height=crop, width=crop, cond=None, seed=5,
                             **{**common, "show_progress": False}, cond_map=lowres)
-    _save_row(out / "lowres_to_highres.png", [*lowres, *sr["images"], *real], zoom=2)
+    _save_row(out / "lowres_to_highres.png", [*lowres, *sr["images"], *real], zoom=2, nrow=3)
     return {"panorama": pano, "layout": lay, "speed": speed, "superres": sr,
             "superres_psnr": float(psnr(sr["images"], real)), "lowres_psnr": float(psnr(lowres, real))}
 
@@ -184,6 +184,8 @@ def wavefront_speed(gpt, vqgan, layout, side: int, device) -> dict:
     factor = layout["size"] // layout["h"]
     kw = {"n": 1, "height": side * factor, "width": side * factor, "classes": [layout["cond_classes"][0]],
           "seed": 6, "device": device}
+    sample_grid_images(gpt, vqgan, layout, **{**kw, "height": 2 * factor, "width": 2 * factor})  # warm-up:
+    # the first call packs the decode weights and starts the thread pool; neither belongs to either order
     fast = sample_grid_images(gpt, vqgan, layout, wavefront=True, **kw)
     slow = sample_grid_images(gpt, vqgan, layout, wavefront=False, **kw)
     return {"side": side, "wavefront": fast["timings"]["tokens_per_s"], "sequential": slow["timings"]["tokens_per_s"],
