@@ -66,3 +66,25 @@ def test_gpt_decode_copies_follow_weight_changes_and_leave_parameters_alone():
     with torch.no_grad():
         want = model(idx)[0]
     torch.testing.assert_close(step(model), want, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_slots_see_a_replaced_parameter_and_pickle_without_their_list():
+    import pickle
+
+    from fastvq.nn.decode_state import DecodeWeights, ParameterSlots
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2, bias=False))
+    slots = ParameterSlots(model)
+    assert [p.data_ptr() for p in slots()] == [p.data_ptr() for p in model.parameters()]
+    builds = []
+    weights = DecodeWeights(slots, lambda: builds.append(1) or model[1].weight.clone())
+    weights.get(), weights.get()
+    assert len(builds) == 1  # nothing changed: no rebuild
+    model[1].weight = torch.nn.Parameter(torch.ones(2, 4))  # a new tensor in the slot
+    assert torch.equal(weights.get(), torch.ones(2, 4)) and len(builds) == 2
+    with torch.no_grad():
+        model[0].weight.add_(1)  # in place: its version counter moves
+    weights.get()
+    assert len(builds) == 3
+    clone = pickle.loads(pickle.dumps(model))
+    assert clone is not None and pickle.loads(pickle.dumps(slots))._slots is None

@@ -32,7 +32,7 @@ from torch import nn
 
 from .._checks import check_int, check_pos
 from ..nn.attention import AttentionDecodeWeights, SlidingWindowSelfAttention, StepKernels, step_kernels
-from ..nn.decode_state import DecodeWeights, packed_in_huge_pages
+from ..nn.decode_state import DecodeWeights, ParameterSlots, packed_in_huge_pages
 from ..nn.kv_cache import KVCache
 from ..ops.sampling import check_sample_args
 from ..ops.sampling import sample_logits as fused_sample_logits
@@ -136,7 +136,7 @@ class GPT(nn.Module):
         self.head = nn.Linear(n_embd, self.vocab_size, bias=False)
         self.n_head, self.n_embd = n_head, n_embd
         self.apply(self._init_weights)
-        self._decode_weights = DecodeWeights(self.parameters, self._build_decode_weights)
+        self._decode_weights = DecodeWeights(ParameterSlots(self), self._build_decode_weights)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

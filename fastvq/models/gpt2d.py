@@ -29,7 +29,7 @@ from torch import nn
 
 from .._checks import check_float, check_int, check_prob
 from ..nn.attention import step_kernels
-from ..nn.decode_state import DecodeWeights, packed_in_huge_pages
+from ..nn.decode_state import DecodeWeights, ParameterSlots, packed_in_huge_pages
 from ..nn.raster_attention import RasterKVCache, RasterWindowSelfAttention, wavefront_lanes, wavefront_steps
 from ..ops.sampling import sample_logits
 from .cond_encoder import ConditionEncoder
@@ -113,7 +113,7 @@ class GPT2D(nn.Module):
         # after apply(): the encoder keeps its own initialisation (a zero output projection)
         self.cond_encoder = (ConditionEncoder(self.cond_channels, n_embd, self.cond_factor)
                              if self.cond_channels else None)
-        self._decode_weights = DecodeWeights(self.parameters, self._build_decode_weights)
+        self._decode_weights = DecodeWeights(ParameterSlots(self), self._build_decode_weights)
 
     _init_weights = staticmethod(GPT._init_weights)  # minGPT's initialisation, as the 1-D prior
 

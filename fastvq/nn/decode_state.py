@@ -60,6 +60,29 @@ def packed_in_huge_pages(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(copies)
 
 
+class ParameterSlots:
+    """A module's parameters read through their (submodule, name) slots, listed once: calling it
+    costs one dict lookup a parameter, where module.parameters() walks the module tree (about
+    0.8 ms a decode step for an 8-layer GPT, a tenth of the step). A parameter replaced in its
+    slot (module.weight = nn.Parameter(...), load_state_dict(assign=True)) is seen; submodules
+    added after the first call are not (free_decode_weights() after such surgery)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self._slots = module, None
+
+    def __call__(self) -> tuple[torch.Tensor, ...]:
+        if self._slots is None:
+            self._slots = [(m._parameters, name) for m in self.module.modules() for name in m._parameters
+                           if m._parameters[name] is not None]
+        return tuple(params[name] for params, name in self._slots)
+
+    def reset(self) -> None:
+        self._slots = None
+
+    def __getstate__(self):
+        return {"module": self.module, "_slots": None}
+
+
 class DecodeWeights:
     """build() -> the decode step's tensors, cached until a parameter of `sources()` changes.
 
@@ -85,5 +108,7 @@ class DecodeWeights:
         return {"_sources": self._sources, "_build": self._build, "_stamp": None, "_value": None}
 
     def invalidate(self) -> None:
-        """Drop the copies (memory back; rebuilt at the next get())."""
+        """Drop the copies (memory back; rebuilt at the next get()) and relist the sources."""
         self._stamp, self._value = None, None
+        if isinstance(self._sources, ParameterSlots):
+            self._sources.reset()
