@@ -28,6 +28,8 @@
 #include "parallel.h"
 #include "vec.h"
 
+FASTVQ_ISA_BEGIN
+
 namespace {
 
 using namespace fastvq::vec;
@@ -238,10 +240,16 @@ at::Tensor decode_linear(const at::Tensor& x_in, const at::Tensor& weight_in, co
 
 }  // namespace
 
+FASTVQ_ISA_END
+
+FASTVQ_KERNEL(decode_linear)
+
+#if FASTVQ_REGISTERS_OPS
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, bool gelu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
-  m.impl("decode_linear", &decode_linear);
+  m.impl("decode_linear", FASTVQ_DISPATCH(decode_linear));
 }
+#endif

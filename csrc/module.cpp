@@ -1,7 +1,14 @@
 // The extension's Python module. Each op's file registers itself into the torch.ops.fastvq
-// namespace with TORCH_LIBRARY_FRAGMENT; importing fastvq._C loads them all.
+// namespace with TORCH_LIBRARY_FRAGMENT; importing fastvq._C loads them all. The module itself
+// only says which kernel variant (csrc/isa.h) the ops run and lets fastvq/_backend.py choose it.
 #include <torch/extension.h>
+
+#include "isa.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvq C++ kernels; the ops live in torch.ops.fastvq";
+  m.def("cpu_isas", &fastvq::runnable_isas, "kernel variants this build holds and this CPU runs, best first");
+  m.def("compiled_isas", &fastvq::compiled_isas, "kernel variants this build holds, best first");
+  m.def("cpu_isa", &fastvq::active_isa_name, "the kernel variant the ops run");
+  m.def("set_cpu_isa", &fastvq::set_active_isa, "run the ops on this variant (ValueError / RuntimeError if it cannot)");
 }

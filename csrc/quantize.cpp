@@ -20,6 +20,8 @@
 #include "quantize_kernel.h"
 #include "parallel.h"
 
+FASTVQ_ISA_BEGIN
+
 namespace {
 
 namespace nq = fastvq::nearest;
@@ -125,8 +127,8 @@ void search_rows(const at::Tensor& x, const nq::Codes& cb, bool cosine, int64_t 
   parallel_ranges(blocks, grain, [&](int64_t bb, int64_t be) {
     auto xbuf = at::empty({block_rows * D}, at::kFloat);
     float* xblock = xbuf.data_ptr<float>();
-    std::vector<vf> sq(panels * RV), floors(panels * RV);
-    std::vector<nq::Rows> res(panels);
+    fastvq::vec::aligned_vector<vf> sq(panels * RV), floors(panels * RV);
+    fastvq::vec::aligned_vector<nq::Rows> res(panels);
     for (int64_t blk = bb; blk < be; ++blk) {
       const int64_t r0 = blk * block_rows, rows = std::min(block_rows, N - r0);
       const int64_t used = (rows + MR - 1) / MR;
@@ -440,6 +442,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_forward(const at::Tensor& z_in
 
 }  // namespace
 
+FASTVQ_ISA_END
+
+FASTVQ_KERNEL(nearest_code)
+FASTVQ_KERNEL(vq_forward)
+FASTVQ_KERNEL(vq_gather)
+FASTVQ_KERNEL(vq_backward)
+
+#if FASTVQ_REGISTERS_OPS
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
   m.def("nearest_code(Tensor x, Tensor codebook, bool cosine) -> (Tensor, Tensor)");
   m.def("vq_forward(Tensor z, Tensor codebook) -> (Tensor, Tensor, Tensor)");
@@ -449,8 +459,9 @@ TORCH_LIBRARY_FRAGMENT(fastvq, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
-  m.impl("nearest_code", &nearest_code);
-  m.impl("vq_forward", &vq_forward);
-  m.impl("vq_gather", &vq_gather);
-  m.impl("vq_backward", &vq_backward);
+  m.impl("nearest_code", FASTVQ_DISPATCH(nearest_code));
+  m.impl("vq_forward", FASTVQ_DISPATCH(vq_forward));
+  m.impl("vq_gather", FASTVQ_DISPATCH(vq_gather));
+  m.impl("vq_backward", FASTVQ_DISPATCH(vq_backward));
 }
+#endif

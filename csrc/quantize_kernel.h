@@ -9,14 +9,17 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE__)
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
 #include "vec.h"
 
+FASTVQ_ISA_BEGIN
+
 namespace fastvq {
 namespace nearest {
+inline namespace FASTVQ_ISA_NS {
 
 using vec::vf;
 using vec::vi;
@@ -25,7 +28,7 @@ constexpr int W = vec::kLanes;
 // A tile is RV vectors of W rows times NR codes. The RV * NR accumulators and the RV x vectors
 // must fit the register file (32 zmm with AVX-512, 16 ymm/xmm otherwise) or they spill and the
 // kernel runs at L1 speed instead of FMA speed.
-#if defined(__AVX512F__)
+#if FASTVQ_HAS_AVX512
 constexpr int RV = 2, NR = 14;
 #else
 constexpr int RV = 1, NR = 12;
@@ -72,11 +75,11 @@ struct Rows {  // running result for one panel
 };
 
 inline bool any_lane(vi m) {
-#if defined(__AVX512F__)
+#if FASTVQ_HAS_AVX512
   return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
-#elif defined(__AVX__)
+#elif FASTVQ_HAS_AVX2
   return _mm256_movemask_ps((__m256)m) != 0;
-#elif defined(__SSE__)
+#elif defined(__x86_64__)
   return _mm_movemask_ps((__m128)m) != 0;
 #else
   for (int i = 0; i < W; ++i)
@@ -175,5 +178,8 @@ void search_block(const Codes& cb, const float* xblock, int64_t panels, const vf
   }
 }
 
+}  // namespace FASTVQ_ISA_NS
 }  // namespace nearest
 }  // namespace fastvq
+
+FASTVQ_ISA_END

@@ -47,6 +47,8 @@
 #include "block_pool.h"
 #include "window_attention.h"
 
+FASTVQ_ISA_BEGIN
+
 namespace {
 
 using fastvq::empty_big;
@@ -672,6 +674,13 @@ at::Tensor raster_window_decode(const at::Tensor& q, const at::Tensor& k_ring, c
 
 }  // namespace
 
+FASTVQ_ISA_END
+
+FASTVQ_KERNEL(raster_window_attention_fwd)
+FASTVQ_KERNEL(raster_window_attention_bwd)
+FASTVQ_KERNEL(raster_window_decode)
+
+#if FASTVQ_REGISTERS_OPS
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
   m.def("raster_window_attention_fwd(Tensor q, Tensor k, Tensor v, int width, int rows, int left, int right, "
         "int n_prefix, float scale) -> (Tensor, Tensor)");
@@ -682,7 +691,8 @@ TORCH_LIBRARY_FRAGMENT(fastvq, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
-  m.impl("raster_window_attention_fwd", &raster_window_attention_fwd);
-  m.impl("raster_window_attention_bwd", &raster_window_attention_bwd);
-  m.impl("raster_window_decode", &raster_window_decode);
+  m.impl("raster_window_attention_fwd", FASTVQ_DISPATCH(raster_window_attention_fwd));
+  m.impl("raster_window_attention_bwd", FASTVQ_DISPATCH(raster_window_attention_bwd));
+  m.impl("raster_window_decode", FASTVQ_DISPATCH(raster_window_decode));
 }
+#endif

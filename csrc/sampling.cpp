@@ -21,6 +21,8 @@
 #include "parallel.h"
 #include "vec.h"
 
+FASTVQ_ISA_BEGIN
+
 namespace {
 
 using namespace fastvq::vec;
@@ -194,10 +196,16 @@ at::Tensor sample_logits(const at::Tensor& logits_in, const at::Tensor& temperat
 
 }  // namespace
 
+FASTVQ_ISA_END
+
+FASTVQ_KERNEL(sample_logits)
+
+#if FASTVQ_REGISTERS_OPS
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
   m.def("sample_logits(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniform, bool cfg, float cfg_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
-  m.impl("sample_logits", &sample_logits);
+  m.impl("sample_logits", FASTVQ_DISPATCH(sample_logits));
 }
+#endif

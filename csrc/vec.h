@@ -3,9 +3,10 @@
 //
 // The vectors are GCC/clang vector extensions (vector_size): arithmetic, comparisons (lanes of -1
 // or 0), `?:` as a lane-wise blend and lane subscripts all work on them, and the compiler maps them
-// to the target's registers. kLanes floats fill the widest register the target has (zmm with
-// AVX-512, ymm with AVX, 128 bits otherwise). The kernels' tile shapes are tuned per width where
-// the register count matters (see csrc/quantize_kernel.h, csrc/window_attention.h).
+// to the target's registers. kLanes floats fill the widest register of the variant being compiled
+// (csrc/isa.h: zmm for AVX-512, ymm for AVX2, 128 bits for the baseline). The kernels' tile shapes
+// are tuned per width where the register count matters (see csrc/quantize_kernel.h,
+// csrc/window_attention.h). Everything here lives in an inline namespace per variant.
 //
 // GCC and clang differ in one builtin: two-vector shuffles with a constant mask are
 // __builtin_shuffle(a, b, mask) in GCC and __builtin_shufflevector(a, b, i...) in clang (GCC has
@@ -16,20 +17,28 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <utility>
+#include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
+#include "isa.h"
+
+FASTVQ_ISA_BEGIN
+
 namespace fastvq {
 namespace vec {
+inline namespace FASTVQ_ISA_NS {
 
-#if defined(__AVX512F__)
+#if FASTVQ_HAS_AVX512
 constexpr int kLanes = 16;
-#elif defined(__AVX__)
+#elif FASTVQ_HAS_AVX2
 constexpr int kLanes = 8;
 #else
 constexpr int kLanes = 4;
@@ -39,6 +48,27 @@ typedef float vf __attribute__((vector_size(kLanes * 4)));
 typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
 typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
 typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));  // kLanes 16-bit values (fp16 / bf16 bits)
+
+// A std::vector of vectors, or of structs holding them, aligned for them. Use it instead of
+// std::vector<vf>: GCC works out alignof(vf) inside std::allocator as the baseline target's (std's
+// templates are outside the variant's target region, csrc/isa.h), so that memory is only 16-byte
+// aligned and the variant's aligned vector moves on it fault.
+template <typename T>
+struct VectorAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{kLanes * sizeof(float)};
+  VectorAllocator() = default;
+  template <typename U>
+  VectorAllocator(const VectorAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  template <typename U>
+  bool operator==(const VectorAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const VectorAllocator<U>&) const { return false; }
+};
+template <typename T>
+using aligned_vector = std::vector<T, VectorAllocator<T>>;
 
 // ---------------------------------------------------------------------------- loads and stores
 // Unaligned, through memcpy (one vector move; no alignment or aliasing assumptions).
@@ -72,9 +102,9 @@ inline vf load(const c10::BFloat16* p) {
 
 // kLanes fp16 values widened to fp32 (one instruction with F16C).
 inline vf load(const c10::Half* p) {
-#if defined(__AVX512F__)
+#if FASTVQ_HAS_AVX512
   return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__AVX__) && defined(__F16C__)
+#elif FASTVQ_HAS_AVX2
   return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
   vf v;
@@ -252,5 +282,8 @@ inline vf vexp(vf x) {
   return detail::exp2_reduced(r * 1.44269504088896341f, t);
 }
 
+}  // namespace FASTVQ_ISA_NS
 }  // namespace vec
 }  // namespace fastvq
+
+FASTVQ_ISA_END

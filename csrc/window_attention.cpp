@@ -24,6 +24,8 @@
 #include "block_pool.h"
 #include "window_attention.h"
 
+FASTVQ_ISA_BEGIN
+
 namespace {
 
 using fastvq::empty_big;
@@ -279,6 +281,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
 
 }  // namespace
 
+FASTVQ_ISA_END
+
+FASTVQ_KERNEL(sliding_window_attention_fwd)
+FASTVQ_KERNEL(sliding_window_attention_bwd)
+
+#if FASTVQ_REGISTERS_OPS
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
   m.def("sliding_window_attention_fwd(Tensor q, Tensor k, Tensor v, int window, float scale) -> (Tensor, Tensor)");
   m.def("sliding_window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
@@ -286,6 +294,7 @@ TORCH_LIBRARY_FRAGMENT(fastvq, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
-  m.impl("sliding_window_attention_fwd", &sliding_window_attention_fwd);
-  m.impl("sliding_window_attention_bwd", &sliding_window_attention_bwd);
+  m.impl("sliding_window_attention_fwd", FASTVQ_DISPATCH(sliding_window_attention_fwd));
+  m.impl("sliding_window_attention_bwd", FASTVQ_DISPATCH(sliding_window_attention_bwd));
 }
+#endif

@@ -26,13 +26,15 @@
 #include "parallel.h"
 #include "vec.h"
 
+FASTVQ_ISA_BEGIN
+
 namespace {
 
 using namespace fastvq::vec;
 using fastvq::parallel_ranges;
 
 constexpr int VL = kLanes;
-#if defined(__AVX512F__)
+#if FASTVQ_HAS_AVX512
 constexpr int MR = 6;  // 6 rows x 4 vectors = 24 accumulators of the 32 zmm
 #else
 constexpr int MR = 4;
@@ -86,7 +88,7 @@ void tile_rows(int rows, float* C, int64_t ldc, const float* A, int64_t ars, int
     case 2: return tile<2, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
     case 3: return tile<3, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
     case 4: return tile<4, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
-#if defined(__AVX512F__)
+#if FASTVQ_HAS_AVX512
     case 5: return tile<5, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
     case 6: return tile<6, NV, ACC>(C, ldc, A, ars, aks, B, ldb, K);
 #endif
@@ -234,3 +236,5 @@ inline void check_attention_inputs(const char* op, const at::Tensor& q, const at
 }
 
 }  // namespace
+
+FASTVQ_ISA_END

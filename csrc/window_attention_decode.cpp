@@ -16,6 +16,8 @@
 
 #include "window_attention.h"
 
+FASTVQ_ISA_BEGIN
+
 namespace {
 
 // Rows are the group's (head, new query) pairs of one kv head, BLK at a time; slot tiles of the
@@ -262,6 +264,12 @@ at::Tensor sliding_window_decode_qkv(const at::Tensor& qkv, at::Tensor& k_cache,
 
 }  // namespace
 
+FASTVQ_ISA_END
+
+FASTVQ_KERNEL(sliding_window_decode)
+FASTVQ_KERNEL(sliding_window_decode_qkv)
+
+#if FASTVQ_REGISTERS_OPS
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
   m.def("sliding_window_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window, float scale) -> Tensor");
   m.def("sliding_window_decode_qkv(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int window, "
@@ -269,6 +277,7 @@ TORCH_LIBRARY_FRAGMENT(fastvq, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
-  m.impl("sliding_window_decode", &sliding_window_decode);
-  m.impl("sliding_window_decode_qkv", &sliding_window_decode_qkv);
+  m.impl("sliding_window_decode", FASTVQ_DISPATCH(sliding_window_decode));
+  m.impl("sliding_window_decode_qkv", FASTVQ_DISPATCH(sliding_window_decode_qkv));
 }
+#endif

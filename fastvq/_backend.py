@@ -5,8 +5,13 @@ tensors, or CPU tensors when TRITON_INTERPRET=1, which is how the Triton kernels
 a GPU). "auto" picks triton for CUDA tensors, cpp for CPU tensors, torch otherwise. An explicit
 choice (the backend= keyword, else FASTVQ_BACKEND) that cannot run raises; it never falls back.
 
-The environment (FASTVQ_BACKEND, TRITON_INTERPRET) is read here and nowhere else: ops, modules and
-kernels ask requested_backend() / triton_interpret().
+The cpp backend's kernels are compiled for several instruction sets (csrc/isa.h: "avx512", "avx2",
+"baseline"); fastvq._C runs the best one this CPU supports, FASTVQ_CPU_ISA forces one (read when
+the extension loads; a value the CPU or the build cannot honour raises), and
+available_backends()["cpp"].isa says which runs.
+
+The environment (FASTVQ_BACKEND, FASTVQ_CPU_ISA, TRITON_INTERPRET) is read here and nowhere else:
+ops, modules and kernels ask requested_backend() / triton_interpret() / cpu_isa().
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("torch", "cpp", "triton")
+CPU_ISAS = ("avx512", "avx2", "baseline")  # the cpp kernels' variants, best first
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,7 @@ class BackendStatus:
     name: str
     available: bool
     reason: str  # why it is unavailable, or what it runs on
+    isa: str | None = None  # cpp: the instruction set its kernels run ("avx512", "avx2", "baseline")
 
     def __str__(self) -> str:
         return f"{self.name}: {'yes' if self.available else 'no'} ({self.reason})"
@@ -39,7 +46,67 @@ def _cpp_error() -> str | None:
         import fastvq._C  # noqa: F401
     except ImportError as e:
         return f"the C++ extension fastvq._C is not built or does not load ({e}); build it with `pip install --no-build-isolation -e .`"
+    _apply_isa_request()  # raises (and so caches nothing) if FASTVQ_CPU_ISA cannot be honoured
     return None
+
+
+def _isa_module():
+    import fastvq._C as C
+
+    return C
+
+
+def _check_isa(name, what: str) -> str:
+    """`name` as a variant the loaded extension can run here, or ValueError / RuntimeError naming `what`."""
+    C = _isa_module()
+    if not isinstance(name, str) or name.strip().lower() not in CPU_ISAS:
+        raise ValueError(f"{what} must be one of {', '.join(CPU_ISAS)}, got {name!r}")
+    name = name.strip().lower()
+    runnable = list(C.cpu_isas())
+    if name not in runnable:
+        why = "this build of fastvq._C has no such kernels" if name not in C.compiled_isas() else "this CPU lacks the instructions"
+        raise RuntimeError(f"{what}={name!r} cannot run: {why}; here the kernels run {', '.join(runnable)}")
+    return name
+
+
+def requested_cpu_isa() -> str | None:
+    """$FASTVQ_CPU_ISA as given (None when unset or empty: the best variant this CPU runs)."""
+    return os.environ.get("FASTVQ_CPU_ISA", "").strip() or None
+
+
+def _apply_isa_request() -> None:
+    requested = requested_cpu_isa()
+    if requested is not None:
+        _isa_module().set_cpu_isa(_check_isa(requested, "FASTVQ_CPU_ISA"))
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the cpp kernels run ("avx512", "avx2" or "baseline"); None without the extension."""
+    return None if _cpp_error() else _isa_module().cpu_isa()
+
+
+def cpu_isas() -> tuple[str, ...]:
+    """The cpp kernel variants this build holds and this CPU runs, best first (empty without the extension)."""
+    return () if _cpp_error() else tuple(_isa_module().cpu_isas())
+
+
+def set_cpu_isa(isa: str) -> str:
+    """Runs the cpp kernels on variant `isa` from now on (the tests run them once per variant).
+
+    Args:
+        isa: "avx512", "avx2" or "baseline".
+    Returns:
+        The variant that ran before.
+    Raises:
+        RuntimeError: the extension is missing, or this build or CPU cannot run `isa`.
+        ValueError: `isa` is not one of CPU_ISAS.
+    """
+    err = _cpp_error()
+    if err:
+        raise RuntimeError(err)
+    previous = _isa_module().cpu_isa()
+    _isa_module().set_cpu_isa(_check_isa(isa, "isa"))
+    return previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,7 +137,12 @@ def available_backends() -> dict[str, BackendStatus]:
     """Which backends work on this machine and, for the others, why not."""
     out = {"torch": BackendStatus("torch", True, "reference implementation, any device")}
     err = _cpp_error()
-    out["cpp"] = BackendStatus("cpp", err is None, err or "C++ kernels for CPU tensors")
+    if err:
+        out["cpp"] = BackendStatus("cpp", False, err)
+    else:
+        isa = cpu_isa()
+        what = f"C++ kernels for CPU tensors, {isa} variant (this CPU and build: {', '.join(cpu_isas())})"
+        out["cpp"] = BackendStatus("cpp", True, what, isa=isa)
     err = _triton_error()
     if err is None and not torch.cuda.is_available() and not triton_interpret():
         err = "no CUDA device; set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors (slow, for testing)"
