@@ -337,6 +337,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, part_ptr, lse_ptr, pos_ptr,
         v = _load_rows(v_base, slot, offs_d, sv_t, sv_d, SLOTS, D, DOT)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         visible = _in_window(q_pos[:, None], k_pos[None, :], WINDOW) & ((k_pos >= 0) & (slot < SLOTS))[None, :]
+        # A slot no query of this block sees may hold anything (a stale NaN from a reused cache):
+        # its weight is 0, but 0 * NaN = NaN in the P x V product, so its value row is zeroed.
+        seen = tl.max(visible.to(tl.int32), axis=0) > 0
+        v = tl.where(seen[:, None], v, tl.zeros_like(v))
         m_i, l_i, acc = _online_softmax_step(tl.where(visible, s, float("-inf")), v, m_i, l_i, acc, DOT)
 
     # A split that saw nothing visible leaves zeros and lse = -inf: weight 0 in the merge.

@@ -276,13 +276,9 @@ RING_CASES = [(3, 1, 8, 8, 16, torch.float32), (20, 1, 5, 9, 16, torch.float32),
 _CPP_BLOCKED = ("csrc/window_attention_decode.cpp decode_rows (the blocked path: fp16/bf16 caches or a head_dim "
                 "that is not a multiple of 16 up to 128): every slot of a tile with one visible slot is "
                 "converted into vrows and multiplied by its zero weight in the P x V gemm")
-_TRITON = ("kernels/window_attention.py _decode_kernel: v is loaded for every slot of the tile (_load_rows masks "
-           "only slot < SLOTS) and the zero weights of masked slots multiply it in _online_softmax_step")
 
 
 def _leak(backend, dtype=torch.float32, head_dim=16):
-    if backend == "triton":
-        return _TRITON
     if backend == "cpp" and (dtype != torch.float32 or head_dim % 16 or head_dim > 128):
         return _CPP_BLOCKED
     return None
