@@ -14,10 +14,10 @@ How many slots:
 Slots that were never written (or hold another sequence's keys) are masked by position in the
 decode op, so a cache can be reused for a new sequence without zeroing it. Stale slots holding NaN
 or inf (a sequence that diverged, a cache from torch.empty) are kept out of the result by the torch
-decode and the cpp decode's direct path (fp32, head_dim a multiple of 16 up to 128); the cpp
-blocked path and the Triton decode kernel still multiply such a slot's value by its zero weight
-(0 * NaN: tests/test_nonfinite.py marks it xfail until the kernels skip masked rows), so reset()
-a cache that may hold non-finite values before reusing it there.
+decode, the Triton decode kernel and the cpp decode's direct path (fp32, head_dim a multiple of 16
+up to 128); the cpp blocked path still multiplies such a slot's value by its zero weight (0 * NaN:
+tests/test_nonfinite.py marks it xfail until that kernel skips masked rows), so reset() a cache
+that may hold non-finite values before reusing it there.
 """
 from __future__ import annotations
 
