@@ -50,9 +50,12 @@ void decode_rows(const at::Tensor& kc, const at::Tensor& vc, const float* qrows,
     for (int64_t j = 0; j < sn; ++j) {
       const T* kr = kbase + (s0 + j) * ks2;
       const T* vr = vbase + (s0 + j) * vs2;
+      // a slot no row of this step sees (never written, or older than the window) may hold a stale
+      // NaN: its weight is 0, but 0 * NaN = NaN in the P x V gemm, so it enters as zeros
+      const bool live = kpos[j] != std::numeric_limits<int32_t>::min() / 2 && kpos[j] > -window;
       for (int64_t d = 0; d < D; ++d) {
-        kt[d * BLK + j] = static_cast<float>(kr[d * ks3]);
-        vrows[j * Dp + d] = static_cast<float>(vr[d * vs3]);
+        kt[d * BLK + j] = live ? static_cast<float>(kr[d * ks3]) : 0.f;
+        vrows[j * Dp + d] = live ? static_cast<float>(vr[d * vs3]) : 0.f;
       }
     }
     gemm<false>(S, BLK, qrows, Dp, 1, kt, BLK, rows, BLK, Dp);
