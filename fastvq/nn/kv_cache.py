@@ -14,10 +14,8 @@ How many slots:
 Slots that were never written (or hold another sequence's keys) are masked by position in the
 decode op, so a cache can be reused for a new sequence without zeroing it. Stale slots holding NaN
 or inf (a sequence that diverged, a cache from torch.empty) are kept out of the result by the torch
-decode, the Triton decode kernel and the cpp decode's direct path (fp32, head_dim a multiple of 16
-up to 128); the cpp blocked path still multiplies such a slot's value by its zero weight (0 * NaN:
-tests/test_nonfinite.py marks it xfail until that kernel skips masked rows), so reset() a cache
-that may hold non-finite values before reusing it there.
+decode, the Triton decode kernel and both cpp decode paths (a masked slot's value enters as zeros,
+never as 0 * NaN; tests/test_nonfinite.py checks every backend).
 """
 from __future__ import annotations
 
