@@ -56,19 +56,8 @@ def _class_tokens(layout: dict, classes, n: int) -> torch.Tensor:
             raise ConfigError("--class: this prior was trained without class conditioning")
         return torch.full((n,), layout["n_embed"], dtype=torch.int64)
     names = layout.get("class_names") or []
-    wanted = list(classes) if classes else list(range(layout["classes"]))
-    indices = []
-    for c in wanted:
-        if isinstance(c, str) and not c.isdigit():
-            if c not in names:
-                raise ConfigError(f"--class: unknown class {c!r}; this prior knows {', '.join(names) or 'none by name'}")
-            indices.append(names.index(c))
-        else:
-            i = int(c)
-            if not 0 <= i < layout["classes"]:
-                raise ConfigError(f"--class: class index must be in [0, {layout['classes']}), got {i}")
-            indices.append(i)
-    return layout["n_embed"] + torch.tensor([indices[i * len(indices) // n] for i in range(n)], dtype=torch.int64)
+    index = _class_indices(layout, names, classes, n, count=layout["classes"])
+    return layout["n_embed"] + torch.tensor(index, dtype=torch.int64)
 
 
 @torch.no_grad()
@@ -127,10 +116,12 @@ def _pixel_size(name: str, value: int, factor: int) -> int:
     return value // factor
 
 
-def _class_indices(layout: dict, names: list, classes, n: int) -> list[int]:
+def _class_indices(layout: dict, names: list, classes, n: int, count: int | None = None) -> list[int]:
     """Index of the class of each of n samples: the --class names or indices asked for, in equal
-    consecutive runs (every class when none are asked for)."""
-    wanted = list(classes) if classes else list(range(len(names)))
+    consecutive runs (every class when none are asked for). count: the number of classes, when
+    names may be missing (checkpoints without class names)."""
+    count = len(names) if count is None else count
+    wanted = list(classes) if classes else list(range(count))
     indices = []
     for c in wanted:
         if isinstance(c, str) and not c.isdigit():
@@ -138,8 +129,8 @@ def _class_indices(layout: dict, names: list, classes, n: int) -> list[int]:
                 raise ConfigError(f"--class: unknown class {c!r}; this prior knows {', '.join(names) or 'none by name'}")
             indices.append(names.index(c))
         else:
-            if not 0 <= int(c) < len(names):
-                raise ConfigError(f"--class: class index must be in [0, {len(names)}), got {c}")
+            if not 0 <= int(c) < count:
+                raise ConfigError(f"--class: class index must be in [0, {count}), got {int(c)}")
             indices.append(int(c))
     return [indices[i * len(indices) // n] for i in range(n)]
 
