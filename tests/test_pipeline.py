@@ -168,6 +168,7 @@ def test_demo_quick_writes_the_report(tmp_path):
                  "gpt_layout/loss_curves.png"):
         assert (tmp_path / name).is_file() and name in report
     assert "held-out PSNR" in report and "codebook usage" in report and "with the layout" in report
+    assert "Layout fidelity" in report and "Held-out NLL per code" in report and result["quality"]["lpips"]["source"]
     assert result["pictures"]["speed"]["same_codes"]  # the wavefront drew what one code at a time draws
     assert {r["op"].split()[0] for r in result["kernels"]} == {"nearest_code", "sliding_window_attention",
                                                                 "sample_logits"}

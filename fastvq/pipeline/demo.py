@@ -9,9 +9,13 @@
    layout), wider and taller than the training crops, (b) a 512 x 512 picture from the layout
    shipped in fastvq/assets (the letters VQ in brick on grass), (c) held-out crops from their
    8x smaller copies; and the same grid one code at a time, to time the wavefront against it;
-5. time fastvq's kernels against their torch references at the demo's shapes;
-6. write report.md with the pictures (each condition beside its result), the held-out NLL with and
-   without the condition, PSNR of the super-resolution, and the timings.
+5. measure quality (fidelity.py): a small texture classifier trained on real crops labels the
+   patches of the layout-to-image picture, and its agreement with the layout is set against the
+   same measure on real held-out mosaics (the ceiling) and on their VQGAN reconstructions; LPIPS
+   and PSNR of the super-resolution, for the sample and for the blurry input;
+6. time fastvq's kernels against their torch references at the demo's shapes;
+7. write report.md with the pictures (each condition beside its result), the held-out NLL with and
+   without the condition, the quality figures, and the timings.
 The demo preset fits 10 minutes on a 2-core CPU; on a GPU the `small` preset's larger models
 are trained for a few thousand steps.
 """
@@ -105,26 +109,29 @@ def run_demo(out_dir, *, quick: bool = False, device: str | None = None, show_pr
         timings[name] = time.perf_counter() - t0
         t0 = time.perf_counter()
 
-    log(f"[1/6] train-vqgan ({preset} preset, {vq_cfg['train']['steps']} steps) -> {out / 'vqgan'}")
+    log(f"[1/7] train-vqgan ({preset} preset, {vq_cfg['train']['steps']} steps) -> {out / 'vqgan'}")
     vq = train_vqgan(vq_cfg, out / "vqgan", device=device, show_progress=show_progress, log=log)
     lap("train-vqgan")
     vqgan_ckpt = out / "vqgan" / "vqgan.ckpt"
-    log(f"[2/6] train-gpt, layout-conditioned GPT2D ({layout_cfg['train']['steps']} steps) -> {out / 'gpt_layout'}")
+    log(f"[2/7] train-gpt, layout-conditioned GPT2D ({layout_cfg['train']['steps']} steps) -> {out / 'gpt_layout'}")
     gpt = train_gpt(layout_cfg, out / "gpt_layout", vqgan_ckpt, device=device, show_progress=show_progress, log=log)
     lap("train-gpt layout")
-    log(f"[3/6] train-gpt, low-res-conditioned GPT2D ({lowres_cfg['train']['steps']} steps) -> {out / 'gpt_lowres'}")
+    log(f"[3/7] train-gpt, low-res-conditioned GPT2D ({lowres_cfg['train']['steps']} steps) -> {out / 'gpt_lowres'}")
     sr = train_gpt(lowres_cfg, out / "gpt_lowres", vqgan_ckpt, device=device, show_progress=show_progress, log=log)
     lap("train-gpt lowres")
-    log("[4/6] sampling: panoramas, layout to image, low-res to high-res, wavefront vs one code at a time")
+    log("[4/7] sampling: panoramas, layout to image, low-res to high-res, wavefront vs one code at a time")
     pictures = draw_pictures(out, quick, device, show_progress)
     lap("sampling")
-    log("[5/6] kernel timings against the torch references")
+    log("[5/7] quality: a texture classifier for layout fidelity, LPIPS and PSNR of the super-resolution")
+    quality = measure_quality(out, pictures, quick, device)
+    lap("quality")
+    log("[6/7] kernel timings against the torch references")
     kernels = kernel_timings(device)
     lap("kernel timings")
-    report = write_report(out, vq_cfg, layout_cfg, vq, gpt, sr, pictures, kernels, timings, preset)
-    log(f"[6/6] wrote {report}")
-    return {"report": report, "vqgan": vq, "gpt": gpt, "lowres": sr, "pictures": pictures, "kernels": kernels,
-            "timings": timings}
+    report = write_report(out, vq_cfg, layout_cfg, vq, gpt, sr, pictures, quality, kernels, timings, preset)
+    log(f"[7/7] wrote {report}")
+    return {"report": report, "vqgan": vq, "gpt": gpt, "lowres": sr, "pictures": pictures, "quality": quality,
+            "kernels": kernels, "timings": timings}
 
 
 def _save_row(path: Path, images: list[torch.Tensor], zoom: int = 1, nrow: int | None = None) -> Path:
@@ -169,11 +176,47 @@ def draw_pictures(out: Path, quick: bool, device, show_progress: bool) -> dict:
     sr = sample_grid_images(gpt_sr, vqgan_sr, layout_sr, n=3, height=crop, width=crop, cond=None, seed=5,
                             **{**common, "show_progress": False}, cond_map=lowres)
     _save_row(out / "lowres_to_highres.png", [*lowres, *sr["images"], *real], zoom=2, nrow=3)
-    return {"panorama": pano, "layout": lay, "speed": speed, "superres": sr,
-            "superres_psnr": float(psnr(sr["images"], real)), "lowres_psnr": float(psnr(lowres, real))}
+    # images are in [-1, 1]: psnr's default range (0, 1) would clamp away every value below 0
+    return {"panorama": pano, "layout": lay, "speed": speed, "superres": sr, "superres_real": real,
+            "superres_lowres": lowres, "layout_classes": list(names),
+            "superres_psnr": psnr(sr["images"].cpu(), real, value_range=(-1, 1)),
+            "lowres_psnr": psnr(lowres, real, value_range=(-1, 1))}
 
 
 CFG_SCALE = 1.5
+# The texture classifier of the layout fidelity (fidelity.py): its training steps (quick: a smoke
+# run, its figures mean nothing) and the number of held-out mosaics of the ceiling.
+FIDELITY_STEPS = {False: 400, True: 5}
+CEILING_MOSAICS = {False: 16, True: 2}
+
+
+def measure_quality(out: Path, pictures: dict, quick: bool, device) -> dict:
+    """Layout fidelity of the layout-to-image picture against its ceilings, and LPIPS of the
+    super-resolution (see the module docstring); adds a few seconds on a CPU."""
+    from .fidelity import heldout_accuracy, heldout_mosaic_fidelity, layout_fidelity, train_texture_classifier
+    from .metrics import mean_lpips, report_lpips
+    from .sample import load_prior
+
+    classifier = train_texture_classifier(pictures["layout_classes"], steps=FIDELITY_STEPS[quick])
+    lay = pictures["layout"]
+    layout = lay["cond_map"][0].argmax(0).cpu()  # the one-hot map the picture was drawn from, as labels
+    _, vqgan, _ = load_prior(out / "gpt_layout" / "gpt.ckpt", map_location=device)
+
+    def reconstruct(images):
+        return vqgan.decode_indices(vqgan.encode_indices(images.to(device))).clamp(-1, 1).cpu()
+
+    count = CEILING_MOSAICS[quick]
+    fidelity = {"classifier_accuracy": heldout_accuracy(classifier),
+                "generated": layout_fidelity(classifier, lay["images"][0].cpu(), layout),
+                "ceiling": heldout_mosaic_fidelity(classifier, count),
+                "reconstructed": heldout_mosaic_fidelity(classifier, count, through=reconstruct),
+                "mosaics": count, "steps": FIDELITY_STEPS[quick]}
+    metric = report_lpips(fallback=True if quick else None)  # quick: never load VGG16's 500 MB
+    real = pictures["superres_real"]
+    lpips = {"source": metric.source, "fallback": metric.fallback,
+             "superres": mean_lpips(metric, pictures["superres"]["images"], real),
+             "lowres": mean_lpips(metric, pictures["superres_lowres"], real)}
+    return {"fidelity": fidelity, "lpips": lpips}
 
 
 def wavefront_speed(gpt, vqgan, layout, side: int, device) -> dict:
@@ -192,7 +235,62 @@ def wavefront_speed(gpt, vqgan, layout, side: int, device) -> dict:
             "same_codes": bool(torch.equal(fast["codes"], slow["codes"]))}
 
 
-def write_report(out: Path, vq_cfg, gpt_cfg, vq, gpt, sr, pictures, kernels, timings, preset) -> Path:
+def _percent(value: float, count: int | None = None) -> str:
+    if math.isnan(value):
+        return "–"
+    return f"{value:.0%}" if count is None else f"{value:.0%} ({count})"
+
+
+def _fidelity_row(name: str, result: dict) -> str:
+    cells = [_percent(v, result["counted"][k]) for k, v in result["per_class"].items()]
+    return f"| {name} | " + " | ".join(cells) + f" | **{_percent(result['mean'])}** |"
+
+
+def quality_lines(quality: dict, pictures: dict, gpt: dict, sr: dict, uniform: float) -> list[str]:
+    """The report's "Quality, measured" section: layout fidelity, super-resolution, held-out NLL."""
+    fid, lp = quality["fidelity"], quality["lpips"]
+    gen, acc = fid["generated"], fid["classifier_accuracy"]
+    names = list(gen["per_class"])
+    size = pictures["layout"]["height"]
+    perceptual = "gradient distance (LPIPS's fallback, NOT LPIPS)" if lp["fallback"] else "LPIPS"
+    lines = [
+        "## Quality, measured", "",
+        "### Layout fidelity",
+        f"A small texture classifier (three 3x3 convolutions, fastvq/pipeline/fidelity.py) trained for {fid['steps']} "
+        f"steps on {gen['patch']}x{gen['patch']} crops of the textures' *training* region (what the VQGAN and the "
+        "priors learned from; the ceiling's mosaics come from the held-out strip, so training on that strip would "
+        f"score it on its own pixels) labels every {gen['patch']}x{gen['patch']} patch, stride {gen['stride']}, "
+        "of a picture. Per texture: the share of the patches the layout puts in that texture (at least "
+        f"{gen['purity']:.0%} of their pixels) that the classifier calls that texture (in brackets: patches "
+        f"counted). Classifier accuracy on the held-out strip: {_percent(acc['mean'])} "
+        f"({', '.join(f'{k} {_percent(acc[k])}' for k in names)}; chance {_percent(1 / len(names))}).", "",
+        "| picture | " + " | ".join(names) + " | mean |", "|---|" + "---:|" * (len(names) + 1),
+        _fidelity_row(f"layout to image, {size}x{size}, generated", gen),
+        _fidelity_row(f"ceiling: {fid['mosaics']} real held-out mosaics, their own layouts", fid["ceiling"]),
+        _fidelity_row("the same mosaics through the VQGAN (encode, decode)", fid["reconstructed"]),
+        "",
+        "The third row is the ceiling for a prior that draws through this VQGAN: where it falls short of the "
+        "second, the codec loses the texture, not the prior.", "",
+        "### Low-resolution to high-resolution",
+        f"Against the real held-out crops: PSNR over [-1, 1] images, and {perceptual} ({lp['source']}; lower is "
+        "closer). A sample draws detail the input does not have, so its PSNR can be lower than the blurry input's "
+        "while it looks closer" + (": the fallback, like PSNR, favours blur (a detail in the wrong place costs up "
+                                   "to twice a missing one)." if lp["fallback"] else "."), "",
+        f"| picture | PSNR dB | {perceptual} |", "|---|---:|---:|",
+        f"| sample | {pictures['superres_psnr']:.2f} | {lp['superres']:.4f} |",
+        f"| low-res input, upsampled bilinearly | {pictures['lowres_psnr']:.2f} | {lp['lowres']:.4f} |", "",
+        "### Held-out NLL per code",
+        f"Nats per code on held-out crops, with the condition and with the null condition (the same model; "
+        f"uniform over the codebook would be {uniform:.3f}).", "",
+        "| prior | conditioned on | with the condition | without | gain |", "|---|---|---:|---:|---:|",
+    ]
+    for name, what, result in (("layout GPT2D", "the layout", gpt), ("low-res GPT2D", "an 8x smaller copy", sr)):
+        with_, without = result.get("heldout_loss", math.nan), result.get("heldout_loss_uncond", math.nan)
+        lines.append(f"| {name} | {what} | {with_:.3f} | {without:.3f} | {without - with_:.3f} |")
+    return lines + [""]
+
+
+def write_report(out: Path, vq_cfg, gpt_cfg, vq, gpt, sr, pictures, quality, kernels, timings, preset) -> Path:
     m, g = vq_cfg["model"], gpt_cfg["model"]
     recon = sorted((out / "vqgan").glob("reconstructions_*.png"))[-1]
     pano, lay, speed = pictures["panorama"], pictures["layout"], pictures["speed"]
@@ -233,12 +331,10 @@ def write_report(out: Path, vq_cfg, gpt_cfg, vq, gpt, sr, pictures, kernels, tim
         "![GPT loss curves](gpt_layout/loss_curves.png)", "",
         "## Low-resolution to high-resolution",
         f"A GPT2D of the same shape conditioned on an 8x smaller copy of the image, {sr['steps']} steps. Held-out "
-        f"crops: the low-resolution input (top), a sample (middle), the real crop (bottom). PSNR against the real "
-        f"crop: **{pictures['superres_psnr']:.2f} dB** for the sample, {pictures['lowres_psnr']:.2f} dB for the "
-        f"blurry input itself (a sample draws detail the input does not have, so its PSNR can be lower); held-out "
-        f"NLL {sr.get('heldout_loss', float('nan')):.3f} nats/code with the low-res input, "
-        f"{sr.get('heldout_loss_uncond', float('nan')):.3f} without.\n\n![low-res to high-res](lowres_to_highres.png)",
+        f"crops: the low-resolution input (top), a sample (middle), the real crop (bottom); PSNR, LPIPS and "
+        f"held-out NLL under Quality, measured.\n\n![low-res to high-res](lowres_to_highres.png)",
         "",
+        *quality_lines(quality, pictures, gpt, sr, math.log(m["n_embed"])),
         f"## Kernels against their torch references (median of {TIMED_CALLS} calls)", "",
         "| op | shape | backend | fastvq ms | torch reference ms | speed-up |", "|---|---|---|---:|---:|---:|",
     ]
