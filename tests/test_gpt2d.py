@@ -5,6 +5,7 @@ it should be and a fresh condition path changes nothing."""
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvq
 from fastvq.models.gpt2d import GPT2D, position_uniforms, sample_grid
@@ -93,6 +94,43 @@ def test_the_decode_linear_step_equals_the_plain_step(backend, monkeypatch):
         fused = teacher_forced(m, codes, cls, None, schedule)
         assert_close(fused, plain, atol=2e-5, rtol=1e-4)
         assert_close(fused, m(codes, cls), atol=2e-5, rtol=1e-4)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that make a GPU wait for the host: a tensor read as a Python number (.item(),
+    bool(), int() all dispatch _local_scalar_dense) and nonzero (its output size)."""
+    SYNCS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpp")))  # the interpreter reads triton's on the host
+def test_a_decode_step_reads_no_tensor_back_to_the_host(backend, monkeypatch):
+    """GPT2D.step schedules its positions on the host and checks them there (RasterKVCache.check_step),
+    so nothing in the step reads a tensor back: on a GPU each read would sync every step."""
+    monkeypatch.setenv("FASTVQ_BACKEND", backend)
+    m = conditioned()
+    codes = torch.randint(0, VOCAB, (2, 3, 4), generator=torch.Generator().manual_seed(3))
+    feats = m.encode_cond(cond_map(2, 3, 4)).detach()
+    cache = m.new_cache(2, 4, lag_rows=2)
+    m.prefill(None, cache)
+    seen = []
+    with monkeypatch.context() as patch:
+        for name in ("tolist", "item", "cpu"):  # not dispatched ops on a CPU tensor: watched here
+            method = getattr(torch.Tensor, name)
+            patch.setattr(torch.Tensor, name, lambda t, *a, _m=method, _n=name, **k: seen.append(_n) or _m(t, *a, **k))
+        for positions in wavefront_schedule(3, 5, m.right + 1)[:6]:  # row starts, codes, two rows at once
+            tokens = torch.stack([codes[:, i, max(c - 1, 0)] for i, c in positions], 1)
+            with _HostReads(seen):
+                m.step(tokens, positions, cache, feats)
+    assert seen == []
 
 
 def test_training_loss_and_the_condition_matter():

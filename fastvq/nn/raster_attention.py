@@ -13,7 +13,8 @@ rows x width per layer (+ the prefix), row i in ring row i % ring_rows: memory p
 width, independent of the image height. The tokens of one step may sit on different rows (the
 wavefront: row i runs right + 1 columns behind row i - 1), and the cache checks on the host, before
 anything is written, that every key a new token needs is in the ring and that no row still needed
-is overwritten. A model's decode step (GPT2D.step) uses _step instead: the same ring writes and
+is overwritten; that host check stands in for fastvq.raster_window_decode's own position check,
+which would read the index tensors back from the device every layer. A model's decode step (GPT2D.step) uses _step instead: the same ring writes and
 attention, with q/k/v in one product on stacked weight copies and the output projection through
 fastvq's decode_linear (decode_weights(), as SlidingWindowSelfAttention's).
 """
@@ -266,13 +267,16 @@ class RasterWindowSelfAttention(nn.Module):
 
     def _write_and_attend(self, q, k, v, cache: RasterKVCache, rows_idx, cols_idx, layer: int) -> torch.Tensor:
         """Write the step's rotated keys and values (B, H_kv, n, hs) into their ring slots, then the
-        attention of its rotated queries (B, H, n, hs) over the ring (checked arguments)."""
+        attention of its rotated queries (B, H, n, hs) over the ring (checked arguments).
+
+        The positions were checked on the host by cache.check_step (on the grid, in the ring), so the
+        op's own check, a read of the index tensors that syncs a GPU every layer, is skipped."""
         ring_k, ring_v = cache[layer]
         slots = ring_slots(rows_idx, cols_idx, cache.width, cache.ring_rows, cache.n_prefix)
         ring_k.index_copy_(2, slots, k)
         ring_v.index_copy_(2, slots, v)
         return raster_window_decode(q, ring_k, ring_v, rows_idx, cols_idx, width=cache.width, n_prefix=cache.n_prefix,
-                                    **self._window())
+                                    check_positions=False, **self._window())
 
     # ------------------------------------------------------------------------- decode step on decode_linear
 

@@ -5,7 +5,8 @@ Public:
   raster_window_attention_reference / _backward_reference: the torch oracles (out, lse) / (dq, dk, dv)
   raster_window_visible(query_pos, key_pos, *, width, rows, left, right, n_prefix): the rule as a mask
   raster_window_decode(q, k_ring, v_ring, rows_idx, cols_idx, *, width, rows, left, right, n_prefix=0,
-                       scale=None, backend=None) -> out: new grid queries (a wavefront) against a ring
+                       scale=None, backend=None, check_positions=True) -> out: new grid queries (a
+                       wavefront) against a ring
   raster_window_decode_reference: its torch oracle
   (its 2-D rotary embedding, axial_rope, is in fastvq.ops.rope)
   KERNELS: the per-backend entry points (unchecked)
@@ -61,7 +62,8 @@ def _check_geometry(op: str, seq_len: int, width, rows, left, right, n_prefix) -
 
 def _check_positions(op: str, rows_idx: torch.Tensor, cols_idx: torch.Tensor, width: int) -> None:
     """Every query on the grid: row >= 0, column in [0, width). Checked here for every backend (the
-    kernels trust it); on a GPU this one reduction is a sync with the host."""
+    kernels trust it); on a GPU this one reduction is a sync with the host, which a caller that
+    checked the positions on the host already skips (raster_window_decode's check_positions)."""
     bad = (rows_idx < 0) | (cols_idx < 0) | (cols_idx >= width)
     if bad.numel() and bool(bad.any()):
         t = int(bad.nonzero()[0, 0])
@@ -228,7 +230,8 @@ def raster_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 
 def raster_window_decode(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, rows_idx: torch.Tensor,
                          cols_idx: torch.Tensor, *, width: int, rows: int, left: int, right: int, n_prefix: int = 0,
-                         scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+                         scale: float | None = None, backend: str | None = None,
+                         check_positions: bool = True) -> torch.Tensor:
     """Attention of n new grid queries, each at its own (i, j), against a ring of image rows.
 
     The ring (see ring_slots) holds the prefix in slots [0, n_prefix) and image row i in ring row
@@ -245,6 +248,11 @@ def raster_window_decode(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Te
         width, rows, left, right, n_prefix: the window, as in raster_window_attention.
         scale: default Dh ** -0.5.
         backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
+        check_positions: True (default) checks that every (row, column) lies on the grid, which
+            reads the indices on the host (on a GPU a sync every call). False skips it, for a
+            caller that checked the same positions as host ints (RasterKVCache.check_step does,
+            for RasterWindowSelfAttention and GPT2D.step); off-grid positions are then unchecked
+            and the kernels would read outside the ring.
 
     Returns:
         (B, H, n, Dh) in q's dtype. Inference only.
@@ -252,7 +260,8 @@ def raster_window_decode(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Te
     Raises:
         TypeError / ValueError naming the argument (shapes, a ring whose slot count is not
         n_prefix + ring_rows * width, ring_rows <= rows, indices of the wrong shape or dtype, a
-        position off the grid: a row < 0 or a column outside [0, width)). The ring is only read.
+        position off the grid: a row < 0 or a column outside [0, width), unless check_positions
+        is False). The ring is only read.
 
     Example:
         >>> ring = torch.zeros(1, 8, 1 + 10 * 64, 64)   # prefix 1, 10 ring rows of width 64
@@ -275,7 +284,8 @@ def raster_window_decode(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Te
         if idx.shape[0] != n or idx.device != q.device:
             raise ValueError(f"{op}: {name} must hold one index per query ({n}) on q's device, got "
                              f"{tuple(idx.shape)} on {idx.device}")
-    _check_positions(op, rows_idx, cols_idx, geometry.width)
+    if check_positions:
+        _check_positions(op, rows_idx, cols_idx, geometry.width)
     scale = _check_scale(scale, q.shape[3], op)
     name = _backend_for(op, backend, q.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_ring, v_ring)):
