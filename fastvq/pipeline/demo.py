@@ -252,7 +252,7 @@ def quality_lines(quality: dict, pictures: dict, gpt: dict, sr: dict, uniform: f
     gen, acc = fid["generated"], fid["classifier_accuracy"]
     names = list(gen["per_class"])
     size = pictures["layout"]["height"]
-    perceptual = "gradient distance (LPIPS's fallback, NOT LPIPS)" if lp["fallback"] else "LPIPS"
+    perceptual = "gradient distance (not LPIPS)" if lp["fallback"] else "LPIPS"
     lines = [
         "## Quality, measured", "",
         "### Layout fidelity",
@@ -272,8 +272,8 @@ def quality_lines(quality: dict, pictures: dict, gpt: dict, sr: dict, uniform: f
         "The third row is the ceiling for a prior that draws through this VQGAN: where it falls short of the "
         "second, the codec loses the texture, not the prior.", "",
         "### Low-resolution to high-resolution",
-        f"Against the real held-out crops: PSNR over [-1, 1] images, and {perceptual} ({lp['source']}; lower is "
-        "closer). A sample draws detail the input does not have, so its PSNR can be lower than the blurry input's "
+        f"Against the real held-out crops: PSNR over [-1, 1] images, and {perceptual}, lower is closer (in use: "
+        f"{lp['source']}). A sample draws detail the input does not have, so its PSNR can be lower than the blurry input's "
         "while it looks closer" + (": the fallback, like PSNR, favours blur (a detail in the wrong place costs up "
                                    "to twice a missing one)." if lp["fallback"] else "."), "",
         f"| picture | PSNR dB | {perceptual} |", "|---|---:|---:|",
