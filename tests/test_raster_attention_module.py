@@ -7,19 +7,19 @@ import torch
 import fastvq
 from fastvq import RasterKVCache, RasterWindowSelfAttention
 from fastvq.nn.raster_attention import wavefront_schedule
-from fastvq.ops.raster_window import KERNELS
-from helpers import assert_close, backend_params
+from helpers import assert_close, backend_params, device_of, interpreted
 
-# the module's decode runs on the backend FASTVQ_BACKEND names (auto: cpp on CPU when it has the op)
-BACKENDS = backend_params(("torch", "cpp"))
+# width, height, rows, left, right, n_prefix, n_kv_head
+CASES = [(5, 6, 2, 2, 1, 0, None), (7, 5, 1, 3, 2, 1, 2), (4, 7, 3, 1, 0, 2, None), (3, 4, 2, 5, 5, 1, 1)]
+# the Triton interpreter is slow: there, one small case (a prefix, grouped heads, a window wider than the grid)
+INTERPRETED_CASES = CASES[3:]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    if request.param not in KERNELS:
-        pytest.skip(f"raster_window_attention has no {request.param} kernel yet")
-    monkeypatch.setenv("FASTVQ_BACKEND", request.param)
-    return request.param
+def backend_cases(cases, interpreted_cases):
+    """(backend, case) params: every case on torch and cpp (and on triton on a GPU), the
+    interpreted_cases only where triton runs through the interpreter."""
+    return [pytest.param(b.values[0], case, marks=b.marks, id=f"{b.id}-{'-'.join(map(str, case))}")
+            for b in backend_params() for case in (interpreted_cases if interpreted(b.values[0]) else cases)]
 
 
 def module(rows=2, left=2, right=1, n_kv_head=None, seed=0):
@@ -33,14 +33,14 @@ def decode(m, x, width, n_prefix, steps, ring_rows):
     b, t, _ = x.shape
     cache = m.new_cache(b, width, ring_rows=ring_rows, n_prefix=n_prefix)
     ptrs = cache.k.data_ptr(), cache.v.data_ptr()
-    out = torch.zeros(b, t - n_prefix, x.shape[-1])
+    out = torch.zeros(b, t - n_prefix, x.shape[-1], device=x.device)
     if n_prefix:
         prefix_out = m.prefill(x[:, :n_prefix], cache)
         cache.prefix_written = n_prefix
     for positions in steps:
         flat = [n_prefix + i * width + j for i, j in positions]
-        rows_idx = torch.tensor([i for i, _ in positions])
-        cols_idx = torch.tensor([j for _, j in positions])
+        rows_idx = torch.tensor([i for i, _ in positions], device=x.device)
+        cols_idx = torch.tensor([j for _, j in positions], device=x.device)
         y = m.forward_cached(x[:, flat], cache, rows_idx, cols_idx)
         cache.commit(positions)
         out[:, [f - n_prefix for f in flat]] = y
@@ -48,12 +48,14 @@ def decode(m, x, width, n_prefix, steps, ring_rows):
     return (torch.cat((prefix_out, out), 1) if n_prefix else out), cache
 
 
-@pytest.mark.parametrize("width, height, rows, left, right, n_prefix, n_kv_head", [
-    (5, 6, 2, 2, 1, 0, None), (7, 5, 1, 3, 2, 1, 2), (4, 7, 3, 1, 0, 2, None), (3, 4, 2, 5, 5, 1, 1),
-])
-def test_decoding_equals_the_training_forward(backend, width, height, rows, left, right, n_prefix, n_kv_head):
-    m = module(rows, left, right, n_kv_head)
-    x = torch.randn(2, n_prefix + width * height, 32)
+@pytest.mark.parametrize("backend, case", backend_cases(CASES, INTERPRETED_CASES))
+def test_decoding_equals_the_training_forward(backend, case, monkeypatch):
+    """The module's forward and decode on the backend FASTVQ_BACKEND names (auto: cpp on CPU)."""
+    monkeypatch.setenv("FASTVQ_BACKEND", backend)
+    width, height, rows, left, right, n_prefix, n_kv_head = case
+    dev = device_of(backend)
+    m = module(rows, left, right, n_kv_head).to(dev)
+    x = torch.randn(2, n_prefix + width * height, 32).to(dev)
     with torch.no_grad():
         full = m(x, width=width, n_prefix=n_prefix)
     sequential = [[(i, j)] for i in range(height) for j in range(width)]
