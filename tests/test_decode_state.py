@@ -1,5 +1,6 @@
 """The decode steps' weights (fastvq.nn.decode_state): stacked and huge-page copies that follow
 every parameter change and leave the parameters and state dicts alone."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -88,3 +89,38 @@ def test_parameter_slots_see_a_replaced_parameter_and_pickle_without_their_list(
     assert len(builds) == 3
     clone = pickle.loads(pickle.dumps(model))
     assert clone is not None and pickle.loads(pickle.dumps(slots))._slots is None
+
+
+def _sliding():
+    from fastvq.nn.attention import SlidingWindowSelfAttention
+
+    return SlidingWindowSelfAttention(32, 4, window=8)
+
+
+def _raster():
+    from fastvq.nn.raster_attention import RasterWindowSelfAttention
+
+    return RasterWindowSelfAttention(32, 4, rows=1, left=1, right=1, n_kv_head=2)
+
+
+@pytest.mark.parametrize("make", [_sliding, _raster], ids=["sliding", "raster"])
+def test_attention_decode_weights_are_the_stacked_parameters_of_their_own_module(make):
+    """Both attention modules build their decode copies with decode_state.attention_decode_weights;
+    a deep copy (or a pickled one) builds from its own parameters, not the original's."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    m = make()
+
+    def stacked(module):
+        return (torch.cat((module.query.weight, module.key.weight, module.value.weight)),
+                torch.cat((module.query.bias, module.key.bias, module.value.bias)), module.proj.weight, module.proj.bias)
+
+    assert all(torch.equal(a, b) for a, b in zip(m.decode_weights(), stacked(m)))
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        with torch.no_grad():
+            clone.key.weight.add_(1.0)
+            clone.proj.bias.sub_(1.0)
+        assert all(torch.equal(a, b) for a, b in zip(clone.decode_weights(), stacked(clone)))
+        assert all(torch.equal(a, b) for a, b in zip(m.decode_weights(), stacked(m)))  # the original's unchanged

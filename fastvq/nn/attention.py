@@ -39,7 +39,7 @@ from ..ops.decode_linear import KERNELS as LINEAR_KERNELS
 from ..ops.window_attention import KERNELS as ATTENTION_KERNELS
 from ..ops.rope import ROPE_BASE, rotary  # noqa: F401  (rotary is part of this module's API)
 from ..ops.window_attention import sliding_window_attention, sliding_window_decode
-from .decode_state import DecodeWeights, packed_in_huge_pages
+from .decode_state import AttentionDecodeWeights, attention_decode_weights
 
 _WHERE = "SlidingWindowSelfAttention"
 
@@ -64,15 +64,6 @@ def step_kernels(device: torch.device, rows: int, where: str) -> StepKernels:
     return StepKernels(linear, ATTENTION_KERNELS[name].decode_qkv)
 
 
-class AttentionDecodeWeights(NamedTuple):
-    """What an attention decode step reads: query/key/value weights stacked (3 C, C) with their
-    biases, and the output projection (huge-page copies on CPU, see fastvq.nn.decode_state)."""
-    qkv_weight: torch.Tensor
-    qkv_bias: torch.Tensor
-    proj_weight: torch.Tensor
-    proj_bias: torch.Tensor
-
-
 class SlidingWindowSelfAttention(nn.Module):
     """Multi-head causal self-attention over a sliding window of `window` positions (the query's
     own included), with minGPT's layout: x (B, T, n_embd) -> y (B, T, n_embd)."""
@@ -95,7 +86,7 @@ class SlidingWindowSelfAttention(nn.Module):
         self.attn_drop = nn.Dropout(check_prob(_WHERE, "attn_pdrop", attn_pdrop))
         self.resid_drop = nn.Dropout(check_prob(_WHERE, "resid_pdrop", resid_pdrop))
         self.proj = nn.Linear(n_embd, n_embd)
-        self._decode_weights = DecodeWeights(self._decode_sources, self._build_decode_weights)
+        self._decode_weights = attention_decode_weights(self)
 
     def extra_repr(self) -> str:
         return f"n_embd={self.n_embd}, n_head={self.n_head}, window={self.window}, rope={self.rope}"
@@ -143,15 +134,6 @@ class SlidingWindowSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, self.n_embd)))
 
     # ------------------------------------------------------------------------- decode step
-
-    def _decode_sources(self) -> tuple[torch.Tensor, ...]:
-        return (self.query.weight, self.key.weight, self.value.weight, self.proj.weight,
-                self.query.bias, self.key.bias, self.value.bias, self.proj.bias)
-
-    def _build_decode_weights(self) -> AttentionDecodeWeights:
-        wq, wk, wv, wp, bq, bk, bv, bp = self._decode_sources()
-        qkv, proj = packed_in_huge_pages(torch.cat((wq, wk, wv)), wp)
-        return AttentionDecodeWeights(qkv, torch.cat((bq, bk, bv)), proj, bp.detach())
 
     def decode_weights(self) -> AttentionDecodeWeights:
         """The tensors forward_cached reads (stacked, on CPU in huge pages), rebuilt when a parameter

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -112,3 +112,31 @@ class DecodeWeights:
         self._stamp, self._value = None, None
         if isinstance(self._sources, ParameterSlots):
             self._sources.reset()
+
+
+class AttentionDecodeWeights(NamedTuple):
+    """What an attention decode step reads: query/key/value weights stacked ((C + 2 C_kv), C) with
+    their biases, and the output projection (huge-page copies on CPU)."""
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor
+
+
+def _attention_sources(attn: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    return (attn.query.weight, attn.key.weight, attn.value.weight, attn.proj.weight,
+            attn.query.bias, attn.key.bias, attn.value.bias, attn.proj.bias)
+
+
+def _stack_attention(attn: torch.nn.Module) -> AttentionDecodeWeights:
+    wq, wk, wv, wp, bq, bk, bv, bp = _attention_sources(attn)
+    qkv, proj = packed_in_huge_pages(torch.cat((wq, wk, wv)), wp)
+    return AttentionDecodeWeights(qkv, torch.cat((bq, bk, bv)), proj, bp.detach())
+
+
+def attention_decode_weights(attn: torch.nn.Module) -> DecodeWeights:
+    """The DecodeWeights of an attention module whose query, key, value and proj are nn.Linear
+    layers with biases (SlidingWindowSelfAttention, RasterWindowSelfAttention): get() gives an
+    AttentionDecodeWeights. Partials of module-level functions, not closures, so that a pickled or
+    deep-copied module's copies follow its own parameters, not the original's."""
+    return DecodeWeights(functools.partial(_attention_sources, attn), functools.partial(_stack_attention, attn))

@@ -27,8 +27,7 @@ from torch import nn
 from .._checks import check_int, check_prob
 from ..ops.raster_window import raster_window_attention, raster_window_decode, ring_slots
 from ..ops.rope import axial_rope
-from .attention import AttentionDecodeWeights
-from .decode_state import DecodeWeights, packed_in_huge_pages
+from .decode_state import AttentionDecodeWeights, attention_decode_weights
 
 _WHERE = "RasterWindowSelfAttention"
 
@@ -173,7 +172,7 @@ class RasterWindowSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
         self.attn_pdrop = check_prob(_WHERE, "attn_pdrop", attn_pdrop)
         self.resid_drop = nn.Dropout(check_prob(_WHERE, "resid_pdrop", resid_pdrop))
-        self._decode_weights = DecodeWeights(self._decode_sources, self._build_decode_weights)
+        self._decode_weights = attention_decode_weights(self)
 
     def extra_repr(self) -> str:
         return (f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, rows={self.rows}, "
@@ -279,15 +278,6 @@ class RasterWindowSelfAttention(nn.Module):
                                     check_positions=False, **self._window())
 
     # ------------------------------------------------------------------------- decode step on decode_linear
-
-    def _decode_sources(self) -> tuple[torch.Tensor, ...]:
-        return (self.query.weight, self.key.weight, self.value.weight, self.proj.weight,
-                self.query.bias, self.key.bias, self.value.bias, self.proj.bias)
-
-    def _build_decode_weights(self) -> AttentionDecodeWeights:
-        wq, wk, wv, wp, bq, bk, bv, bp = self._decode_sources()
-        qkv, proj = packed_in_huge_pages(torch.cat((wq, wk, wv)), wp)
-        return AttentionDecodeWeights(qkv, torch.cat((bq, bk, bv)), proj, bp.detach())
 
     def decode_weights(self) -> AttentionDecodeWeights:
         """The tensors _step reads: query/key/value weights stacked ((n_embd + 2 kv) x n_embd) and
