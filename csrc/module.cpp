@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "isa.h"
+#include "parallel.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvq C++ kernels; the ops live in torch.ops.fastvq";
@@ -11,4 +12,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_isas", &fastvq::compiled_isas, "kernel variants this build holds, best first");
   m.def("cpu_isa", &fastvq::active_isa_name, "the kernel variant the ops run");
   m.def("set_cpu_isa", &fastvq::set_active_isa, "run the ops on this variant (ValueError / RuntimeError if it cannot)");
+  m.def("parallel_mode", &fastvq::pool::mode, "how the kernels split work over threads: 'pool' or 'openmp'");
+  m.def("set_parallel_mode", &fastvq::pool::set_mode, "'pool' (default: claimed chunks) or 'openmp' (equal shares)");
 }

@@ -8,9 +8,12 @@ choice (the backend= keyword, else FASTVQ_BACKEND) that cannot run raises; it ne
 The cpp backend's kernels are compiled for several instruction sets (csrc/isa.h: "avx512", "avx2",
 "baseline"); fastvq._C runs the best one this CPU supports, FASTVQ_CPU_ISA forces one (read when
 the extension loads; a value the CPU or the build cannot honour raises), and
-available_backends()["cpp"].isa says which runs.
+available_backends()["cpp"].isa says which runs. The kernels split their work over torch's intra-op
+threads through fastvq's own pool (chunks claimed one at a time, so a thread another process has
+descheduled holds nothing up: csrc/parallel.h); FASTVQ_PARALLEL=openmp uses OpenMP's equal shares
+instead (at::parallel_for), for comparison.
 
-The environment (FASTVQ_BACKEND, FASTVQ_CPU_ISA, TRITON_INTERPRET) is read here and nowhere else:
+The environment (FASTVQ_BACKEND, FASTVQ_CPU_ISA, FASTVQ_PARALLEL, TRITON_INTERPRET) is read here and nowhere else:
 ops, modules and kernels ask requested_backend() / triton_interpret() / cpu_isa().
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 BACKENDS = ("torch", "cpp", "triton")
 CPU_ISAS = ("avx512", "avx2", "baseline")  # the cpp kernels' variants, best first
+PARALLEL_MODES = ("pool", "openmp")  # how the cpp kernels split work over threads
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class BackendStatus:
     available: bool
     reason: str  # why it is unavailable, or what it runs on
     isa: str | None = None  # cpp: the instruction set its kernels run ("avx512", "avx2", "baseline")
+    parallel: str | None = None  # cpp: "pool" or "openmp" (FASTVQ_PARALLEL)
 
     def __str__(self) -> str:
         return f"{self.name}: {'yes' if self.available else 'no'} ({self.reason})"
@@ -47,6 +52,7 @@ def _cpp_error() -> str | None:
     except ImportError as e:
         return f"the C++ extension fastvq._C is not built or does not load ({e}); build it with `pip install --no-build-isolation -e .`"
     _apply_isa_request()  # raises (and so caches nothing) if FASTVQ_CPU_ISA cannot be honoured
+    _apply_parallel_request()
     return None
 
 
@@ -78,6 +84,42 @@ def _apply_isa_request() -> None:
     requested = requested_cpu_isa()
     if requested is not None:
         _isa_module().set_cpu_isa(_check_isa(requested, "FASTVQ_CPU_ISA"))
+
+
+def _check_parallel(mode, what: str) -> str:
+    if not isinstance(mode, str) or mode.strip().lower() not in PARALLEL_MODES:
+        raise ValueError(f"{what} must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    return mode.strip().lower()
+
+
+def _apply_parallel_request() -> None:
+    requested = os.environ.get("FASTVQ_PARALLEL", "").strip()
+    if requested:
+        _isa_module().set_parallel_mode(_check_parallel(requested, "FASTVQ_PARALLEL"))
+
+
+def parallel_mode() -> str | None:
+    """How the cpp kernels split work over threads ("pool" or "openmp"); None without the extension."""
+    if _cpp_error():
+        return None
+    mode = getattr(_isa_module(), "parallel_mode", None)  # None: an extension built before the pool
+    return mode() if mode else None
+
+
+def set_parallel_mode(mode: str) -> str:
+    """Splits the cpp kernels' work with `mode` from now on ("pool": chunks claimed by whichever
+    thread is running, the default; "openmp": OpenMP's equal shares). Returns the previous mode.
+
+    Raises:
+        RuntimeError: the extension is missing.
+        ValueError: `mode` is not one of PARALLEL_MODES (or this build has no OpenMP).
+    """
+    err = _cpp_error()
+    if err:
+        raise RuntimeError(err)
+    previous = _isa_module().parallel_mode()
+    _isa_module().set_parallel_mode(_check_parallel(mode, "mode"))
+    return previous
 
 
 def cpu_isa() -> str | None:
@@ -141,8 +183,10 @@ def available_backends() -> dict[str, BackendStatus]:
         out["cpp"] = BackendStatus("cpp", False, err)
     else:
         isa = cpu_isa()
-        what = f"C++ kernels for CPU tensors, {isa} variant (this CPU and build: {', '.join(cpu_isas())})"
-        out["cpp"] = BackendStatus("cpp", True, what, isa=isa)
+        mode = parallel_mode()
+        what = (f"C++ kernels for CPU tensors, {isa} variant (this CPU and build: {', '.join(cpu_isas())}), "
+                "work split by " + ("fastvq's thread pool" if mode == "pool" else "OpenMP (FASTVQ_PARALLEL=openmp)"))
+        out["cpp"] = BackendStatus("cpp", True, what, isa=isa, parallel=mode)
     err = _triton_error()
     if err is None and not torch.cuda.is_available() and not triton_interpret():
         err = "no CUDA device; set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors (slow, for testing)"
