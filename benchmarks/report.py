@@ -23,7 +23,7 @@ from pathlib import Path
 from common import MIB, REPO, RESULTS_DIR, git, load_average
 
 # a file's "benchmark"; its README marker
-KINDS = ("quantize", "window_attention", "raster_window", "sampling", "decode_linear", "grid_sampling")
+KINDS = ("quantize", "window_attention", "raster_window", "sampling", "decode_linear", "grid_sampling", "under_load")
 # the implementations under test (fastvq_torch: an op whose auto backend fell back to its torch reference)
 FASTVQ = ("fastvq", "fastvq_cpp", "fastvq_triton", "fastvq_torch")
 SHORT = {"fastvq_cpp": "fastvq", "fastvq_triton": "fastvq", "fastvq_torch": "fastvq", "fastvq": "fastvq",
@@ -460,8 +460,12 @@ def rw_goals(doc: dict) -> list[str]:
         ratios += [r for _, _, r in steps]
         if steps:
             cells.append(f"{suite.replace('_', ' + ')} " + ", ".join(f"{a}→{b} {r:.2f}×" for a, b, r in steps))
+    pairs = {r["height"]: r["window_pairs"] for r in doc["results"] if r.get("window_pairs")}
+    work = [f"{a}→{b} {pairs[b] / pairs[a]:.2f}×" for a, b in zip(grids, grids[1:]) if a in pairs and b in pairs]
     lines.append(f"- 4× the tokens → ≤ {RW_GOALS['scaling']}× the time (fastvq, grid side doubled): "
-                 + ("; ".join(cells) or "–") + f" ({verdict(ratios, lambda v: v <= RW_GOALS['scaling'])})")
+                 + ("; ".join(cells) or "–") + f" ({verdict(ratios, lambda v: v <= RW_GOALS['scaling'])})"
+                 + (f". The work itself, (query, key) pairs in the window, grows {', '.join(work)}: the grid's borders "
+                    "cut off more of a small grid's windows, so time per pair is what stays flat" if work else ""))
     dec = {r["impl"]: r for r in doc["results"] if r["suite"] == "decode" and ok(r)}
     if "wavefront" in dec or "sequential" in dec or any(r["suite"] == "decode" for r in doc["results"]):
         x = (dec["wavefront"]["tokens_per_s"] / dec["sequential"]["tokens_per_s"]
@@ -813,11 +817,95 @@ def gs_plot(doc: dict, out: Path) -> Path | None:
     return save(fig, plt, out, plot_title("grid sampling", doc))
 
 
+# ----------------------------------------------------------------------------- a busy machine
+
+UL_GOALS = {"slowdown": 3.0, "retained": 0.8, "ratio": 1.0}
+UL_PAIRS = {"sampling": ("fastvq_sampling", "taming_sampling"), "window_attention": ("fastvq_window", "sdpa_mask_window"),
+            "vqgan_step": ("fastvq_vqgan", "taming_vqgan")}
+
+
+def ul_times(doc: dict) -> dict:
+    """(suite, impl, busy) -> median seconds."""
+    return {(r["suite"], r["impl"], r["busy"]): r["median_s"] for r in doc["results"] if ok(r)}
+
+
+def ul_rows(doc: dict) -> list[dict]:
+    """One row per (suite, busy): both times, slow-downs against the quiet run, the ratio and its share kept."""
+    t, rows = ul_times(doc), []
+    for suite, (mine, anchor) in UL_PAIRS.items():
+        q_mine, q_anchor = t.get((suite, mine, 0)), t.get((suite, anchor, 0))
+        for busy in sorted({b for s, _, b in t if s == suite}):
+            a, b = t.get((suite, mine, busy)), t.get((suite, anchor, busy))
+            r = b / a if a and b else None
+            q = q_anchor / q_mine if q_mine and q_anchor else None
+            rows.append({"suite": suite, "busy": busy, "mine": a, "anchor": b,
+                         "slow_mine": a / q_mine if a and q_mine else None,
+                         "slow_anchor": b / q_anchor if b and q_anchor else None,
+                         "ratio": r, "retained": r / q if r and q else None})
+    return rows
+
+
+def ul_goals(rows: list[dict]) -> list[str]:
+    busiest = max((r["busy"] for r in rows), default=0)
+    top = [r for r in rows if r["busy"] == busiest and busiest > 0]
+    slow = [r["slow_mine"] for r in top if r["slow_mine"]]
+    kept = [r["retained"] for r in top if r["retained"]]
+    ratios = [r["ratio"] for r in rows if r["ratio"]]
+    cell = lambda key, fmt: ", ".join(f"{r['suite']} {fmt(r[key])}" for r in top if r[key])  # noqa: E731
+    return [f"- beside {busiest} busy processes, fastvq's slow-down ≤ {UL_GOALS['slowdown']:g}× its quiet time: "
+            + (cell("slow_mine", lambda v: f"{v:.2f}×") or "–")
+            + f" ({verdict(slow, lambda v: v <= UL_GOALS['slowdown'])})",
+            f"- its ratio to the anchor ≥ {UL_GOALS['retained']:.0%} of the quiet ratio: "
+            + (cell("retained", lambda v: f"{v:.0%}") or "–") + f" ({verdict(kept, lambda v: v >= UL_GOALS['retained'])})",
+            f"- never below {UL_GOALS['ratio']:g}× the anchor at any load: lowest "
+            + (f"{min(ratios):.2f}×" if ratios else "–") + f" ({verdict(ratios, lambda v: v >= UL_GOALS['ratio'])})"]
+
+
+def ul_markdown(path: Path, doc: dict, png: Path | None) -> str:
+    m = doc["method"]
+    rows = ul_rows(doc)
+    parts = header(path, doc) + ["", f"Each case quiet and beside N busy processes ({m['busy']}); {m['timing']}; "
+                                     f"{m['threads']}. Pairs: " + "; ".join(
+        f"{s.replace('_', ' ')}: {doc['labels'][a]} against {doc['labels'][b]}" for s, (a, b) in UL_PAIRS.items()) + "."]
+    if png is not None:
+        parts += ["", f"![under load benchmark]({rel(png)})"]
+    parts += ["", "| case | busy processes | fastvq | anchor | fastvq slow-down | anchor slow-down | "
+                  "fastvq / anchor | share of the quiet ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    x = lambda v: f"{v:.2f}×" if v else "–"  # noqa: E731
+    for r in rows:
+        parts.append(f"| {r['suite'].replace('_', ' ')} | {r['busy']} | {fmt_time(r['mine'])} | {fmt_time(r['anchor'])} | "
+                     f"{x(r['slow_mine'])} | {x(r['slow_anchor'])} | {x(r['ratio'])} | "
+                     + (f"{r['retained']:.0%}" if r["retained"] else "–") + " |")
+    parts += ["", "Goals (issue H §3):", *ul_goals(rows)]
+    return "\n".join(parts)
+
+
+def ul_plot(doc: dict, out: Path) -> Path | None:
+    plt = matplotlib_pyplot()
+    rows = ul_rows(doc)
+    if plt is None or not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for suite in UL_PAIRS:
+        rs = [r for r in rows if r["suite"] == suite and r["slow_mine"]]
+        if rs:
+            line = ax.plot([r["busy"] for r in rs], [r["slow_mine"] for r in rs], "o-", label=f"fastvq {suite}")[0]
+            ax.plot([r["busy"] for r in rs], [r["slow_anchor"] or float("nan") for r in rs], "x--",
+                    color=line.get_color(), label=f"anchor {suite}")
+    ax.axhline(UL_GOALS["slowdown"], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("busy-loop processes beside the case")
+    ax.set_ylabel("time / quiet time")
+    ax.set_xticks(sorted({r["busy"] for r in rows}))
+    ax.legend(fontsize=7)
+    return save(fig, plt, out, plot_title("slow-down on a busy machine", doc))
+
+
 # ----------------------------------------------------------------------------- README
 
 WRITERS = {"quantize": (q_plot, q_markdown), "window_attention": (wa_plot, wa_markdown),
            "raster_window": (rw_plot, rw_markdown), "sampling": (sp_plot, sp_markdown),
-           "decode_linear": (dl_plot, dl_markdown), "grid_sampling": (gs_plot, gs_markdown)}
+           "decode_linear": (dl_plot, dl_markdown), "grid_sampling": (gs_plot, gs_markdown),
+           "under_load": (ul_plot, ul_markdown)}
 
 
 def markers(kind: str) -> tuple[str, str]:
