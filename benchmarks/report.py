@@ -864,7 +864,10 @@ def ul_goals(rows: list[dict]) -> list[str]:
 def ul_markdown(path: Path, doc: dict, png: Path | None) -> str:
     m = doc["method"]
     rows = ul_rows(doc)
-    parts = header(path, doc) + ["", f"Each case quiet and beside N busy processes ({m['busy']}); {m['timing']}; "
+    modes = sorted({r.get("parallel") or "?" for r in doc["results"] if ok(r)})
+    how = {"pool": "fastvq's pool for small regions (the default)", "openmp": "OpenMP for every region (FASTVQ_PARALLEL=openmp)"}
+    parts = header(path, doc) + ["", "**Parallel regions: " + ", ".join(how.get(x, x) for x in modes) + ".** "
+                                 f"Each case quiet and beside N busy processes ({m['busy']}); {m['timing']}; "
                                      f"{m['threads']}. Pairs: " + "; ".join(
         f"{s.replace('_', ' ')}: {doc['labels'][a]} against {doc['labels'][b]}" for s, (a, b) in UL_PAIRS.items()) + "."]
     if png is not None:

@@ -27,10 +27,14 @@ namespace fastvq {
 namespace pool {
 namespace {
 
-// How long a helper spins for the next region before it sleeps, and how long the caller spins for
-// chunks still running before it yields its core: a decode step's regions come a few tens of
-// microseconds apart, and a spin much longer than that only takes CPU from other processes.
-constexpr auto kHelperSpin = std::chrono::microseconds(30);
+// A helper waiting for the next region spins kHelperSpin, then yields its core in a loop until
+// kHelperYield has passed, then sleeps. A decode step's regions come tens to a few hundred
+// microseconds apart: a helper still awake for them joins at once (a sleeping one takes a futex
+// wake, long enough that the caller does most chunks alone), and a yielding helper hands its core
+// to any other runnable thread, so it costs a busy machine little. The caller spins kCallerSpin
+// for chunks still running, then yields its core (the helper it waits for may want it).
+constexpr auto kHelperSpin = std::chrono::microseconds(20);
+constexpr auto kHelperYield = std::chrono::microseconds(500);
 constexpr auto kCallerSpin = std::chrono::microseconds(20);
 
 // The region in flight, one word so that a claim is one compare-and-swap that also proves the
@@ -84,14 +88,23 @@ struct Pool {
     uint32_t last = gen_of(state.load(std::memory_order_acquire));
     for (;;) {
       uint64_t s = state.load(std::memory_order_acquire);
-      const auto until = std::chrono::steady_clock::now() + kHelperSpin;
+      const auto start = std::chrono::steady_clock::now();
+      bool yielding = false;
       for (int i = 0; gen_of(s) == last; ++i) {
-        FASTVQ_CPU_RELAX();
-        if (i % 64 == 63 && std::chrono::steady_clock::now() > until) {
-          std::unique_lock<std::mutex> lock(sleep_mutex);
-          sleepers.fetch_add(1);
-          wake.wait(lock, [&] { return gen_of(state.load()) != last; });
-          sleepers.fetch_sub(1);
+        if (yielding) {
+          std::this_thread::yield();
+        } else {
+          FASTVQ_CPU_RELAX();
+        }
+        if (i % 64 == 63 || yielding) {
+          const auto waited = std::chrono::steady_clock::now() - start;
+          yielding = waited > kHelperSpin;
+          if (waited > kHelperYield) {
+            std::unique_lock<std::mutex> lock(sleep_mutex);
+            sleepers.fetch_add(1);
+            wake.wait(lock, [&] { return gen_of(state.load()) != last; });
+            sleepers.fetch_sub(1);
+          }
         }
         s = state.load(std::memory_order_acquire);
       }

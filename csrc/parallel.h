@@ -8,7 +8,8 @@
 // thread, the caller included, claims one at a time (csrc/parallel.cpp): a thread that is not
 // running claims nothing, the running ones do its chunks, and the caller waits only for chunks
 // already being worked on, never for a thread that has not started. Helpers wait for work by
-// sleeping after a short spin, so an idle pool takes no CPU from other processes.
+// spinning briefly, then yielding their core for a while, then sleeping, so an idle pool takes no
+// CPU from other processes. Large regions still go to OpenMP (kPoolMaxGrains below).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -29,8 +30,8 @@ void run_chunks(int64_t chunks, int64_t threads, ChunkFn fn, const void* ctx);
 // True on a thread that is running chunks (a nested region then runs serially).
 bool in_region();
 
-// False when FASTVQ_PARALLEL=openmp chose at::parallel_for (OpenMP's equal shares) instead; kept
-// for comparisons and as a way back. fastvq/_backend.py sets it through fastvq._C.
+// False when FASTVQ_PARALLEL=openmp chose at::parallel_for (OpenMP's equal shares) for every
+// region, small ones included; kept for comparisons and as a way back. fastvq/_backend.py sets it through fastvq._C.
 bool enabled();
 std::string mode();                   // "pool" or "openmp"
 void set_mode(const std::string& m);  // std::invalid_argument (ValueError) for anything else
@@ -41,10 +42,18 @@ void set_mode(const std::string& m);  // std::invalid_argument (ValueError) for 
 // enough that each chunk is still worth a claim (an atomic) and f's per-call set-up.
 constexpr int64_t kChunksPerThread = 4;
 
+// Regions of more grains than this (about a millisecond of work and up) go to OpenMP's equal
+// shares: its threads are the ones torch's own ops have just used, still spinning on their cores,
+// where a pool helper would have to win a core from them; and a time slice lost to a descheduled
+// thread is a small part of such a region. Below it (every region of a decode step) the pool's
+// claimed chunks keep a busy machine from stalling each region.
+constexpr int64_t kPoolMaxGrains = 64;
+
 // f(begin, end) over contiguous pieces of [0, n) that together cover it once; no piece is smaller
-// than `grain` items unless n is, and no thread is used for less than a grain of work.
+// than `grain` items unless n is, and no thread is used for less than a grain of work. `grains`
+// is the work in grains when n / grain does not say it (a loop over one task list per thread).
 template <typename F>
-void parallel_ranges(int64_t n, int64_t grain, const F& f) {
+void parallel_ranges(int64_t n, int64_t grain, const F& f, int64_t grains = -1) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
   const int64_t pieces = (n + grain - 1) / grain;
@@ -54,7 +63,7 @@ void parallel_ranges(int64_t n, int64_t grain, const F& f) {
     return;
   }
 #ifdef _OPENMP
-  if (!pool::enabled()) {
+  if (!pool::enabled() || (grains < 0 ? pieces : grains) > kPoolMaxGrains) {
     at::parallel_for(0, n, grain, f);
     return;
   }

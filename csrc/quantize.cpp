@@ -358,7 +358,7 @@ void grad_by_code(const T* go, const T* z, const T* cb, const int64_t* idx, int6
       }
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(cc * acc[d]);
     }
-  });
+  }, work * D / kMinShareRows);
 }
 
 // (grad_z, grad_codebook) of the VQ op, with diff = codebook[idx] - z:

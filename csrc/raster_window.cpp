@@ -82,7 +82,7 @@ void parallel_tasks(int64_t n, int64_t grain, int64_t min_run, const MakeScratch
       for (int64_t t = t0; t < std::min(n, t0 + len); ++t) f(t, scratch);
       t0 = next.load(std::memory_order_relaxed);
     }
-  });
+  }, n / grain);
 }
 
 // ----------------------------------------------------------------------------- geometry

@@ -257,12 +257,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_attention_bwd(
                    gr.data_ptr<float>(), lse32.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                    dk.data_ptr<float>(), dv.data_ptr<float>(), overflow.data_ptr<float>(), H, group, T, Dp, window,
                    run, std::max<int64_t>(ov, 1), static_cast<float>(scale)};
+  // a few runs per thread, each worth many grains: the total work (about 4 GEMMs of 2 flops per
+  // (query, key) pair and dimension) says how large the region is
+  const int64_t grains = 8 * B * H * T * std::min(window, T) * Dp / (int64_t{1} << 20);
   parallel_ranges(B * Hk * runs, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> S(BLK * BLK), dP(BLK * BLK), dK(BLK * Dp), dV(BLK * Dp), kt(Dp * BLK), vt(Dp * BLK);
     std::vector<int32_t> kpos(BLK);
     for (int64_t t = t0; t < t1; ++t)
       backward_run(a, t / runs, t % runs, S.data(), dP.data(), dK.data(), dV.data(), kpos.data(), kt.data(), vt.data());
-  });
+  }, grains);
   // Each run's overflow lands in the next run's query blocks (runs are >= ov blocks long).
   parallel_ranges(B * Hk * runs, grain_for(group * ov * BLK * Dp), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {

@@ -21,17 +21,22 @@ from fastvq.ops.decode_linear import decode_linear
 pytestmark = requires("cpp")
 
 
-def _linear_case(seed=0, M=3, K=512, N=4099):
+def _linear_case(seed=0, M=3, K=512, N=1025):
+    """decode_linear's weights: N=1025 streams 16 grains (one region of fastvq's pool, as in a
+    decode step); N=4099, 65 grains, goes to OpenMP's shares (csrc/parallel.h kPoolMaxGrains)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / 23, torch.randn(N, generator=g)
 
 
 def _kernels(x, w, b):
-    """Two kernels whose every output element one chunk computes: bitwise the same however split."""
+    """Kernels whose every output element one chunk computes: bitwise the same however split."""
     with torch.no_grad():
         y = decode_linear(x, w, b, activation="gelu", backend="cpp")
-    idx, dist = fastvq.nearest_code(w[:2048], w[2048:3072], backend="cpp")
-    return y, torch.cat([idx.double(), dist.double()])
+        big = decode_linear(*_linear_case(N=4099), activation="gelu", backend="cpp")
+    g = torch.Generator().manual_seed(1)
+    idx, dist = fastvq.nearest_code(torch.randn(2048, 64, generator=g), torch.randn(1024, 64, generator=g),
+                                    backend="cpp")
+    return y, big, torch.cat([idx.double(), dist.double()])
 
 
 @pytest.fixture
@@ -45,11 +50,10 @@ def threads():
 def test_results_do_not_depend_on_the_thread_count(threads, n):
     x, w, b = _linear_case()
     torch.set_num_threads(1)
-    y1, i1 = _kernels(x, w, b)
+    expected = _kernels(x, w, b)
     torch.set_num_threads(n)  # more threads than cores: chunks are claimed, never assigned
     for _ in range(3):
-        y, i = _kernels(x, w, b)
-        assert torch.equal(y, y1) and torch.equal(i, i1)
+        assert all(torch.equal(a, e) for a, e in zip(_kernels(x, w, b), expected))
 
 
 def test_two_python_threads_call_kernels_at_once(threads):
@@ -60,8 +64,7 @@ def test_two_python_threads_call_kernels_at_once(threads):
 
     def worker(k):
         for _ in range(40):
-            y, i = _kernels(*cases[k])
-            if not (torch.equal(y, expected[k][0]) and torch.equal(i, expected[k][1])):
+            if not all(torch.equal(a, e) for a, e in zip(_kernels(*cases[k]), expected[k])):
                 failures.append(k)
 
     ts = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
@@ -86,7 +89,7 @@ def _child(queue, x, w, b):  # the tensors come from the parent: torch.randn its
 def test_a_forked_child_runs_parallel_kernels(threads):
     torch.set_num_threads(2)
     x, w, b = _linear_case()
-    # decode_linear only: its region is all fastvq's pool. An op that also runs torch's own OpenMP
+    # a small decode_linear only: its region is all fastvq's pool. An op that also runs torch's own OpenMP
     # regions (a matmul, nearest_code's set-up) can hang in a forked child of a parent that used
     # them, with or without fastvq: libgomp is not fork-safe (DataLoader workers use one thread).
     expected = _linear_sum(x, w, b)  # the parent's pool now has a helper thread
