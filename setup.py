@@ -96,9 +96,10 @@ def _extension():
         cxx.append("-march=native")
     # at::parallel_for's OpenMP backend is inline in the ATen headers: without -fopenmp here it
     # compiles to a serial loop. Linking libgomp by soname reuses the copy torch already loaded,
-    # so torch.set_num_threads governs our kernels too. clang's -fopenmp would bring LLVM's libomp
-    # instead, a second runtime with its own spinning threads: clang builds use csrc/parallel.h's
-    # std::thread path.
+    # so torch.set_num_threads governs our kernels too (the large regions use it; the small ones
+    # run on fastvq's own pool, csrc/parallel.h). clang's -fopenmp would bring LLVM's libomp
+    # instead, a second runtime with its own spinning threads: clang builds run every region on
+    # the pool.
     link = []
     if sys.platform.startswith("linux") and not _compiler_is_clang():
         cxx.append("-fopenmp")
