@@ -64,7 +64,7 @@ def clang_flags():
 
     (cxx_standard,) = from_setup("_cxx_standard")
     headers = include_paths() + [sysconfig.get_paths()["include"]]
-    # setup.py's flags but -O0; no -fopenmp: clang builds use csrc/parallel.h's std::thread path
+    # setup.py's flags but -O0; no -fopenmp: clang builds run every region on csrc/parallel.h's pool
     return [
         CLANG, cxx_standard(), "-O0", "-fPIC", "-fno-math-errno", "-DFASTVQ_MULTI_ISA",
         "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
@@ -112,15 +112,37 @@ CASES = ([pytest.param(source, None, id=source) for source in SOURCES]
 PORTABLE_CHECKED = ["quantize.cpp"]
 
 
-@needs_clang
-@pytest.mark.parametrize("source, isa", CASES)
-def test_compiles_with_clang(source, isa, torch_pch, tmp_path):
+def compile_case(source, isa, pch, folder):
+    """(object file, clang's exit status and stderr) of one case."""
     path = os.path.join(CSRC, source)
     if isa is not None:  # the wrapper setup.py compiles for this variant
         variants, variant_source = from_setup("ISA_VARIANTS", "_variant_source")
-        path = variant_source(isa, dict(variants)[isa], path, str(tmp_path))
-    out = tmp_path / (source + ".o")
-    run([*clang_flags(), "-include-pch", str(torch_pch), "-c", path, "-o", str(out)], f"{path} ({isa or 'baseline'})")
+        path = variant_source(isa, dict(variants)[isa], path, str(folder))
+    out = folder / f"{source}.{isa or 'baseline'}.o"
+    result = subprocess.run([*clang_flags(), "-include-pch", str(pch), "-c", path, "-o", str(out)],
+                            capture_output=True, text=True)
+    return out, result.returncode, f"{path} ({isa or 'baseline'}):\n{result.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def compiled(torch_pch, tmp_path_factory):
+    """Every case compiled at once, one clang per core: each takes 6-15 s of one core, and the rest
+    of the suite leaves the other cores idle meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = tmp_path_factory.mktemp("clang_objects")
+    cases = [p.values for p in CASES]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        results = pool.map(lambda case: compile_case(*case, torch_pch, folder), cases)
+        return dict(zip(cases, results))
+
+
+@needs_clang
+@pytest.mark.parametrize("source, isa", CASES)
+def test_compiles_with_clang(source, isa, compiled):
+    out, status, stderr = compiled[(source, isa)]
+    assert status == 0, f"clang++ failed on {stderr}"
     assert out.stat().st_size > 0
 
 
