@@ -18,7 +18,10 @@
 //
 // What bounds it: at M = 1 the bandwidth of memory (one FMA per weight streamed); at M = 16, 16
 // FMAs per weight, the FMA units. benchmarks/bench_decode_linear.py measures both against F.linear.
-#include <torch/extension.h>
+// ATen and the op registry only: torch/extension.h (all of libtorch's C++ API and pybind11)
+// costs about 30 s of parsing per file and variant; these two about 10 s.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>

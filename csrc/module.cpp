@@ -1,7 +1,10 @@
 // The extension's Python module. Each op's file registers itself into the torch.ops.fastvq
 // namespace with TORCH_LIBRARY_FRAGMENT; importing fastvq._C loads them all. The module itself
 // only says which kernel variant (csrc/isa.h) the ops run and lets fastvq/_backend.py choose it.
-#include <torch/extension.h>
+// pybind11 only (the ops register through torch/library.h in their own files): torch/extension.h
+// would add about 30 s of parsing to the build.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "isa.h"
 #include "parallel.h"

@@ -31,7 +31,10 @@
 //
 // The decode reads each new query's visible ring slots where they lie: rows + 1 runs of at most
 // left + right + 1 slots and the prefix, VL keys at a time (one accumulator per key, folded).
-#include <torch/extension.h>
+// ATen and the op registry only: torch/extension.h (all of libtorch's C++ API and pybind11)
+// costs about 30 s of parsing per file and variant; these two about 10 s.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>

@@ -8,7 +8,10 @@
 // match the prefix chosen so far, so the result is an exact key of the row and every token tied
 // with it is kept. The weights exp((x - max) / t) come from vec.h's vector exp (glibc's expf
 // does not vectorise).
-#include <torch/extension.h>
+// ATen and the op registry only: torch/extension.h (all of libtorch's C++ API and pybind11)
+// costs about 30 s of parsing per file and variant; these two about 10 s.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>

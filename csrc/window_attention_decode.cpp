@@ -5,7 +5,10 @@
 // micro-kernel on fp32 panels converted from the ring, any dtype and head size) and a direct one
 // for fp32 caches with a contiguous head_dim that is a multiple of 16 up to 128.
 // sliding_window_decode_qkv is a model's whole attention step on the direct path.
-#include <torch/extension.h>
+// ATen and the op registry only: torch/extension.h (all of libtorch's C++ API and pybind11)
+// costs about 30 s of parsing per file and variant; these two about 10 s.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
