@@ -45,7 +45,7 @@ test: build clang $(VENV)/.deps-test
 
 # A user's install, end to end (CI runs it; `make test` skips it): `pip wheel . --no-build-isolation`
 # from a copy of the sources, installed into a fresh venv that sees this torch (no downloads), then a
-# smoke test there on every kernel variant this CPU runs. It compiles everything: 11.6 min here (2 shared cores).
+# smoke test there on every kernel variant this CPU runs. It compiles everything again (about 2.5 min here).
 wheel-check: $(VENV)/.deps-test
 	$(PY) -m pytest -q -ra tests/test_wheel.py --wheel
 
