@@ -6,8 +6,9 @@ the same for every op:
 
 - one command line: --device cpu|cuda, --quick (small sizes, to check the script), --dry-run (the
   CUDA cases at small sizes on CPU tensors through the Triton interpreter: checks the GPU path
-  without a GPU; its numbers mean nothing), --out, --threads, --budget-s, --timeout, and the
-  script's own options;
+  without a GPU; its numbers mean nothing), --out, --threads, --budget-s, --timeout, --isa (the
+  CPU kernel variant: FASTVQ_CPU_ISA), --only KEY=VALUES (a subset of the cases), and the script's
+  own options;
 - on CPU every case runs in a fresh process (`script --worker CASE`): a clean allocator and a peak
   RSS of its own; on CUDA (and --dry-run) the cases run in this process, since the GPU's memory
   counter needs no fresh process and a process start-up per case would eat a lent GPU's minutes;
@@ -139,6 +140,15 @@ def machine_info(threads: int, device: str = "cpu") -> dict:
     }
     for dist in ("faiss-cpu", "taming-transformers-rom1504", "vector-quantize-pytorch", "triton"):
         info[dist] = _version(dist)  # absent anchors are recorded as None
+    # Which of the extension's kernel variants ran and how it split work: the same CPU gives
+    # different figures for each (FASTVQ_CPU_ISA, FASTVQ_PARALLEL; the case processes inherit both).
+    try:
+        from fastvq import _backend
+
+        info["cpu_isa"], info["parallel"] = _backend.cpu_isa(), _backend.parallel_mode()
+    except Exception as e:  # noqa: BLE001 - a benchmark of the anchors alone still runs
+        info["cpu_isa"] = info["parallel"] = None
+        info["cpu_isa_error"] = f"{type(e).__name__}: {e}"
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
@@ -265,10 +275,32 @@ def parser_for(comparison: Comparison) -> argparse.ArgumentParser:
                         f"{comparison.budget_s['cuda']:g} on CUDA)")
     p.add_argument("--timeout", type=float, default=comparison.timeout_s,
                    help=f"seconds allowed per case in its own process, on CPU (default {comparison.timeout_s:g})")
+    p.add_argument("--isa", choices=("avx512", "avx2", "baseline"),
+                   help="run fastvq's kernels on this CPU variant (FASTVQ_CPU_ISA; default: the best this CPU "
+                        "runs); the default --out gets the suffix _<isa>")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=V1[,V2...]",
+                   help="run only the cases whose KEY is one of the values (repeatable: every one must match), "
+                        "e.g. --only suite=forward --only T=4096; the default --out gets the suffix _subset")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     if comparison.options:
         comparison.options(p)
     return p
+
+
+def parse_only(items: list[str]) -> dict[str, set[str]]:
+    """--only KEY=V1,V2 ... -> {KEY: {"V1", "V2"}}."""
+    only = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ValueError(f"--only expects KEY=VALUE[,VALUE...], got {item!r}")
+        only.setdefault(key, set()).update(values.split(","))
+    return only
+
+
+def matches(case: dict, only: dict[str, set[str]]) -> bool:
+    # values compare as text, so that --only T=4096 matches the integer 4096
+    return all(key in case and str(case[key]) in values for key, values in only.items())
 
 
 def main(comparison: Comparison, argv=None) -> int:
@@ -279,6 +311,14 @@ def main(comparison: Comparison, argv=None) -> int:
         return 0
     if args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
+    try:
+        only = parse_only(args.only)
+    except ValueError as e:
+        p.error(str(e))
+    if args.isa:
+        if args.device == "cuda" or args.dry_run:
+            p.error("--isa chooses a CPU kernel variant: leave out --device cuda and --dry-run")
+        os.environ["FASTVQ_CPU_ISA"] = args.isa  # before fastvq loads; the case processes inherit it
     if args.dry_run:
         if args.device == "cuda":
             p.error("--dry-run runs the CUDA cases on CPU tensors: leave out --device cuda")
@@ -289,6 +329,13 @@ def main(comparison: Comparison, argv=None) -> int:
         import fastvq  # noqa: F401
     except ImportError as e:
         p.error(f"fastvq does not import ({e}); install it first: pip install --no-build-isolation -e .")
+    if args.isa:  # fastvq may have loaded before main() set FASTVQ_CPU_ISA
+        from fastvq import _backend
+
+        try:
+            _backend.set_cpu_isa(args.isa)
+        except (RuntimeError, ValueError) as e:
+            p.error(f"--isa {args.isa}: {e}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False on this machine (--dry-run checks the CUDA "
                 "cases on CPU)")
@@ -297,11 +344,13 @@ def main(comparison: Comparison, argv=None) -> int:
     args.sizes = comparison.sizes[args.plan + ("_quick" if args.quick else "")]
     budget_s = args.budget_s if args.budget_s is not None else comparison.budget_s[args.plan]
     kind = "dryrun" if args.dry_run else "quick" if args.quick else None
-    name = f"{comparison.name}_{args.device}"
+    name = f"{comparison.name}_{args.device}" + (f"_{args.isa}" if args.isa else "") + ("_subset" if only else "")
     out = args.out or (SCRATCH_DIR / f"{name}_{kind}.json" if kind else RESULTS_DIR / f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    todo = comparison.plan(args)
+    todo = [case for case in comparison.plan(args) if matches(case, only)]
+    if not todo:
+        p.error("--only matches no case of this plan")
     doc = {
         "benchmark": comparison.name,
         "device": args.device,
@@ -313,6 +362,10 @@ def main(comparison: Comparison, argv=None) -> int:
         "sizes": args.sizes,
         "method": comparison.method(args),
         "labels": comparison.labels,
+        "only": {key: sorted(values) for key, values in only.items()},
+        # what names a case (the rest of a result is measurement): report.py matches the same case
+        # across files by these keys
+        "case_keys": sorted({key for case in todo for key in case if key != "skipped"}),
         "results": [],
     }
     load = doc["machine"]["load_average_1_5_15min_at_start"][0]

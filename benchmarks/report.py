@@ -114,12 +114,56 @@ def load_text(machine: dict) -> str:
     return f"; load average {', '.join(loads)}" if loads else ""
 
 
+ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2 + FMA", "baseline": "x86-64 baseline"}
+
+
+def isa_text(m: dict) -> str:
+    """Which of the extension's CPU variants ran fastvq's kernels (csrc/isa.h)."""
+    if "cpu_isa" not in m:
+        return "kernel variant not recorded"
+    return f"{ISA_NAMES.get(m['cpu_isa'], m['cpu_isa'] or 'no cpp')} kernels"
+
+
 def where(doc: dict) -> str:
-    """The machine, in one phrase: the GPU on CUDA, else the CPU and its threads."""
+    """The machine, in one phrase: the GPU on CUDA, else the CPU, its threads and fastvq's kernel variant."""
     m = doc["machine"]
     if device_of(doc) == "cuda":
         return f"**{m.get('device', 'CUDA GPU')}**, triton {m.get('triton')}"
-    return f"**{m['cpu']}**, {m['threads']} threads"
+    return f"**{m['cpu']}**, {m['threads']} threads, {isa_text(m)}"
+
+
+def case_of(doc: dict, r: dict) -> tuple:
+    return tuple((key, r.get(key)) for key in doc.get("case_keys", ()))
+
+
+def isa_comparison(doc: dict, kind_docs: list) -> list[str]:
+    """For a run on a forced kernel variant (--isa), its times against the same cases of the full run
+    on the default variant: every implementation, anchors included, whose ratio near 1 says how much
+    of the difference is the machine drifting between the two runs."""
+    m = doc["machine"]
+    base = next(((p, d) for p, d in kind_docs if d is not doc and device_of(d) == "cpu" and not scratch(d)
+                 and not d.get("only") and d["machine"].get("cpu_isa") not in (None, m.get("cpu_isa"))
+                 and d["machine"].get("parallel") == m.get("parallel")), None)
+    if base is None or not doc.get("case_keys"):
+        return []
+    (base_path, base_doc), other = base, ISA_NAMES.get(m.get("cpu_isa"), m.get("cpu_isa"))
+    theirs = {case_of(doc, r): r for r in base_doc["results"] if ok(r)}
+    mine_name = ISA_NAMES.get(base_doc["machine"]["cpu_isa"], base_doc["machine"]["cpu_isa"])
+    rows = []
+    for r in doc["results"]:
+        b = theirs.get(case_of(doc, r))
+        if not ok(r) or b is None:
+            continue
+        label = ", ".join(f"{k}={v}" for k, v in case_of(doc, r) if k not in ("device", "impl") and v is not None)
+        rows.append(f"| {label} | {doc['labels'].get(r['impl'], r['impl'])} | {fmt_time(b['median_s'])} | "
+                    f"{fmt_time(r['median_s'])} | {r['median_s'] / b['median_s']:.2f}× |")
+    if not rows:
+        return []
+    return ["", f"The same cases against the full run above ({rel(base_path)}, {mine_name} kernels, commit "
+                f"{short_commit(base_doc['machine'])}): median times; the anchors do not use fastvq's kernels, "
+                "so their ratio shows how far the machine drifted between the two runs.", "",
+            f"| case | implementation | {mine_name} | {other} | {other} / {mine_name} time |",
+            "|---|---|---:|---:|---:|", *rows]
 
 
 def header(path: Path, doc: dict, extra: str = "") -> list[str]:
@@ -994,7 +1038,7 @@ def main(argv=None) -> int:
             png = None if args.no_plot else draw(doc, path.with_suffix(".png"))
             if png:
                 print(f"wrote {png}")
-            sections.append(write(path, doc, png))
+            sections.append("\n".join([write(path, doc, png), *isa_comparison(doc, kind_docs)]))
         text = "\n\n".join(sections)
         start, end = markers(kind)
         quick = [str(path) for path, doc in kind_docs if scratch(doc)]
