@@ -119,6 +119,12 @@ void squared_norms(const float* panel, int64_t D, vf* out) {
   }
 }
 
+// The search's work in parallel_ranges' grains (about 1 MFLOP, parallel.h). A block is many grains
+// (kMinShareMacs and up), so the block count alone would send an 8192 x 1024 x 64 search (about
+// 5 ms) to the pool, where a helper must win its core from torch's spinning OpenMP threads: it ran
+// 2x slower there than on OpenMP's shares (in-process A/B).
+inline int64_t search_grains(int64_t rows, int64_t codes, int64_t D) { return rows * codes * D / (1 << 19); }
+
 // epilogue(block, first row, rows) runs on each block's thread right after its indices are written,
 // while the block's rows are still in cache (vq_forward gathers the codes there).
 template <typename T, typename Epilogue>
@@ -154,7 +160,7 @@ void search_rows(const at::Tensor& x, const nq::Codes& cb, bool cosine, int64_t 
       }
       epilogue(blk, r0, rows);
     }
-  });
+  }, search_grains(N, cb.groups * NR, D));
 }
 
 // Fewer rows per block when N is small, so that both threads get work.
