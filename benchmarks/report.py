@@ -147,14 +147,19 @@ def isa_comparison(doc: dict, kind_docs: list) -> list[str]:
     if base is None or not doc.get("case_keys"):
         return []
     (base_path, base_doc), other = base, ISA_NAMES.get(m.get("cpu_isa"), m.get("cpu_isa"))
-    theirs = {case_of(doc, r): r for r in base_doc["results"] if ok(r)}
+    # matched by their JSON text: a case may hold a dict (a model's shape)
+    theirs = {json.dumps(case_of(doc, r)): r for r in base_doc["results"] if ok(r)}
     mine_name = ISA_NAMES.get(base_doc["machine"]["cpu_isa"], base_doc["machine"]["cpu_isa"])
-    rows = []
-    for r in doc["results"]:
-        b = theirs.get(case_of(doc, r))
-        if not ok(r) or b is None:
+    rows, done = [], [r for r in doc["results"] if ok(r)]
+    # a row names only what tells the cases of this table apart (the suite always)
+    varying = {k for k in doc["case_keys"] if k == "suite" or (k != "min_runs" and len(
+        {json.dumps(r[k]) for r in done if r.get(k) is not None}) > 1)}
+    for r in done:
+        b = theirs.get(json.dumps(case_of(doc, r)))
+        if b is None:
             continue
-        label = ", ".join(f"{k}={v}" for k, v in case_of(doc, r) if k not in ("device", "impl") and v is not None)
+        label = ", ".join(f"{k}={v}" for k, v in case_of(doc, r)
+                          if k in varying and k not in ("device", "impl") and v is not None and not isinstance(v, dict))
         rows.append(f"| {label} | {doc['labels'].get(r['impl'], r['impl'])} | {fmt_time(b['median_s'])} | "
                     f"{fmt_time(r['median_s'])} | {r['median_s'] / b['median_s']:.2f}× |")
     if not rows:
