@@ -86,6 +86,28 @@ def test_ceiling_through_a_function(classifier):
     assert all(v in (0.0, 1.0) for v in labels)  # a blank picture is one texture or none, everywhere
 
 
+def test_a_classifier_through_a_codec_learns_the_textures_as_the_codec_draws_them():
+    seen = []
+
+    def invert(images):  # a "codec" no real texture survives unchanged: every pixel's negative
+        seen.append(tuple(images.shape))
+        return -images
+
+    codec = train_texture_classifier(CLASSES, **FAST, through=invert)
+    assert codec.through is invert
+    assert len(seen) == len(CLASSES)  # each texture's training region once, not each crop
+    assert all(h % 16 == 0 and w % 16 == 0 and b == 1 for b, _, h, w in seen)
+    assert heldout_accuracy(codec)["mean"] > 0.8  # the held-out strip goes through the codec too
+    inverted = heldout_mosaic_fidelity(codec, count=4, through=invert)
+    assert inverted["mean"] > 0.8
+
+
+@pytest.mark.parametrize("through", ["reconstruct", lambda x: x[..., :-1]])
+def test_a_bad_codec_is_refused_by_name(through):
+    with pytest.raises(ValueError, match="through"):
+        train_texture_classifier(CLASSES, **FAST, through=through)
+
+
 @pytest.mark.parametrize("call, name", [
     (lambda m, x, l: layout_fidelity(m, x, l, stride=0), "stride"),
     (lambda m, x, l: layout_fidelity(m, x, l, purity=0.5), "purity"),

@@ -21,6 +21,11 @@ training textures would score like the real textures, which for "does this look 
 the right answer. The training region ends where the held-out strip of mosaics of `heldout_size`
 pixels begins (the strip is at least that wide, data.py), and heldout_mosaic_fidelity refuses
 mosaics whose strip would reach into it.
+
+A second judge: train_texture_classifier(..., through=codec) learns the textures as a codec (the
+VQGAN a prior draws through) renders them. The first judge asks whether a picture looks like the
+real textures, so a codec that blurs grass until it reads as gravel fails a perfect prior; this
+one asks whether the prior put each texture where the layout says. The demo reports both.
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ class TextureClassifier(nn.Module):
     Three 3x3 convolutions (width, 2 width, 2 width channels) with ReLU, max-pooling after the
     first two, a global average and a linear layer: about 15 thousand weights at width 16, enough
     for the embedded textures' grain and cheap to train on one core.
-    `train_columns[k]` is the (left, right) pixel columns of texture k it was trained on.
+    `train_columns[k]` is the (left, right) pixel columns of texture k it was trained on; `through`
+    the codec its crops went through, if any.
     """
 
     def __init__(self, classes, patch: int = PATCH, width: int = WIDTH):
@@ -57,6 +63,7 @@ class TextureClassifier(nn.Module):
         self.patch = check_int("TextureClassifier", "patch", patch, 4)
         width = check_int("TextureClassifier", "width", width, 1)
         self.train_columns: list[tuple[int, int]] = []
+        self.through = None  # the codec its training crops went through (train_texture_classifier)
         self.body = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -93,6 +100,31 @@ def _regions(classes, split: str, heldout_size: int) -> tuple[list[torch.Tensor]
     return mosaics.images, mosaics.columns
 
 
+SIDE_MULTIPLE = 16  # a region passed through a codec is cut to sides of this multiple (any VQGAN's factor)
+
+
+def _through_codec(images, columns, through, where: str):
+    """Each texture's region (its columns) passed through `through` (e.g. a VQGAN's encode-decode),
+    back as uint8 like the real pixels (a picture is saved in 8 bits too): the textures as that
+    codec draws them. The region is cut to sides of a multiple of SIDE_MULTIPLE first; the new
+    columns are the whole of the returned images."""
+    if not callable(through):
+        raise ValueError(f"{where}: through must be None or a function of a batch of images, got {through!r}")
+    out, cols = [], []
+    for image, (left, right) in zip(images, columns):
+        h = image.shape[1] // SIDE_MULTIPLE * SIDE_MULTIPLE
+        w = (right - left) // SIDE_MULTIPLE * SIDE_MULTIPLE
+        region = image[None, :, :h, left:left + w].float().div(127.5).sub(1.0)
+        with torch.no_grad():
+            drawn = through(region)
+        if not isinstance(drawn, torch.Tensor) or drawn.shape != region.shape:
+            raise ValueError(f"{where}: through must return images of the shape it is given, {tuple(region.shape)}, "
+                             f"got {getattr(drawn, 'shape', type(drawn).__name__)}")
+        out.append(drawn[0].detach().cpu().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8))
+        cols.append((0, w))
+    return out, cols
+
+
 def _random_crops(images, columns, patch: int, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """count crops (float [-1, 1]) and their classes, the classes in turn, random places and flips."""
     labels = torch.arange(count) % len(images)
@@ -109,9 +141,14 @@ def _random_crops(images, columns, patch: int, count: int, gen: torch.Generator)
 
 def train_texture_classifier(classes=DEFAULT_IMAGES, *, patch: int = PATCH, steps: int = 300, batch_size: int = 48,
                              lr: float = 3e-3, width: int = WIDTH, seed: int = 0,
-                             heldout_size: int = HELDOUT_SIZE) -> TextureClassifier:
+                             heldout_size: int = HELDOUT_SIZE, through=None) -> TextureClassifier:
     """A TextureClassifier trained on random crops of the textures' training region (flips as
     data augmentation), Adam with a cosine-decayed learning rate; on the CPU, in eval mode.
+
+    With `through` (a function of (1, 3, H, W) images in [-1, 1] returning the same shape, e.g. a
+    VQGAN's encode-decode) it learns the textures as that codec draws them: the training region
+    goes through it once before the crops are cut. A picture drawn by a prior through the codec is
+    then judged on where it puts each texture, not on the detail the codec cannot draw.
 
     Args:
         classes: texture names (data.EMBEDDED_IMAGES), class k = classes[k]; at least two.
@@ -122,6 +159,7 @@ def train_texture_classifier(classes=DEFAULT_IMAGES, *, patch: int = PATCH, step
         seed: the crops' and the initial weights' seed (>= 0).
         heldout_size: side of the held-out mosaics it will be checked on; training stops short of
             their strip (module docstring).
+        through: None, or the codec (above); model.through says which was used.
     Raises:
         ValueError: a bad argument (named).
     """
@@ -135,7 +173,10 @@ def train_texture_classifier(classes=DEFAULT_IMAGES, *, patch: int = PATCH, step
         model = TextureClassifier(_check_classes(where, classes), check_int(where, "patch", patch, 4),
                                   check_int(where, "width", width, 1))
     images, columns = _regions(model.classes, "train", max(heldout_size, model.patch))
-    model.train_columns = list(columns)
+    model.train_columns = list(columns)  # the real pixels' columns, for heldout_mosaic_fidelity's check
+    model.through = through
+    if through is not None:
+        images, columns = _through_codec(images, columns, through, where)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     with _one_thread():
         for step in range(steps):
@@ -152,8 +193,11 @@ def train_texture_classifier(classes=DEFAULT_IMAGES, *, patch: int = PATCH, step
 @torch.no_grad()
 def heldout_accuracy(model: TextureClassifier, heldout_size: int = HELDOUT_SIZE) -> dict[str, float]:
     """Accuracy per class (and "mean") on every non-overlapping patch of the textures' held-out strip,
-    as mosaics of heldout_size pixels define it: crops the classifier never saw."""
+    as mosaics of heldout_size pixels define it: crops the classifier never saw (through the codec
+    it was trained through, if any)."""
     images, columns = _regions(model.classes, "heldout", max(heldout_size, model.patch))
+    if model.through is not None:
+        images, columns = _through_codec(images, columns, model.through, "heldout_accuracy")
     p, scores = model.patch, {}
     for k, (image, (left, right)) in enumerate(zip(images, columns)):
         strip = image[:, :, left:right].float().div(127.5).sub(1.0)
