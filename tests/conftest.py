@@ -19,6 +19,9 @@ from helpers import BACKENDS, FAST_BACKENDS, backend_params  # noqa: E402  (impo
 def pytest_addoption(parser):
     parser.addoption("--wheel", action="store_true",
                      help="also build a wheel and smoke-test it in a fresh venv (tests/test_wheel.py; minutes)")
+    parser.addoption("--torch-spec", default=None, metavar="SPEC",
+                     help="also build fastvq against this torch (e.g. torch==2.14.1) in a fresh venv and smoke-test "
+                          "it (tests/test_wheel.py; minutes, GBs of disk)")
 
 
 # The one rule for which backends run here: every backend is collected (ids "torch", "cpp",

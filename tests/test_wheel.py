@@ -3,9 +3,15 @@ fresh virtual environment holding the same torch and works there (import, availa
 of each kind against its reference, on every kernel variant this CPU runs). Nothing is downloaded:
 the new environment sees this torch through a .pth file, and pip runs with --no-index.
 
-The wheel compiles the extension from scratch (every kernel file once per variant: several minutes
-on 2 cores: 11.6 min here), so this runs only when asked: `make wheel-check` (CI calls it) or
+The wheel compiles the extension from scratch (every kernel file once per variant: about 2.5 min on
+2 cores here), so this runs only when asked: `make wheel-check` (CI calls it) or
 `pytest tests/test_wheel.py --wheel`; `make test` reports it as skipped.
+
+With `--torch-spec SPEC` (`make torch-check`, by default the newest torch pip may install here) a
+second test installs that torch into a fresh environment with pip, builds fastvq there from the
+sources as a user would (`pip install --no-build-isolation`), and runs the same smoke test: the
+check that the extension builds against a torch other than the one it is developed with (torch
+2.14's headers need C++20).
 """
 import os
 import shutil
@@ -79,4 +85,33 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(wheel_requested, tmp_path):
 
     smoke_env = {key: value for key, value in os.environ.items() if not key.startswith(("FASTVQ_", "PYTHON"))}
     out = run([str(python), "-c", SMOKE], "the smoke test in the new environment", cwd=tmp_path, env=smoke_env)
+    assert "ok: baseline" in out, out
+
+
+@pytest.fixture
+def torch_spec(request):
+    spec = request.config.getoption("--torch-spec")
+    if not spec:
+        pytest.skip("installs another torch and builds against it (minutes, GBs): run with --torch-spec SPEC "
+                    "(`make torch-check`)")
+    return spec
+
+
+def test_builds_against_another_torch(torch_spec, tmp_path):
+    source, env = tmp_path / "src", tmp_path / "venv"
+    shutil.copytree(ROOT, source, ignore=NOT_SOURCES)
+    run([sys.executable, "-m", "venv", str(env)], "python -m venv")
+    python = str(env / "bin" / "python")
+    pip_env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    pip_env.pop("FASTVQ_NATIVE", None)
+    # what the build itself needs with --no-build-isolation: setuptools, ninja (and numpy for torch)
+    run([python, "-m", "pip", "install", "-q", torch_spec, "numpy", "setuptools", "ninja"],
+        f"pip install {torch_spec}", env=pip_env)
+    version = run([python, "-c", "import torch; print(torch.__version__)"], "import torch").strip()
+    build = run([python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", str(source)],
+                f"building fastvq against torch {version}", env=pip_env)
+    standard = "-std=c++20" if "-std=c++20" in build else "-std=c++17" if "-std=c++17" in build else "?"
+    smoke_env = {key: value for key, value in os.environ.items() if not key.startswith(("FASTVQ_", "PYTHON"))}
+    out = run([python, "-c", SMOKE], f"the smoke test on torch {version}", cwd=tmp_path, env=smoke_env)
+    print(f"torch {version}: built with {standard}; {out.strip().splitlines()[-1]}")
     assert "ok: baseline" in out, out
