@@ -90,6 +90,8 @@ def _extension():
     cpp_sources = _cpu_sources()
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     cxx = ["-O3", _cxx_standard(), "-fno-math-errno", "-funroll-loops"]
+    # said once, so that a build log (pip -v, tests/test_wheel.py) shows what the torch asked for
+    print(f"fastvq: building fastvq._C for torch {torch.__version__} with {_cxx_standard()}", file=sys.stderr)
     # Python's own CFLAGS carry -g: debug info for torch's header templates made each file compile
     # about 40% slower and the library 42 MB. FASTVQ_DEBUG=1 keeps it.
     cxx.append("-g" if _flag("FASTVQ_DEBUG", "0") else "-g0")

@@ -14,6 +14,7 @@ check that the extension builds against a torch other than the one it is develop
 2.14's headers need C++20).
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,10 +52,10 @@ for isa in _backend.cpu_isas():
 """
 
 
-def run(cmd, what, **kwargs):
+def run(cmd, what, both=False, **kwargs):
     result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     assert result.returncode == 0, f"{what} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result.stdout
+    return result.stdout + result.stderr if both else result.stdout
 
 
 @pytest.fixture
@@ -109,8 +110,10 @@ def test_builds_against_another_torch(torch_spec, tmp_path):
         f"pip install {torch_spec}", env=pip_env)
     version = run([python, "-c", "import torch; print(torch.__version__)"], "import torch").strip()
     build = run([python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", str(source)],
-                f"building fastvq against torch {version}", env=pip_env)
-    standard = "-std=c++20" if "-std=c++20" in build else "-std=c++17" if "-std=c++17" in build else "?"
+                f"building fastvq against torch {version}", both=True, env=pip_env)
+    standard = re.search(r"fastvq: building fastvq\._C for torch \S+ with (-std=\S+)", build)
+    assert standard, f"setup.py did not say which C++ standard it built with:\n{build[-3000:]}"
+    standard = standard.group(1)
     smoke_env = {key: value for key, value in os.environ.items() if not key.startswith(("FASTVQ_", "PYTHON"))}
     out = run([python, "-c", SMOKE], f"the smoke test on torch {version}", cwd=tmp_path, env=smoke_env)
     print(f"torch {version}: built with {standard}; {out.strip().splitlines()[-1]}")
