@@ -4,9 +4,9 @@ The CPU kernels in csrc/*.cpp are always built. On x86-64 each kernel file is co
 times, for AVX-512, AVX2 + FMA and the x86-64 baseline, and fastvq._C picks the variant the CPU
 runs when it loads (csrc/isa.h; FASTVQ_CPU_ISA=avx512|avx2|baseline at run time forces one);
 elsewhere (aarch64, ...) the portable baseline only. The build runs on any CPU of its architecture;
-FASTVQ_NATIVE=1 adds -march=native (for this machine only); FASTVQ_DEBUG=1 keeps debug info. CUDA sources (csrc/*.cu), when there
-are any, are compiled only where torch was built with CUDA and nvcc is present; FASTVQ_CUDA=0 turns
-that off. The C++ standard follows the installed torch (_cxx_standard).
+FASTVQ_NATIVE=1 adds -march=native (for this machine only); FASTVQ_DEBUG=1 keeps debug info. CUDA
+sources (csrc/*.cu), when there are any, are compiled only where torch was built with CUDA and nvcc
+is present; FASTVQ_CUDA=0 turns that off. The C++ standard follows the installed torch (_cxx_standard).
 
 Install with the torch that will run it: `pip install --no-build-isolation -e .`
 """
@@ -89,9 +89,10 @@ def _cpu_sources():
 def _extension():
     cpp_sources = _cpu_sources()
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
-    cxx = ["-O3", _cxx_standard(), "-fno-math-errno", "-funroll-loops"]
+    standard = _cxx_standard()
+    cxx = ["-O3", standard, "-fno-math-errno", "-funroll-loops"]
     # said once, so that a build log (pip -v, tests/test_wheel.py) shows what the torch asked for
-    print(f"fastvq: building fastvq._C for torch {torch.__version__} with {_cxx_standard()}", file=sys.stderr)
+    print(f"fastvq: building fastvq._C for torch {torch.__version__} with {standard}", file=sys.stderr)
     # Python's own CFLAGS carry -g: debug info for torch's header templates made each file compile
     # about 40% slower and the library 42 MB. FASTVQ_DEBUG=1 keeps it.
     cxx.append("-g" if _flag("FASTVQ_DEBUG", "0") else "-g0")

@@ -117,11 +117,13 @@ def load_text(machine: dict) -> str:
 ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2 + FMA", "baseline": "x86-64 baseline"}
 
 
+def isa_name(m: dict) -> str:
+    """The CPU variant a run's machine record says fastvq's kernels ran (csrc/isa.h), in words."""
+    return ISA_NAMES.get(m.get("cpu_isa"), m.get("cpu_isa") or "no cpp")
+
+
 def isa_text(m: dict) -> str:
-    """Which of the extension's CPU variants ran fastvq's kernels (csrc/isa.h)."""
-    if "cpu_isa" not in m:
-        return "kernel variant not recorded"
-    return f"{ISA_NAMES.get(m['cpu_isa'], m['cpu_isa'] or 'no cpp')} kernels"
+    return f"{isa_name(m)} kernels" if "cpu_isa" in m else "kernel variant not recorded"
 
 
 def where(doc: dict) -> str:
@@ -146,10 +148,10 @@ def isa_comparison(doc: dict, kind_docs: list) -> list[str]:
                  and d["machine"].get("parallel") == m.get("parallel")), None)
     if base is None or not doc.get("case_keys"):
         return []
-    (base_path, base_doc), other = base, ISA_NAMES.get(m.get("cpu_isa"), m.get("cpu_isa"))
+    (base_path, base_doc), other = base, isa_name(m)
     # matched by their JSON text: a case may hold a dict (a model's shape)
     theirs = {json.dumps(case_of(doc, r)): r for r in base_doc["results"] if ok(r)}
-    mine_name = ISA_NAMES.get(base_doc["machine"]["cpu_isa"], base_doc["machine"]["cpu_isa"])
+    mine_name = isa_name(base_doc["machine"])
     rows, done = [], [r for r in doc["results"] if ok(r)]
     # a row names only what tells the cases of this table apart (the suite always)
     varying = {k for k in doc["case_keys"] if k == "suite" or (k != "min_runs" and len(

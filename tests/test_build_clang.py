@@ -124,18 +124,21 @@ def compile_case(source, isa, pch, folder):
     return out, result.returncode, f"{path} ({isa or 'baseline'}):\n{result.stderr[-6000:]}"
 
 
-@pytest.fixture(scope="module")
-def compiled(torch_pch, tmp_path_factory):
-    """Every case compiled at once, one clang per core: each takes 6-15 s of one core, and the rest
-    of the suite leaves the other cores idle meanwhile."""
+def all_at_once(fn, items) -> dict:
+    """{item: fn(item)}, one item per core at a time: each clang takes 6-15 s of one core, and the
+    rest of the suite leaves the other cores idle meanwhile."""
     from concurrent.futures import ThreadPoolExecutor
 
-    folder = tmp_path_factory.mktemp("clang_objects")
-    cases = [p.values for p in CASES]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=cores) as pool:
-        results = pool.map(lambda case: compile_case(*case, torch_pch, folder), cases)
-        return dict(zip(cases, results))
+        return dict(zip(items, pool.map(fn, items)))
+
+
+@pytest.fixture(scope="module")
+def compiled(torch_pch, tmp_path_factory):
+    """Every case compiled at once (all_at_once)."""
+    folder = tmp_path_factory.mktemp("clang_objects")
+    return all_at_once(lambda case: compile_case(*case, torch_pch, folder), [p.values for p in CASES])
 
 
 @needs_clang
@@ -182,15 +185,9 @@ def aarch64(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def aarch64_parsed(aarch64):
-    """Every PORTABLE_CHECKED file parsed for aarch64 at once, one clang per core."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def parse(source):
-        return subprocess.run([*aarch64, os.path.join(CSRC, source)], capture_output=True, text=True)
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=cores) as pool:
-        return dict(zip(PORTABLE_CHECKED, pool.map(parse, PORTABLE_CHECKED)))
+    """Every PORTABLE_CHECKED file parsed for aarch64 at once (all_at_once)."""
+    return all_at_once(lambda source: subprocess.run([*aarch64, os.path.join(CSRC, source)], capture_output=True,
+                                                     text=True), PORTABLE_CHECKED)
 
 
 @needs_clang

@@ -58,6 +58,18 @@ def run(cmd, what, both=False, **kwargs):
     return result.stdout + result.stderr if both else result.stdout
 
 
+def pip_env(**extra):
+    """pip's environment: the default build (the one a user gets), no version check."""
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", **extra)
+    env.pop("FASTVQ_NATIVE", None)
+    return env
+
+
+def smoke_env():
+    # nothing of this checkout's settings: the new environment must stand on its own
+    return {key: value for key, value in os.environ.items() if not key.startswith(("FASTVQ_", "PYTHON"))}
+
+
 @pytest.fixture
 def wheel_requested(request):
     if not request.config.getoption("--wheel"):
@@ -69,10 +81,9 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(wheel_requested, tmp_path):
 
     source, wheels, env = tmp_path / "src", tmp_path / "wheels", tmp_path / "venv"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCES)
-    pip_env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    pip_env.pop("FASTVQ_NATIVE", None)  # the default build: the one a user gets
+    no_index = pip_env(PIP_NO_INDEX="1")
     run([sys.executable, "-m", "pip", "wheel", str(source), "--no-build-isolation", "--no-deps", "-w", str(wheels)],
-        "pip wheel", env=pip_env)
+        "pip wheel", env=no_index)
     (wheel,) = wheels.glob("fastvq-*.whl")
 
     run([sys.executable, "-m", "venv", str(env)], "python -m venv")
@@ -82,10 +93,9 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(wheel_requested, tmp_path):
     torch_site = os.path.dirname(os.path.dirname(torch.__file__))
     with open(os.path.join(site, "same_torch.pth"), "w") as f:
         f.write(torch_site + "\n")
-    run([str(python), "-m", "pip", "install", "--no-deps", str(wheel)], "pip install of the wheel", env=pip_env)
+    run([str(python), "-m", "pip", "install", "--no-deps", str(wheel)], "pip install of the wheel", env=no_index)
 
-    smoke_env = {key: value for key, value in os.environ.items() if not key.startswith(("FASTVQ_", "PYTHON"))}
-    out = run([str(python), "-c", SMOKE], "the smoke test in the new environment", cwd=tmp_path, env=smoke_env)
+    out = run([str(python), "-c", SMOKE], "the smoke test in the new environment", cwd=tmp_path, env=smoke_env())
     assert "ok: baseline" in out, out
 
 
@@ -103,18 +113,15 @@ def test_builds_against_another_torch(torch_spec, tmp_path):
     shutil.copytree(ROOT, source, ignore=NOT_SOURCES)
     run([sys.executable, "-m", "venv", str(env)], "python -m venv")
     python = str(env / "bin" / "python")
-    pip_env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
-    pip_env.pop("FASTVQ_NATIVE", None)
     # what the build itself needs with --no-build-isolation: setuptools, ninja (and numpy for torch)
     run([python, "-m", "pip", "install", "-q", torch_spec, "numpy", "setuptools", "ninja"],
-        f"pip install {torch_spec}", env=pip_env)
+        f"pip install {torch_spec}", env=pip_env())
     version = run([python, "-c", "import torch; print(torch.__version__)"], "import torch").strip()
     build = run([python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", str(source)],
-                f"building fastvq against torch {version}", both=True, env=pip_env)
+                f"building fastvq against torch {version}", both=True, env=pip_env())
     standard = re.search(r"fastvq: building fastvq\._C for torch \S+ with (-std=\S+)", build)
     assert standard, f"setup.py did not say which C++ standard it built with:\n{build[-3000:]}"
     standard = standard.group(1)
-    smoke_env = {key: value for key, value in os.environ.items() if not key.startswith(("FASTVQ_", "PYTHON"))}
-    out = run([python, "-c", SMOKE], f"the smoke test on torch {version}", cwd=tmp_path, env=smoke_env)
+    out = run([python, "-c", SMOKE], f"the smoke test on torch {version}", cwd=tmp_path, env=smoke_env())
     print(f"torch {version}: built with {standard}; {out.strip().splitlines()[-1]}")
     assert "ok: baseline" in out, out

@@ -103,13 +103,17 @@ def _regions(classes, split: str, heldout_size: int) -> tuple[list[torch.Tensor]
 SIDE_MULTIPLE = 16  # a region passed through a codec is cut to sides of this multiple (any VQGAN's factor)
 
 
+def _check_through(where: str, through) -> None:
+    if not callable(through):
+        raise ValueError(f"{where}: through must be None or a function of a batch of images, got {through!r}")
+
+
 def _through_codec(images, columns, through, where: str):
     """Each texture's region (its columns) passed through `through` (e.g. a VQGAN's encode-decode),
     back as uint8 like the real pixels (a picture is saved in 8 bits too): the textures as that
     codec draws them. The region is cut to sides of a multiple of SIDE_MULTIPLE first; the new
     columns are the whole of the returned images."""
-    if not callable(through):
-        raise ValueError(f"{where}: through must be None or a function of a batch of images, got {through!r}")
+    _check_through(where, through)
     out, cols = [], []
     for image, (left, right) in zip(images, columns):
         h = image.shape[1] // SIDE_MULTIPLE * SIDE_MULTIPLE
@@ -312,8 +316,8 @@ def heldout_mosaic_fidelity(model: TextureClassifier, count: int = 16, size: int
     """
     where = "heldout_mosaic_fidelity"
     count, size = check_int(where, "count", count, 1), check_int(where, "size", size, model.patch)
-    if through is not None and not callable(through):
-        raise ValueError(f"{where}: through must be None or a function of a batch of images, got {through!r}")
+    if through is not None:
+        _check_through(where, through)
     mosaics = LayoutMosaics(size, "heldout", textures=model.classes, length=count,
                             seed=check_int(where, "seed", seed, 0))
     for name, (left, _), (_, trained_to) in zip(model.classes, mosaics.columns, model.train_columns):
