@@ -271,6 +271,20 @@ def test_position_uniforms_depend_only_on_the_position():
     assert not torch.equal(u[0], u[1])  # batch rows draw differently
 
 
+def test_sample_grid_row_uniforms_are_the_position_uniforms():
+    """sample_grid computes a row's uniforms once as the row enters (a table of lanes + 1 rows): the
+    numbers at every position in flight are position_uniforms' own."""
+    from fastvq.models.gpt2d import _RowUniforms
+
+    rows, cols, lanes = 9, 7, 3
+    table = _RowUniforms(5, 2, cols, lanes, "cpu")
+    for first in range(rows - lanes + 1):  # rows first .. first + lanes - 1 in flight
+        table.enter([(first + lanes - 1, 0)] if first else [(i, 0) for i in range(lanes)])
+        i = torch.arange(first, first + lanes).repeat_interleave(cols)
+        j = torch.arange(cols).repeat(lanes)
+        assert torch.equal(table.at(i, j), position_uniforms(5, 2, i, j))
+
+
 def test_bad_arguments():
     m = model()
     codes = torch.zeros(1, 2, 2, dtype=torch.long)

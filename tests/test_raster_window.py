@@ -340,6 +340,24 @@ def test_axial_rope_scores_depend_only_on_the_2d_offset():
     assert not torch.allclose(score(5, 7, 3, 9), score(5, 7, 3, 8))  # so does a column offset
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_axial_rope_is_two_half_rotaries_and_its_tables_are_reusable(dtype):
+    """The definition: the first half of each head turned by rotary at the row, the second at the
+    column (bit for bit), and tables computed once give that for queries and keys of any head count
+    (the decode step shares them across layers, heads laid out (n, heads, hs))."""
+    from fastvq.ops.rope import apply_axial_rope, axial_rope_tables, rotary
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 17, 32, generator=g).to(dtype)
+    rows_idx, cols_idx = torch.randint(0, 500, (17,), generator=g), torch.randint(0, 500, (17,), generator=g)
+    want = torch.cat((rotary(x[..., :16], rows_idx), rotary(x[..., 16:], cols_idx)), dim=-1)
+    assert torch.equal(fastvq.axial_rope(x, rows_idx, cols_idx), want)
+    acc = torch.promote_types(dtype, torch.float32)
+    cos, sin = axial_rope_tables(rows_idx, cols_idx, 32, dtype=acc)
+    heads_inner = apply_axial_rope(x.transpose(1, 2), (cos[:, None], sin[:, None]))  # (2, 17, 3, 32)
+    assert torch.equal(heads_inner.transpose(1, 2), want)
+
+
 def test_axial_rope_bad_input():
     with pytest.raises(ValueError, match="multiple of 4"):
         fastvq.axial_rope(torch.randn(3, 6), torch.arange(3), torch.arange(3))

@@ -30,7 +30,7 @@ from torch import nn
 from .._checks import check_float, check_int, check_prob
 from ..nn.attention import step_kernels
 from ..nn.decode_state import DecodeWeights, ParameterSlots, packed_in_huge_pages
-from ..nn.raster_attention import RasterKVCache, RasterWindowSelfAttention, wavefront_lanes, wavefront_steps
+from ..nn.raster_attention import RasterKVCache, RasterStep, RasterWindowSelfAttention, wavefront_lanes, wavefront_steps
 from ..ops.sampling import sample_logits
 from .cond_encoder import ConditionEncoder
 from .gpt import GPT, BlockDecodeWeights, GPTDecodeWeights
@@ -69,12 +69,12 @@ class Block2D(nn.Module):
         """The tensors _step reads, rebuilt when a parameter changes (fastvq.nn.decode_state)."""
         return BlockDecodeWeights(self.attn.decode_weights(), *self._mlp_copies.get())
 
-    def _step(self, x, cache, rows_idx, cols_idx, layer, weights: BlockDecodeWeights, linear):
-        """One decode step on checked arguments, every product through `linear` (decode_linear's
+    def _step(self, x, cache, step: RasterStep, layer, weights: BlockDecodeWeights):
+        """One decode step on checked arguments, every product through step.linear (decode_linear's
         KERNELS entry) with GELU and the residual adds fused in (inference: no dropout)."""
-        x = self.attn._step(self.ln1(x), cache, rows_idx, cols_idx, layer, weights.attn, linear, residual=x)
-        h = linear(self.ln2(x), weights.fc1, self.mlp[0].bias, None, "gelu")
-        return linear(h, weights.fc2, self.mlp[2].bias, x, None)
+        x = self.attn._step(self.ln1(x), cache, step, layer, weights.attn, residual=x)
+        h = step.linear(self.ln2(x), weights.fc1, self.mlp[0].bias, None, "gelu")
+        return step.linear(h, weights.fc2, self.mlp[2].bias, x, None)
 
 
 class GPT2D(nn.Module):
@@ -328,8 +328,9 @@ class GPT2D(nn.Module):
             self._check_keep(cond_keep, b, f"{_WHERE}.step")
         x = self._step_inputs(tokens, rows_idx, cols_idx, cond, cond_keep)
         linear = step_kernels(x.device, b * n, f"{_WHERE}.step").linear
+        step = self.blocks[0].attn.step_context(cache, rows_idx, cols_idx, x.dtype, x.device, linear)  # every layer's
         for layer, (block, block_weights) in enumerate(zip(self.blocks, weights.layers)):
-            x = block._step(x, cache, rows_idx, cols_idx, layer, block_weights, linear)
+            x = block._step(x, cache, step, layer, block_weights)
         cache.commit(positions)
         return linear(self.ln_f(x), weights.head, None, None, None)
 
@@ -354,6 +355,27 @@ def position_uniforms(seed: int, batch: int, rows_idx: torch.Tensor, cols_idx: t
         x = (x ^ ((x >> shift) & mask(64 - shift))) * _int64(mult)
     x = x ^ ((x >> 31) & mask(33))
     return ((x >> 40) & mask(24)).to(torch.float32) / float(1 << 24)
+
+
+class _RowUniforms:
+    """position_uniforms of the rows in flight, a row's computed once when it enters (its row start
+    is fed) instead of per step: `lanes` rows are in flight at most, so lanes + 1 table rows
+    suffice whatever the height (flat memory)."""
+
+    def __init__(self, seed: int, batch: int, cols: int, lanes: int, device):
+        self.seed, self.batch, self.slots = seed, batch, lanes + 1
+        self.table = torch.empty(batch, self.slots, cols, device=device)
+        self.cols = torch.arange(cols)
+
+    def enter(self, positions: list[tuple[int, int]]) -> None:
+        for i, col in positions:
+            if col == 0:
+                row = position_uniforms(self.seed, self.batch, torch.full_like(self.cols, i), self.cols)
+                self.table[:, i % self.slots] = row.to(self.table.device)
+
+    def at(self, rows_idx: torch.Tensor, cols_idx: torch.Tensor) -> torch.Tensor:
+        """(batch, n) uniforms of positions (rows_idx[t], cols_idx[t]) in flight."""
+        return self.table[:, rows_idx % self.slots, cols_idx]
 
 
 def _grid_features(model: GPT2D, cond, batch: int, rows: int, cols: int) -> torch.Tensor | None:
@@ -434,20 +456,23 @@ def sample_grid(model: GPT2D, rows: int, cols: int, *, batch: int = 1, cls: torc
         cache = model.new_cache(decoding, cols, lag_rows=lanes)
         model.prefill(classes, cache)
         codes = torch.zeros(batch, rows, cols, dtype=torch.long, device=device)
+        uniforms = _RowUniforms(seed, batch, cols, lanes, device)
         for step_index, positions in enumerate(schedule):
-            tokens = torch.stack([codes[:, i, c - 1] if c > 0 else codes[:, i, 0] for i, c in positions], 1)
+            uniforms.enter(positions)
+            at = torch.tensor(positions, device=device)  # (n, 2): (i, col)
+            # the token at (i, col) is code c(i, col - 1); a row start's (col 0) is ignored
+            tokens = codes[:, at[:, 0], (at[:, 1] - 1).clamp(min=0)]
             logits = model.step(tokens.repeat(decoding // batch, 1), positions, cache, feats, cond_keep=keep)
-            drawn = [(t, i, c) for t, (i, c) in enumerate(positions) if c < cols]
-            if drawn:
-                index = torch.tensor([t for t, _, _ in drawn], device=device)
-                rows_idx, cols_idx = torch.tensor([i for _, i, _ in drawn]), torch.tensor([c for _, _, c in drawn])
-                u = position_uniforms(seed, batch, rows_idx, cols_idx).to(device)
+            full = all(col < cols for _, col in positions)  # column w (the row's end) draws nothing
+            drawn = None if full else (at[:, 1] < cols).nonzero()[:, 0]
+            rows_idx, cols_idx = (at[:, 0], at[:, 1]) if drawn is None else (at[drawn, 0], at[drawn, 1])
+            if rows_idx.numel():
                 # (decoding * drawn, V), batch-major: with guidance the conditional rows then the
                 # unconditional ones, as sample_logits' cfg_scale pairs them
-                chosen = logits.index_select(1, index).reshape(-1, model.vocab_size)
+                chosen = (logits if drawn is None else logits.index_select(1, drawn)).reshape(-1, model.vocab_size)
                 new = sample_logits(chosen, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                                    uniform=u.reshape(-1)).view(batch, len(drawn))
-                codes[:, rows_idx.to(device), cols_idx.to(device)] = new
+                                    uniform=uniforms.at(rows_idx, cols_idx).reshape(-1))
+                codes[:, rows_idx, cols_idx] = new.view(batch, -1)
             if callback is not None:
                 callback(step_index)
     finally:

@@ -20,16 +20,29 @@ fastvq's decode_linear (decode_weights(), as SlidingWindowSelfAttention's).
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_int, check_prob
-from ..ops.raster_window import raster_window_attention, raster_window_decode, ring_slots
-from ..ops.rope import axial_rope
+from ..ops.raster_window import Geometry, decode_kernel, raster_window_attention, ring_slots
+from ..ops.rope import apply_axial_rope, axial_rope_tables
 from .decode_state import AttentionDecodeWeights, attention_decode_weights
 
 _WHERE = "RasterWindowSelfAttention"
+
+
+class RasterStep(NamedTuple):
+    """What every layer of one decode step shares, computed once for the step (step_context):
+    the positions on the device, their ring slots, the axial rope tables and the kernels."""
+    rows_idx: torch.Tensor
+    cols_idx: torch.Tensor
+    slots: torch.Tensor
+    tables: tuple[torch.Tensor, torch.Tensor]
+    linear: Callable | None  # a decode_linear KERNELS entry (_step), None for forward_cached
+    decode: Callable         # raster_window's decode kernel, on checked arguments
 
 
 class RasterKVCache:
@@ -190,9 +203,16 @@ class RasterWindowSelfAttention(nn.Module):
         q, k = self._heads(self.query, x, self.n_head), self._heads(self.key, x, self.n_kv_head)
         v = self._heads(self.value, x, self.n_kv_head)
         if rows_idx.numel():
-            q = torch.cat((q[:, :, :n_prefix], axial_rope(q[:, :, n_prefix:], rows_idx, cols_idx)), dim=2)
-            k = torch.cat((k[:, :, :n_prefix], axial_rope(k[:, :, n_prefix:], rows_idx, cols_idx)), dim=2)
+            tables = self.rope_tables(rows_idx, cols_idx, q.dtype, q.device)
+            q = torch.cat((q[:, :, :n_prefix], apply_axial_rope(q[:, :, n_prefix:], tables)), dim=2)
+            k = torch.cat((k[:, :, :n_prefix], apply_axial_rope(k[:, :, n_prefix:], tables)), dim=2)
         return q, k, v
+
+    def rope_tables(self, rows_idx: torch.Tensor, cols_idx: torch.Tensor, dtype: torch.dtype, device):
+        """axial_rope's tables for this module's heads at these positions, for tensors of `dtype`
+        (the same for every layer of a model: a decode step computes them once)."""
+        return axial_rope_tables(rows_idx, cols_idx, self.head_dim, dtype=torch.promote_types(dtype, torch.float32),
+                                 device=device)
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = y.shape
@@ -260,22 +280,31 @@ class RasterWindowSelfAttention(nn.Module):
         if ring_k.shape[0] != x.shape[0] or ring_k.dtype != x.dtype or ring_k.device != x.device:
             raise ValueError(f"{_WHERE}.forward_cached: the cache is batch {ring_k.shape[0]}, {ring_k.dtype} on "
                              f"{ring_k.device}; x is batch {x.shape[0]}, {x.dtype} on {x.device}")
-        rows_idx, cols_idx = rows_idx.to(x.device), cols_idx.to(x.device)
-        q, k, v = self._qkv(x, 0, rows_idx, cols_idx)
-        return self._output(self._write_and_attend(q, k, v, cache, rows_idx, cols_idx, layer))
+        step = self.step_context(cache, rows_idx, cols_idx, x.dtype, x.device, None)
+        q, k, v = self._qkv(x, 0, step.rows_idx, step.cols_idx)
+        return self._output(self._write_and_attend(q, k, v, cache, step, layer))
 
-    def _write_and_attend(self, q, k, v, cache: RasterKVCache, rows_idx, cols_idx, layer: int) -> torch.Tensor:
+    def step_context(self, cache: RasterKVCache, rows_idx: torch.Tensor, cols_idx: torch.Tensor, dtype: torch.dtype,
+                     device, linear: Callable | None) -> RasterStep:
+        """The RasterStep of positions the cache has checked (cache.check_step), for tensors of
+        `dtype` on `device`: every layer of a model with this module's head size and window shares it."""
+        rows_idx, cols_idx = rows_idx.to(device), cols_idx.to(device)
+        return RasterStep(rows_idx, cols_idx, ring_slots(rows_idx, cols_idx, cache.width, cache.ring_rows, cache.n_prefix),
+                          self.rope_tables(rows_idx, cols_idx, dtype, device), linear, decode_kernel(device, _WHERE))
+
+    def _write_and_attend(self, q, k, v, cache: RasterKVCache, step: RasterStep, layer: int) -> torch.Tensor:
         """Write the step's rotated keys and values (B, H_kv, n, hs) into their ring slots, then the
-        attention of its rotated queries (B, H, n, hs) over the ring (checked arguments).
+        attention of its rotated queries (B, H, n, hs) over the ring.
 
-        The positions were checked on the host by cache.check_step (on the grid, in the ring), so the
-        op's own check, a read of the index tensors that syncs a GPU every layer, is skipped."""
+        Every argument was checked once for the step: the positions on the host by cache.check_step
+        (on the grid, in the ring), shapes, dtype and device against the cache by the caller. So the
+        kernel runs without raster_window_decode's checks (whose position check reads the index
+        tensors back, a GPU sync every layer)."""
         ring_k, ring_v = cache[layer]
-        slots = ring_slots(rows_idx, cols_idx, cache.width, cache.ring_rows, cache.n_prefix)
-        ring_k.index_copy_(2, slots, k)
-        ring_v.index_copy_(2, slots, v)
-        return raster_window_decode(q, ring_k, ring_v, rows_idx, cols_idx, width=cache.width, n_prefix=cache.n_prefix,
-                                    check_positions=False, **self._window())
+        ring_k.index_copy_(2, step.slots, k)
+        ring_v.index_copy_(2, step.slots, v)
+        geometry = Geometry(cache.width, self.rows, self.left, self.right, cache.n_prefix)
+        return step.decode(q, ring_k, ring_v, step.rows_idx, step.cols_idx, geometry, self.head_dim ** -0.5)
 
     # ------------------------------------------------------------------------- decode step on decode_linear
 
@@ -285,19 +314,22 @@ class RasterWindowSelfAttention(nn.Module):
         (fastvq.nn.decode_state); `self._decode_weights.invalidate()` frees them."""
         return self._decode_weights.get()
 
-    def _step(self, x: torch.Tensor, cache: RasterKVCache, rows_idx: torch.Tensor, cols_idx: torch.Tensor, layer: int,
-              weights: AttentionDecodeWeights, linear, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, cache: RasterKVCache, step: RasterStep, layer: int,
+              weights: AttentionDecodeWeights, residual: torch.Tensor | None = None) -> torch.Tensor:
         """forward_cached's step on arguments the caller checked once for every layer (cache.check_step,
         the cache's batch, dtype and device), its products through `linear` (a fastvq decode_linear
         KERNELS entry: the step's tokens as one small batch, each weight read once): q/k/v in one
-        product on the stacked weights, then residual + proj(attention). x (B, n, n_embd); indices
-        on x's device. Returns (B, n, n_embd)."""
+        product on the stacked weights, then residual + proj(attention). x (B, n, n_embd); `step` from
+        step_context on x's dtype and device. Returns (B, n, n_embd)."""
         b, n, _ = x.shape
         kv = self.n_kv_head * self.head_dim
-        q, k, v = linear(x, weights.qkv_weight, weights.qkv_bias, None, None).split((self.n_embd, kv, kv), dim=-1)
-        q = axial_rope(q.view(b, n, self.n_head, self.head_dim).transpose(1, 2), rows_idx, cols_idx)
-        k = axial_rope(k.view(b, n, self.n_kv_head, self.head_dim).transpose(1, 2), rows_idx, cols_idx)
+        linear, tables = step.linear, step.tables
+        qk, v = linear(x, weights.qkv_weight, weights.qkv_bias, None, None).split((self.n_embd + kv, kv), dim=-1)
+        # queries and keys turned in one pass: (B, n, H + H_kv, hs), the tables broadcast over heads
+        qk = apply_axial_rope(qk.unflatten(-1, (self.n_head + self.n_kv_head, self.head_dim)),
+                              (tables[0][:, None], tables[1][:, None]))
+        q, k = qk[:, :, :self.n_head].transpose(1, 2), qk[:, :, self.n_head:].transpose(1, 2)
         v = v.reshape(b, n, self.n_kv_head, self.head_dim).transpose(1, 2)
-        y = self._write_and_attend(q, k, v, cache, rows_idx, cols_idx, layer)
+        y = self._write_and_attend(q, k, v, cache, step, layer)
         return linear(y.transpose(1, 2).reshape(b, n, self.n_embd), weights.proj_weight, weights.proj_bias, residual,
                       None)

@@ -186,6 +186,15 @@ def _backend_for(op: str, backend: str | None, device: torch.device) -> str:
     raise NotImplementedError(f"{op}: backend {name!r} has no kernel for this op yet (available: {sorted(KERNELS)})")
 
 
+def decode_kernel(device: torch.device, where: str) -> Callable:
+    """The decode kernel the dispatch rule picks on `device` (FASTVQ_BACKEND applies), called as
+    kernel(q, k_ring, v_ring, rows_idx, cols_idx, geometry, scale) on arguments the caller checked
+    as raster_window_decode would (RasterKVCache.check_step and the module's shape checks, once per
+    model step): a small model's decode step is bound by per-call overhead, and these checks were
+    a tenth of it when every layer repeated them."""
+    return KERNELS[_backend_for(where, None, device)].decode
+
+
 # ----------------------------------------------------------------------------- public
 
 def raster_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, width: int, rows: int, left: int,

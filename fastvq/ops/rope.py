@@ -20,6 +20,28 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = ROPE_BASE) ->
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
+def axial_rope_tables(rows_idx: torch.Tensor, cols_idx: torch.Tensor, head_dim: int, *, dtype=torch.float32,
+                      device=None, base: float = ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) tables of axial_rope at positions (rows_idx[t], cols_idx[t]), each (T, 2, head_dim / 4):
+    [:, 0] the row half's angles, [:, 1] the column half's. A decode step computes them once and
+    every layer's queries and keys reuse them (apply_axial_rope): recomputing them per layer and per
+    tensor was a third of a small model's decode step. dtype: the math's (fp32, or fp64 for fp64 x)."""
+    quarter = head_dim // 4
+    inv_freq = base ** (-torch.arange(quarter, device=device, dtype=dtype) / quarter)
+    pos = torch.stack((rows_idx, cols_idx), dim=1).to(device=device, dtype=dtype)  # (T, 2)
+    angle = pos[:, :, None] * inv_freq  # (T, 2, quarter)
+    return angle.cos(), angle.sin()
+
+
+def apply_axial_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """axial_rope of x (..., T, hs) with precomputed axial_rope_tables (arguments unchecked)."""
+    cos, sin = tables
+    shape = x.shape
+    parts = x.to(cos.dtype).unflatten(-1, (2, 2, shape[-1] // 4))  # (..., T, half: row/col, pair, quarter)
+    x1, x2 = parts[..., 0, :], parts[..., 1, :]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-2).flatten(-3).to(x.dtype)
+
+
 def axial_rope(x: torch.Tensor, rows_idx: torch.Tensor, cols_idx: torch.Tensor, base: float = ROPE_BASE) -> torch.Tensor:
     """2-D rotary embedding of x (..., T, hs): the first half of each head's dims rotated by the
     token's row index, the second half by its column index (each half a half-split rotary), so a
@@ -43,5 +65,5 @@ def axial_rope(x: torch.Tensor, rows_idx: torch.Tensor, cols_idx: torch.Tensor, 
         if not isinstance(idx, torch.Tensor) or idx.shape != (t,) or idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise ValueError(f"{op}: {name} must be an integer tensor of shape ({t},), got "
                              f"{(idx.dtype, tuple(idx.shape)) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
-    half = hs // 2
-    return torch.cat((rotary(x[..., :half], rows_idx, base), rotary(x[..., half:], cols_idx, base)), dim=-1)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return apply_axial_rope(x, axial_rope_tables(rows_idx, cols_idx, hs, dtype=acc, device=x.device, base=base))
