@@ -26,13 +26,18 @@ full-grid time is extrapolated (x 64 / 8), which the JSON and the report say; --
 measures the whole grid. Both orders draw the same codes (counter-based uniforms per position): each
 case records a hash of the first rows to show it.
 
+Scaling (suite "scaling"): fastvq at grid side g and 2g (forward, and forward + backward) in one
+process, timed in turns after warm-up rounds; the median over rounds of time(2g) / time(g) is the
+figure report.py judges the T-scaling goal by (the tables' medians come from separate processes
+minutes apart, and moved by ±15% between runs).
+
 CPU: q, k, v (B, H, T, Dh) = (1, 8, T, 64) fp32, grids 32x32, 64x64, 128x128 (T = 1024, 4096,
 16384), rows = left = right = 8, n_prefix = 0; the dense mask up to T = 4096, the torch reference up
 to T = 4096. CUDA: (1, 16, T, 64) bf16, grids 128x128, 256x256, 64x64 (most telling first), every
 implementation forward and forward + backward (FlexAttention included), the dense mask up to
 T = 16384, no decode cases. "forward" runs under torch.no_grad(), "forward_backward" backpropagates
 a fixed upstream gradient into q, k and v. Each case (benchmarks/common.py): one warm-up (three on
-CUDA), then the median of several timed calls (fastvq's at least 9, for the T-scaling ratios; 3 for
+CUDA), then the median of several timed calls (fastvq's at least 9; 3 for
 calls over 0.33 s; a decode call over 8 s is timed once), then the peak extra memory of one more
 call. Forward cases of the anchors that
 compute the same attention record the largest difference from fastvq's output; every attention case
@@ -71,7 +76,12 @@ MODES = ("forward", "forward_backward")
 # Order of the run: fastvq first, so that a time budget cuts the slow tail.
 IMPLS = {"cpu": ("fastvq", "sliding_window", "sdpa_mask", "flex", "torch_reference"),
          "cuda": ("fastvq", "flex", "sdpa_mask", "sliding_window")}
-FASTVQ_MIN_RUNS = 9  # a tight median for fastvq: report.py reads the T-scaling ratios from it
+FASTVQ_MIN_RUNS = 9  # a tight median for fastvq
+# The T-scaling goal compares two grid sizes; timed in separate processes minutes apart, their
+# ratio moved by ±15% between runs (4× the tokens: 3.6× to 4.8× the time). Suite "scaling" times
+# both sizes in one process, alternating, after warm-up rounds that reach the allocator's steady
+# state (the first calls of a 130 MB forward + backward page-fault fresh memory: 1.5× slower).
+SCALING_WARMUP_ROUNDS, SCALING_ROUNDS = 5, 15
 
 _GPT2D_26M = {"vocab_size": 1024, "n_layer": 8, "n_head": 8, "n_embd": 512, "rows": 8, "left": 8, "right": 7}
 _GPT2D_TINY = {"vocab_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32, "rows": 2, "left": 2, "right": 1}
@@ -158,6 +168,9 @@ def plan(args) -> list[dict]:
         else:  # implementation first: the slow reference last (forward only)
             out += [case(i, m, g) for i, m, g in itertools.product(impls, MODES, s["grids"])
                     if i != "torch_reference" or m == "forward"]
+    if args.parts != "decode" and "fastvq" in impls:
+        out += [scaling_case(case("fastvq", m, a), case("fastvq", m, b), args.dry_run)
+                for m in MODES for a, b in zip(s["grids"], s["grids"][1:]) if b == 2 * a]
     d = s["decode"]
     if args.parts != "attention" and d is not None:
         seq_rows = min(args.sequential_rows or d["sequential_rows"], d["grid"])
@@ -169,6 +182,16 @@ def plan(args) -> list[dict]:
                         "grid": f"{d['grid']}x{d['grid']}", "height": d["grid"], "width": d["grid"],
                         "rows_measured": rows_run, "compare_rows": seq_rows, "extrapolated": rows_run < d["grid"]})
     return out
+
+
+def scaling_case(small: dict, large: dict, dry_run: bool) -> dict:
+    """fastvq at grid side g and 2g in one process, alternating (suite "scaling", mode = the timed call)."""
+    keep = ("impl", "device", "dtype", "B", "H", "Dh", "rows", "left", "right", "n_prefix", "backend")
+    rounds = (1, 2) if dry_run else (SCALING_WARMUP_ROUNDS, SCALING_ROUNDS)
+    return {"suite": "scaling", "mode": small["suite"], **{k: small[k] for k in keep},
+            "grid": f"{small['grid']}->{large['grid']}", "height": large["height"], "from_height": small["height"],
+            "T": large["T"], "from_T": small["T"], "warmup_rounds": rounds[0], "rounds": rounds[1],
+            "pairs_ratio": large["window_pairs"] / small["window_pairs"]}
 
 
 # ----------------------------------------------------------------------------- the calls (bench_raster_window.py's too)
@@ -283,9 +306,47 @@ def measure_decode(case: dict) -> dict:
             "first_rows_sha1": hashlib.sha1(head).hexdigest()[:16]}
 
 
+def measure_scaling(case: dict) -> dict:
+    """Time the small and the large grid in turns (the order alternating by round), after warm-up
+    rounds: each round's ratio large / small sees the same machine state, and their median is the
+    scaling figure."""
+    import statistics
+
+    import torch
+
+    def call(height: int, t: int):
+        c = {**case, "suite": case["mode"], "height": height, "width": height, "T": t}
+        return case_call(c, {})[0]
+
+    small, large = call(case["from_height"], case["from_T"]), call(case["height"], case["T"])
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        if case["device"] != "cpu":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(case["warmup_rounds"]):
+        small(), large()
+    times_small, times_large = [], []
+    for r in range(case["rounds"]):
+        first, second = (small, large) if r % 2 == 0 else (large, small)
+        a, b = timed(first), timed(second)
+        ts, tl = (a, b) if r % 2 == 0 else (b, a)
+        times_small.append(ts)
+        times_large.append(tl)
+    ratios = [tl / ts for ts, tl in zip(times_small, times_large)]
+    return {"median_s": statistics.median(times_large), "runs": case["rounds"], "times_s": times_large,
+            "median_small_s": statistics.median(times_small), "times_small_s": times_small, "ratios": ratios,
+            "ratio_median": statistics.median(ratios)}
+
+
 def measure(case: dict) -> dict:
     if case["suite"] == "decode":
         return measure_decode(case)
+    if case["suite"] == "scaling":
+        return measure_scaling(case)
     import torch
 
     from fastvq import raster_window_attention
@@ -310,6 +371,8 @@ def measure(case: dict) -> dict:
 
 
 def summary(r: dict) -> str:
+    if r["suite"] == "scaling":
+        return f"{r['mode']}: {r['ratio_median']:.2f}x the time (median of {r['runs']} paired rounds)"
     if r["suite"] == "decode":
         extra = f" (first {r['rows_measured']} rows; full grid extrapolated)" if r["extrapolated"] else ""
         return f"{r['tokens_per_s']:.1f} tok/s, {r['steps']} steps{extra}"
@@ -345,6 +408,9 @@ def method(args) -> dict:
         "sliding_window": "sliding_window_attention with W = rows * width + left + 1 (query i sees keys "
                           "i - W < j <= i): the smallest 1-D window holding the 2-D one, more keys than it",
         "torch_reference": "fastvq's oracle, raster_window_attention(backend='torch'): chunked masked softmax",
+        "scaling": f"fastvq at grid side g and 2g in one process: {SCALING_WARMUP_ROUNDS} warm-up rounds of both, then "
+                   f"{SCALING_ROUNDS} rounds each timing both (which first alternates by round); ratio_median = the "
+                   "median over rounds of time(2g) / time(g)",
         "window_tflop_per_s": "window_flops_forward (4 B H Dh x the rule's (query, key) pairs; x 3.5 for forward + "
                               "backward) / median time",
     }
