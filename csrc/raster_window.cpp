@@ -675,6 +675,100 @@ at::Tensor raster_window_decode(const at::Tensor& q, const at::Tensor& k_ring, c
   return finish(out, D, q.scalar_type());
 }
 
+// A decoding model's whole attention step on the stacked q/k/v product of its n new tokens,
+// qkv (B, n, H + 2 Hk, D) (query heads, then key heads, then value heads): the queries and keys
+// turned by the axial rope tables cos/sin (n, 2, D / 4) ([token, row or column half, frequency];
+// empty: no rope), the keys and values written IN PLACE into their ring slots, then every query
+// attends as raster_window_decode; returns (B, n, H * D), the layout the output projection takes.
+// One call in place of the head split, the rope's elementwise ops, two index_copy_ and the decode
+// op (a small model's step is bound by their per-call overhead). fp32, contiguous rings, head_dim a
+// multiple of 16 (every ISA's vector length) only; fastvq/ops/raster_window.py composes the rest.
+at::Tensor raster_window_decode_qkv(const at::Tensor& qkv, at::Tensor& k_ring, at::Tensor& v_ring,
+                                    const at::Tensor& rows_idx, const at::Tensor& cols_idx, const at::Tensor& cos,
+                                    const at::Tensor& sin, int64_t width, int64_t rows, int64_t left, int64_t right,
+                                    int64_t n_prefix, double scale) {
+  const char* op = "raster_window_decode_qkv (cpp)";
+  TORCH_CHECK(qkv.dim() == 4 && k_ring.dim() == 4 && k_ring.sizes() == v_ring.sizes(), op,
+              ": qkv must be (B, n, H + 2 H_kv, D) and the rings (B, H_kv, S, D) alike, got ", qkv.sizes(), ", ",
+              k_ring.sizes(), " and ", v_ring.sizes());
+  const int64_t B = qkv.size(0), n = qkv.size(1), D = qkv.size(3), Hk = k_ring.size(1), H = qkv.size(2) - 2 * Hk;
+  const int64_t slots = k_ring.size(2);
+  TORCH_CHECK(H >= Hk && H % Hk == 0 && k_ring.size(0) == B && k_ring.size(3) == D, op,
+              ": qkv's heads must be H query heads (a multiple of H_kv = ", Hk, ") and 2 H_kv, got ", qkv.sizes(),
+              " for rings ", k_ring.sizes());
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && k_ring.scalar_type() == at::kFloat &&
+                  v_ring.scalar_type() == at::kFloat && k_ring.is_contiguous() && v_ring.is_contiguous() &&
+                  D % 16 == 0, op, ": needs fp32 CPU tensors, contiguous rings and head_dim a multiple of 16");
+  TORCH_CHECK(width >= 1 && rows >= 0 && left >= 0 && right >= 0 && n_prefix >= 0 && slots >= n_prefix &&
+                  (slots - n_prefix) % width == 0 && (slots - n_prefix) / width > rows, op,
+              ": the ring must hold n_prefix + ring_rows * width slots with ring_rows > rows");
+  const bool rope = cos.numel() > 0;
+  TORCH_CHECK(!rope || (D % 4 == 0 && cos.sizes() == at::IntArrayRef({n, 2, D / 4}) && sin.sizes() == cos.sizes() &&
+                        cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat),
+              op, ": the rope tables must be fp32 (n, 2, D / 4) or empty");
+  const int64_t ring_rows = (slots - n_prefix) / width;
+  const auto ri = rows_idx.to(at::kLong).contiguous(), ci = cols_idx.to(at::kLong).contiguous();
+  TORCH_CHECK(ri.numel() == n && ci.numel() == n, op, ": one row and column index per new token");
+  const int64_t* rp = ri.data_ptr<int64_t>();
+  const int64_t* cp = ci.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t)
+    TORCH_CHECK(rp[t] >= 0 && cp[t] >= 0 && cp[t] < width, op, ": query ", t, " is at (", rp[t], ", ", cp[t],
+                "): rows must be >= 0 and columns in [0, width = ", width, ")");
+  const auto x = qkv.contiguous();
+  const auto cs = rope ? cos.contiguous() : cos, sn = rope ? sin.contiguous() : sin;
+  const float* src = x.data_ptr<float>();
+  const int64_t token = (H + 2 * Hk) * D, quarter = D / 4;
+  // out[0..D) = the head row turned by token t's tables: pairs (a, b) = (x[f], x[f + D/4]) of each
+  // half become (a cos - b sin, a sin + b cos), as fastvq.ops.rope.apply_axial_rope
+  auto turn = [&](const float* in, int64_t t, float* out) {
+    if (!rope) {
+      std::memcpy(out, in, D * sizeof(float));
+      return;
+    }
+    for (int64_t half = 0; half < 2; ++half) {
+      const float* c = cs.data_ptr<float>() + (t * 2 + half) * quarter;
+      const float* s = sn.data_ptr<float>() + (t * 2 + half) * quarter;
+      const float* a = in + half * 2 * quarter;
+      float* o = out + half * 2 * quarter;
+      for (int64_t f = 0; f < quarter; ++f) {
+        const float ca = a[f] * c[f], sb = a[f + quarter] * s[f], sa = a[f] * s[f], cb = a[f + quarter] * c[f];
+        o[f] = ca - sb;
+        o[f + quarter] = sa + cb;
+      }
+    }
+  };
+  float* kdata = k_ring.data_ptr<float>();
+  float* vdata = v_ring.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)  // every key and value first: a query sees its own key
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t slot = n_prefix + (rp[t] % ring_rows) * width + cp[t];
+      for (int64_t h = 0; h < Hk; ++h) {
+        const float* kv = src + (b * n + t) * token + (H + h) * D;
+        turn(kv, t, kdata + b * k_ring.stride(0) + h * k_ring.stride(1) + slot * D);
+        std::memcpy(vdata + b * v_ring.stride(0) + h * v_ring.stride(1) + slot * D, kv + Hk * D, D * sizeof(float));
+      }
+    }
+  const Geom g{slots, n_prefix, width, rows, std::min(left, width - 1), std::min(right, width - 1)};
+  const int64_t max_keys = n_prefix + (rows + 1) * std::min(width, g.left + g.right + 1);
+  std::vector<int32_t> slot(std::max<int64_t>(1, n * max_keys));
+  std::vector<int64_t> count(n);
+  for (int64_t t = 0; t < n; ++t) count[t] = visible_slots(g, ring_rows, rp[t], cp[t], slot.data() + t * max_keys);
+  auto out = at::empty({B, n, H * D}, x.options());
+  const int64_t group = H / Hk, scores = (max_keys + VL - 1) / VL * VL;
+  const float c = static_cast<float>(scale) * kLog2e;
+  parallel_ranges(B * H * n, grain_for(4 * max_keys * D), [&](int64_t r0, int64_t r1) {
+    std::vector<float> s(scores), q(D);
+    for (int64_t r = r0; r < r1; ++r) {  // r = (b, t, h): the output's own order
+      const int64_t h = r % H, t = (r / H) % n, b = r / (H * n), hk = h / group;
+      turn(src + (b * n + t) * token + h * D, t, q.data());
+      decode_row<float>(q.data(), kdata + b * k_ring.stride(0) + hk * k_ring.stride(1), D,
+                        vdata + b * v_ring.stride(0) + hk * v_ring.stride(1), D, D, slot.data() + t * max_keys,
+                        count[t], c, s.data(), out.data_ptr<float>() + r * D);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 FASTVQ_ISA_END
@@ -682,6 +776,7 @@ FASTVQ_ISA_END
 FASTVQ_KERNEL(raster_window_attention_fwd)
 FASTVQ_KERNEL(raster_window_attention_bwd)
 FASTVQ_KERNEL(raster_window_decode)
+FASTVQ_KERNEL(raster_window_decode_qkv)
 
 #if FASTVQ_REGISTERS_OPS
 TORCH_LIBRARY_FRAGMENT(fastvq, m) {
@@ -691,11 +786,14 @@ TORCH_LIBRARY_FRAGMENT(fastvq, m) {
         "int width, int rows, int left, int right, int n_prefix, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("raster_window_decode(Tensor q, Tensor k_ring, Tensor v_ring, Tensor rows_idx, Tensor cols_idx, int width, "
         "int rows, int left, int right, int n_prefix, float scale) -> Tensor");
+  m.def("raster_window_decode_qkv(Tensor qkv, Tensor(a!) k_ring, Tensor(b!) v_ring, Tensor rows_idx, Tensor cols_idx, "
+        "Tensor cos, Tensor sin, int width, int rows, int left, int right, int n_prefix, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastvq, CPU, m) {
   m.impl("raster_window_attention_fwd", FASTVQ_DISPATCH(raster_window_attention_fwd));
   m.impl("raster_window_attention_bwd", FASTVQ_DISPATCH(raster_window_attention_bwd));
   m.impl("raster_window_decode", FASTVQ_DISPATCH(raster_window_decode));
+  m.impl("raster_window_decode_qkv", FASTVQ_DISPATCH(raster_window_decode_qkv));
 }
 #endif

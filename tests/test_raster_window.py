@@ -294,6 +294,92 @@ def test_decode_refuses_bad_arguments_and_leaves_the_ring_as_it_was(backend, cha
     assert torch.equal(k_ring, k_before) and torch.equal(v_ring, v_before)
 
 
+def _decode_qkv_inputs(case, rope: bool, poison: float):
+    """A DECODE_CASES case as a decode_qkv step: the stacked product (B, n, H + 2 H_kv, Dh), rings
+    whose slots no new query sees and no new token writes hold `poison`, the rope tables, and what the
+    step must give: the rings with the new (turned) keys and values in their slots, and the
+    reference's attention of the turned queries over them."""
+    b, h, hk, width, ring_rows, rows, left, right, n_prefix, d, dtype, layout, positions = case
+    g = torch.Generator().manual_seed(width + 1)
+    slots, n = n_prefix + ring_rows * width, len(positions)
+    qkv = torch.randn(b, n, h + 2 * hk, d, generator=g).to(dtype)
+    k_ring, v_ring = (torch.randn(b, hk, slots, d, generator=g).to(dtype) for _ in range(2))
+    rows_idx, cols_idx = (torch.tensor(c) for c in zip(*positions))
+    geometry = Geometry(width, rows, left, right, n_prefix)
+    tables = fastvq.ops.rope.axial_rope_tables(rows_idx, cols_idx, d) if rope else None
+    q, k, v = (x.transpose(1, 2) for x in qkv.split((h, hk, hk), dim=2))  # (B, heads, n, Dh)
+    if rope:
+        q, k = (fastvq.axial_rope(x, rows_idx, cols_idx) for x in (q, k))
+    new = ring_slots(rows_idx, cols_idx, width, ring_rows, n_prefix)
+    seen = ring_visible(rows_idx, cols_idx, slots, geometry).any(0)
+    seen[new] = True
+    for ring in (k_ring, v_ring):
+        ring[:, :, ~seen] = poison
+    want_k, want_v = k_ring.clone(), v_ring.clone()
+    want_k[:, :, new], want_v[:, :, new] = k, v
+    want = raster_window_decode_reference(q, want_k.nan_to_num(), want_v.nan_to_num(), rows_idx, cols_idx, geometry,
+                                          d ** -0.5)
+    return qkv, k_ring, v_ring, rows_idx, cols_idx, geometry, tables, want.transpose(1, 2).reshape(b, n, h * d), \
+        want_k, want_v
+
+
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("backend, case", [
+    pytest.param(b.values[0], case, marks=b.marks, id=f"{b.id}-{n}-{str(case[10])[6:]}-{case[11]}-Dh{case[9]}")
+    for b in backend_params() for n, case in enumerate(DECODE_CASES)])
+def test_decode_qkv_turns_writes_and_attends_as_the_reference(backend, case, rope):
+    """The fused step (cpp: one pass for fp32 with Dh a multiple of 16 on contiguous rings, composed
+    otherwise) writes exactly the new tokens' turned keys and values into their slots, reads no
+    slot it should not (the others are NaN; huge for the dense reference, which reads every slot),
+    and attends as the reference over the written rings."""
+    dev = device_of(backend)
+    poison = 3e4 if backend == "torch" else float("nan")  # finite in fp16
+    qkv, k_ring, v_ring, rows_idx, cols_idx, geometry, tables, want, want_k, want_v = _decode_qkv_inputs(case, rope,
+                                                                                                        poison)
+    if case[11] == "strided":  # rings with head_dim every other element
+        k_ring, v_ring = (torch.stack((x, torch.full_like(x, 7.0)), -1).flatten(-2)[..., ::2] for x in (k_ring, v_ring))
+    k_dev, v_dev = k_ring.to(dev), v_ring.to(dev)
+    if case[11] == "strided" and dev == "cpu":
+        k_dev, v_dev = k_ring, v_ring  # keep the views
+    with torch.no_grad():
+        got = fastvq.raster_window_decode_qkv(
+            qkv.to(dev), k_dev, v_dev, rows_idx.to(dev), cols_idx.to(dev), **geometry._asdict(), backend=backend,
+            rope=None if tables is None else tuple(t.to(dev) for t in tables))
+    dtype = case[10]
+    assert got.dtype == dtype and got.shape == want.shape
+    assert_close(got.cpu(), want, dtype=dtype)
+    for ring, expected in ((k_dev, want_k), (v_dev, want_v)):
+        ring = ring.cpu()
+        assert torch.equal(ring.isnan(), expected.isnan())
+        assert_close(ring.nan_to_num(), expected.nan_to_num(), dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("change, exc, words", [
+    (dict(cols_idx=[0, 4]), ValueError, r"query 1 is at .*cols_idx in \[0, width = 4\)"),
+    (dict(heads=2), ValueError, "qkv's 2 heads must be H query heads"),
+    (dict(rope_shape=(2, 2, 3)), ValueError, "rope must be None or"),
+    (dict(slots=1 + 1 * 4), ValueError, "ring_rows > rows"),
+    (dict(v_dtype=torch.float16), TypeError, "v_ring"),
+    (dict(grad=True), RuntimeError, "inference only"),
+])
+def test_decode_qkv_refuses_bad_arguments_and_leaves_the_rings_as_they_were(backend, change, exc, words):
+    dev = device_of(backend)
+    change = dict(change)
+    slots, heads = change.pop("slots", 1 + 3 * 4), change.pop("heads", 2 + 2 * 1)
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(1, 2, heads, 8, generator=g).to(dev).requires_grad_(change.pop("grad", False))
+    k_ring = torch.randn(1, 1, slots, 8, generator=g).to(dev)
+    v_ring = torch.randn(1, 1, slots, 8, generator=g).to(dev, change.pop("v_dtype", torch.float32))
+    rope = tuple(torch.ones(change.pop("rope_shape", (2, 2, 2)), device=dev) for _ in range(2))
+    args = dict(rows_idx=[2, 1], cols_idx=[0, 3], width=4, rows=1, left=1, right=1, n_prefix=1) | change
+    rows_idx, cols_idx = (torch.tensor(args.pop(name), device=dev) for name in ("rows_idx", "cols_idx"))
+    k_before, v_before = k_ring.clone(), v_ring.clone()
+    with pytest.raises(exc, match=words):
+        fastvq.raster_window_decode_qkv(qkv, k_ring, v_ring, rows_idx, cols_idx, **args, rope=rope, backend=backend)
+    assert torch.equal(k_ring, k_before) and torch.equal(v_ring, v_before)
+
+
 def test_non_contiguous_inputs_and_a_long_grid_in_chunks():
     # 40 x 13 grid: the reference's chunks start mid-row; q is a transposed view
     width, grid, rows, left, right, n_prefix, d = 13, 520, 3, 2, 4, 1, 16

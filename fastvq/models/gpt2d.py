@@ -328,7 +328,7 @@ class GPT2D(nn.Module):
             self._check_keep(cond_keep, b, f"{_WHERE}.step")
         x = self._step_inputs(tokens, rows_idx, cols_idx, cond, cond_keep)
         linear = step_kernels(x.device, b * n, f"{_WHERE}.step").linear
-        step = self.blocks[0].attn.step_context(cache, rows_idx, cols_idx, x.dtype, x.device, linear)  # every layer's
+        step = self.blocks[0].attn.step_context(rows_idx, cols_idx, x.dtype, x.device, linear)  # every layer's
         for layer, (block, block_weights) in enumerate(zip(self.blocks, weights.layers)):
             x = block._step(x, cache, step, layer, block_weights)
         cache.commit(positions)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_int, check_prob
-from ..ops.raster_window import Geometry, decode_kernel, raster_window_attention, ring_slots
+from ..ops.raster_window import Geometry, decode_qkv_kernel, raster_window_attention
 from ..ops.rope import apply_axial_rope, axial_rope_tables
 from .decode_state import AttentionDecodeWeights, attention_decode_weights
 
@@ -36,13 +36,12 @@ _WHERE = "RasterWindowSelfAttention"
 
 class RasterStep(NamedTuple):
     """What every layer of one decode step shares, computed once for the step (step_context):
-    the positions on the device, their ring slots, the axial rope tables and the kernels."""
+    the positions on the device, the axial rope tables and the kernels."""
     rows_idx: torch.Tensor
     cols_idx: torch.Tensor
-    slots: torch.Tensor
     tables: tuple[torch.Tensor, torch.Tensor]
     linear: Callable | None  # a decode_linear KERNELS entry (_step), None for forward_cached
-    decode: Callable         # raster_window's decode kernel, on checked arguments
+    decode_qkv: Callable     # raster_window's decode_qkv entry, on checked arguments
 
 
 class RasterKVCache:
@@ -271,7 +270,7 @@ class RasterWindowSelfAttention(nn.Module):
         """One decode step of n grid tokens x (B, n, n_embd) at (rows_idx[t], cols_idx[t]), possibly on
         different rows (a wavefront). Checks the step against the cache first (nothing is written
         on a refused call), writes the tokens' rotated keys and values into their ring slots, then
-        attends (fastvq.raster_window_decode). Call cache.commit(positions) once every layer has run
+        attends (fastvq.raster_window_decode_qkv's kernel). Call cache.commit(positions) once every layer has run
         the step. Returns (B, n, n_embd)."""
         self._check_x(x)
         positions = list(zip(rows_idx.tolist(), cols_idx.tolist()))
@@ -280,31 +279,33 @@ class RasterWindowSelfAttention(nn.Module):
         if ring_k.shape[0] != x.shape[0] or ring_k.dtype != x.dtype or ring_k.device != x.device:
             raise ValueError(f"{_WHERE}.forward_cached: the cache is batch {ring_k.shape[0]}, {ring_k.dtype} on "
                              f"{ring_k.device}; x is batch {x.shape[0]}, {x.dtype} on {x.device}")
-        step = self.step_context(cache, rows_idx, cols_idx, x.dtype, x.device, None)
-        q, k, v = self._qkv(x, 0, step.rows_idx, step.cols_idx)
-        return self._output(self._write_and_attend(q, k, v, cache, step, layer))
+        step = self.step_context(rows_idx, cols_idx, x.dtype, x.device, None)
+        b, n, _ = x.shape
+        qkv = torch.cat([lin(x).view(b, n, -1, self.head_dim) for lin in (self.query, self.key, self.value)], dim=2)
+        return self.resid_drop(self.proj(self._write_and_attend(qkv, cache, step, layer)))
 
-    def step_context(self, cache: RasterKVCache, rows_idx: torch.Tensor, cols_idx: torch.Tensor, dtype: torch.dtype,
-                     device, linear: Callable | None) -> RasterStep:
+    def step_context(self, rows_idx: torch.Tensor, cols_idx: torch.Tensor, dtype: torch.dtype, device,
+                     linear: Callable | None) -> RasterStep:
         """The RasterStep of positions the cache has checked (cache.check_step), for tensors of
         `dtype` on `device`: every layer of a model with this module's head size and window shares it."""
         rows_idx, cols_idx = rows_idx.to(device), cols_idx.to(device)
-        return RasterStep(rows_idx, cols_idx, ring_slots(rows_idx, cols_idx, cache.width, cache.ring_rows, cache.n_prefix),
-                          self.rope_tables(rows_idx, cols_idx, dtype, device), linear, decode_kernel(device, _WHERE))
+        return RasterStep(rows_idx, cols_idx, self.rope_tables(rows_idx, cols_idx, dtype, device), linear,
+                          decode_qkv_kernel(device, _WHERE))
 
-    def _write_and_attend(self, q, k, v, cache: RasterKVCache, step: RasterStep, layer: int) -> torch.Tensor:
-        """Write the step's rotated keys and values (B, H_kv, n, hs) into their ring slots, then the
-        attention of its rotated queries (B, H, n, hs) over the ring.
+    def _write_and_attend(self, qkv: torch.Tensor, cache: RasterKVCache, step: RasterStep, layer: int) -> torch.Tensor:
+        """The step's attention on its stacked product qkv (B, n, H + 2 H_kv, hs), not yet turned:
+        queries and keys turned by the step's rope tables, keys and values written into their ring
+        slots, attention over the ring (fastvq.raster_window_decode_qkv's kernel). Returns
+        (B, n, H * hs).
 
         Every argument was checked once for the step: the positions on the host by cache.check_step
         (on the grid, in the ring), shapes, dtype and device against the cache by the caller. So the
-        kernel runs without raster_window_decode's checks (whose position check reads the index
+        kernel runs without raster_window_decode_qkv's checks (whose position check reads the index
         tensors back, a GPU sync every layer)."""
         ring_k, ring_v = cache[layer]
-        ring_k.index_copy_(2, step.slots, k)
-        ring_v.index_copy_(2, step.slots, v)
         geometry = Geometry(cache.width, self.rows, self.left, self.right, cache.n_prefix)
-        return step.decode(q, ring_k, ring_v, step.rows_idx, step.cols_idx, geometry, self.head_dim ** -0.5)
+        return step.decode_qkv(qkv, ring_k, ring_v, step.rows_idx, step.cols_idx, geometry, self.head_dim ** -0.5,
+                               step.tables)
 
     # ------------------------------------------------------------------------- decode step on decode_linear
 
@@ -321,15 +322,6 @@ class RasterWindowSelfAttention(nn.Module):
         KERNELS entry: the step's tokens as one small batch, each weight read once): q/k/v in one
         product on the stacked weights, then residual + proj(attention). x (B, n, n_embd); `step` from
         step_context on x's dtype and device. Returns (B, n, n_embd)."""
-        b, n, _ = x.shape
-        kv = self.n_kv_head * self.head_dim
-        linear, tables = step.linear, step.tables
-        qk, v = linear(x, weights.qkv_weight, weights.qkv_bias, None, None).split((self.n_embd + kv, kv), dim=-1)
-        # queries and keys turned in one pass: (B, n, H + H_kv, hs), the tables broadcast over heads
-        qk = apply_axial_rope(qk.unflatten(-1, (self.n_head + self.n_kv_head, self.head_dim)),
-                              (tables[0][:, None], tables[1][:, None]))
-        q, k = qk[:, :, :self.n_head].transpose(1, 2), qk[:, :, self.n_head:].transpose(1, 2)
-        v = v.reshape(b, n, self.n_kv_head, self.head_dim).transpose(1, 2)
-        y = self._write_and_attend(q, k, v, cache, step, layer)
-        return linear(y.transpose(1, 2).reshape(b, n, self.n_embd), weights.proj_weight, weights.proj_bias, residual,
-                      None)
+        qkv = step.linear(x, weights.qkv_weight, weights.qkv_bias, None, None)
+        y = self._write_and_attend(qkv.unflatten(-1, (-1, self.head_dim)), cache, step, layer)
+        return step.linear(y, weights.proj_weight, weights.proj_bias, residual, None)

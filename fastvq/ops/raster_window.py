@@ -8,6 +8,11 @@ Public:
                        scale=None, backend=None, check_positions=True) -> out: new grid queries (a
                        wavefront) against a ring
   raster_window_decode_reference: its torch oracle
+  raster_window_decode_qkv(qkv, k_ring, v_ring, rows_idx, cols_idx, *, width, rows, left, right,
+                           n_prefix=0, rope=None, scale=None, backend=None) -> out: a decoding
+                           model's whole attention step on its stacked q/k/v product (rope, ring
+                           writes, attention, output layout), as sliding_window_decode_qkv in 1-D
+  raster_window_decode_qkv_reference: its torch oracle
   (its 2-D rotary embedding, axial_rope, is in fastvq.ops.rope)
   KERNELS: the per-backend entry points (unchecked)
 
@@ -25,6 +30,8 @@ every position. Every key seen comes earlier in raster order (j + right on row i
 Backend contract (RasterKernels): forward(q, k, v, geometry, scale) -> (out, lse fp32 (B, H, T));
 backward(grad_out, q, k, v, out, lse, geometry, scale) -> (dq, dk, dv); decode(q, k_ring, v_ring,
 rows_idx, cols_idx, geometry, scale) -> out (int64 indices, already checked to lie on the grid);
+decode_qkv(qkv, k_ring, v_ring, rows_idx, cols_idx, geometry, scale, rope) -> out (B, n, H * Dh),
+the rings written in place (rope: None or axial_rope_tables' (cos, sin));
 geometry is a Geometry (width, rows, left, right, n_prefix). Work is O(T * (rows * (left + right + 1) + left + 1)) in
 the fast backends; the torch reference is chunked (O(chunk * (rows + 1) * width) memory).
 """
@@ -38,6 +45,7 @@ from .._backend import cpp_op, requested_backend, resolve_backend
 from .._checks import check_int, check_tensor
 from .masked_attention import (CHUNK, MaskedAttentionFunction, MaskRule, expand_kv, masked_attention_backward,
                                masked_attention_forward)
+from .rope import apply_axial_rope
 from .window_attention import _check_heads, _check_scale, _check_tensors
 
 class Geometry(NamedTuple):
@@ -145,12 +153,37 @@ def raster_window_decode_reference(q, k_ring, v_ring, rows_idx, cols_idx, geomet
     return (torch.softmax(s, dim=-1) @ vf).to(q.dtype)
 
 
+def _decode_qkv_with(decode: Callable) -> Callable:
+    """decode_qkv composed of torch ops and a backend's decode: split the heads, turn queries and
+    keys by the rope tables, write keys and values into their ring slots, attend."""
+    def run(qkv, k_ring, v_ring, rows_idx, cols_idx, geometry: Geometry, scale: float, rope):
+        b, n, _, d = qkv.shape
+        hk = k_ring.shape[1]
+        q, k, v = qkv.split((qkv.shape[2] - 2 * hk, hk, hk), dim=2)  # (B, n, heads, Dh)
+        if rope is not None:
+            cos, sin = rope
+            q, k = (apply_axial_rope(x, (cos[:, None], sin[:, None])) for x in (q, k))
+        ring_rows = (k_ring.shape[2] - geometry.n_prefix) // geometry.width
+        slots = ring_slots(rows_idx, cols_idx, geometry.width, ring_rows, geometry.n_prefix)
+        k_ring.index_copy_(2, slots, k.transpose(1, 2))
+        v_ring.index_copy_(2, slots, v.transpose(1, 2))
+        out = decode(q.transpose(1, 2), k_ring, v_ring, rows_idx, cols_idx, geometry, scale)
+        return out.transpose(1, 2).reshape(b, n, -1)
+    return run
+
+
+raster_window_decode_qkv_reference = _decode_qkv_with(raster_window_decode_reference)
+raster_window_decode_qkv_reference.__doc__ = (
+    "The decode_qkv oracle: apply_axial_rope, index_copy_ into the rings, raster_window_decode_reference.")
+
+
 # ----------------------------------------------------------------------------- backends
 
 class RasterKernels(NamedTuple):
     forward: Callable
     backward: Callable
     decode: Callable
+    decode_qkv: Callable
 
 
 def _triton(name: str) -> Callable:
@@ -170,11 +203,27 @@ def _cpp(name: str) -> Callable:
     return run
 
 
+_EMPTY = torch.empty(0)
+
+
+def _decode_qkv_cpp(qkv, k_ring, v_ring, rows_idx, cols_idx, geometry: Geometry, scale: float, rope):
+    """The cpp kernel's one-call step for fp32 with head sizes that are multiples of 16 on contiguous
+    rings; other steps compose the ring writes with the general cpp decode."""
+    if (qkv.dtype == torch.float32 and k_ring.dtype == torch.float32 and qkv.shape[3] % 16 == 0
+            and k_ring.is_contiguous() and v_ring.is_contiguous()):
+        cos, sin = rope if rope is not None else (_EMPTY, _EMPTY)
+        return cpp_op("raster_window_decode_qkv")(qkv, k_ring, v_ring, rows_idx, cols_idx, cos, sin, *geometry, scale)
+    return _decode_qkv_cpp_composed(qkv, k_ring, v_ring, rows_idx, cols_idx, geometry, scale, rope)
+
+
+_decode_qkv_cpp_composed = _decode_qkv_with(_cpp("raster_window_decode"))
+
 KERNELS = {"torch": RasterKernels(raster_window_attention_reference, raster_window_attention_backward_reference,
-                                  raster_window_decode_reference),
+                                  raster_window_decode_reference, raster_window_decode_qkv_reference),
            "cpp": RasterKernels(_cpp("raster_window_attention_fwd"), _cpp("raster_window_attention_bwd"),
-                                _cpp("raster_window_decode")),
-           "triton": RasterKernels(_triton("attention_forward"), _triton("attention_backward"), _triton("decode"))}
+                                _cpp("raster_window_decode"), _decode_qkv_cpp),
+           "triton": RasterKernels(_triton("attention_forward"), _triton("attention_backward"), _triton("decode"),
+                                   _decode_qkv_with(_triton("decode")))}
 
 
 def _backend_for(op: str, backend: str | None, device: torch.device) -> str:
@@ -186,13 +235,13 @@ def _backend_for(op: str, backend: str | None, device: torch.device) -> str:
     raise NotImplementedError(f"{op}: backend {name!r} has no kernel for this op yet (available: {sorted(KERNELS)})")
 
 
-def decode_kernel(device: torch.device, where: str) -> Callable:
-    """The decode kernel the dispatch rule picks on `device` (FASTVQ_BACKEND applies), called as
-    kernel(q, k_ring, v_ring, rows_idx, cols_idx, geometry, scale) on arguments the caller checked
-    as raster_window_decode would (RasterKVCache.check_step and the module's shape checks, once per
-    model step): a small model's decode step is bound by per-call overhead, and these checks were
-    a tenth of it when every layer repeated them."""
-    return KERNELS[_backend_for(where, None, device)].decode
+def decode_qkv_kernel(device: torch.device, where: str) -> Callable:
+    """The decode_qkv entry the dispatch rule picks on `device` (FASTVQ_BACKEND applies), called as
+    kernel(qkv, k_ring, v_ring, rows_idx, cols_idx, geometry, scale, rope) on arguments the caller
+    checked as raster_window_decode_qkv would (RasterKVCache.check_step and the module's shape
+    checks, once per model step): a small model's decode step is bound by per-call overhead, and
+    these checks were a tenth of it when every layer repeated them."""
+    return KERNELS[_backend_for(where, None, device)].decode_qkv
 
 
 # ----------------------------------------------------------------------------- public
@@ -301,3 +350,85 @@ def raster_window_decode(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Te
         name = "torch"  # only the reference is differentiable
     return KERNELS["torch" if q.numel() == 0 else name].decode(q, k_ring, v_ring, rows_idx.long(), cols_idx.long(),
                                                              geometry, scale)
+
+
+def raster_window_decode_qkv(qkv: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, rows_idx: torch.Tensor,
+                             cols_idx: torch.Tensor, *, width: int, rows: int, left: int, right: int,
+                             n_prefix: int = 0, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """A decoding model's whole attention step on the stacked q/k/v product of n new grid tokens.
+
+    The queries and keys are turned by the axial rope tables (if given), the keys and values are
+    written IN PLACE into the ring slots of their (row, column) (see ring_slots), then every query
+    attends as in raster_window_decode; the result is laid out as the output projection takes it.
+    One call in place of the head split, the rope, two index_copy_ and the decode op: the cpp
+    backend does it in one pass for fp32 with head sizes that are multiples of 16. Everything is
+    checked before a ring is written. Inference only.
+
+    Args:
+        qkv: (B, n, H + 2 H_kv, Dh): each new token's H query heads, then H_kv key heads, then H_kv
+            value heads, e.g. (x @ cat(Wq, Wk, Wv).T).unflatten(-1, (H + 2 H_kv, Dh)); float32,
+            float16 or bfloat16.
+        k_ring, v_ring: (B, H_kv, n_prefix + ring_rows * width, Dh), qkv's dtype and device.
+        rows_idx, cols_idx: (n,) integer tensors on qkv's device: each token's grid row and column.
+        width, rows, left, right, n_prefix: the window, as in raster_window_attention.
+        rope: None, or (cos, sin) = fastvq.ops.rope.axial_rope_tables(rows_idx, cols_idx, Dh) in
+            fp32 ((n, 2, Dh / 4) each): the axial rope of the queries and keys (keys are cached turned).
+        scale: default Dh ** -0.5.
+        backend: "auto" (default, or $FASTVQ_BACKEND), "torch", "cpp" or "triton".
+
+    Returns:
+        (B, n, H * Dh) in qkv's dtype.
+
+    Raises:
+        TypeError / ValueError naming the argument (shapes, dtypes, a ring whose slot count is not
+        n_prefix + ring_rows * width, a position off the grid, rope tables of the wrong shape); the
+        rings are untouched then. RuntimeError under grad mode with an input that requires grad.
+
+    Example:
+        >>> ring_k, ring_v = torch.zeros(1, 2, 1 + 10 * 64, 32), torch.zeros(1, 2, 1 + 10 * 64, 32)
+        >>> qkv = torch.randn(1, 3, 8 + 2 * 2, 32)       # three tokens, 8 query heads, 2 kv heads
+        >>> rows_idx, cols_idx = torch.tensor([2, 1, 0]), torch.tensor([0, 9, 18])
+        >>> rope = fastvq.ops.rope.axial_rope_tables(rows_idx, cols_idx, 32)
+        >>> out = fastvq.raster_window_decode_qkv(qkv, ring_k, ring_v, rows_idx, cols_idx, width=64, rows=8,
+        ...                                       left=8, right=8, n_prefix=1, rope=rope)   # (1, 3, 256)
+    """
+    op = "raster_window_decode_qkv"
+    check_tensor(op, "qkv", qkv, ("B", "n", "heads", "head_dim"))
+    _check_tensors(op, k_ring=k_ring, v_ring=v_ring)
+    if qkv.dtype != k_ring.dtype or qkv.device != k_ring.device:
+        raise TypeError(f"{op}: qkv is {qkv.dtype} on {qkv.device} but k_ring is {k_ring.dtype} on {k_ring.device}; "
+                        "they must match")
+    b, n, heads, d = qkv.shape
+    hk = k_ring.shape[1]
+    if heads <= 2 * hk or (heads - 2 * hk) % hk:
+        raise ValueError(f"{op}: qkv's {heads} heads must be H query heads (a multiple of k_ring's {hk}) followed "
+                         f"by {hk} key and {hk} value heads, got qkv of shape {tuple(qkv.shape)}")
+    if v_ring.shape != k_ring.shape or k_ring.shape[0] != b or k_ring.shape[3] != d or d == 0:
+        raise ValueError(f"{op}: k_ring and v_ring must both be (B={b}, H_kv, slots, Dh={d}) with Dh >= 1, got "
+                         f"{tuple(k_ring.shape)} and {tuple(v_ring.shape)}")
+    geometry = _check_geometry(op, k_ring.shape[2], width, rows, left, right, n_prefix)
+    ring_rows, rest = divmod(k_ring.shape[2] - geometry.n_prefix, geometry.width)
+    if rest or ring_rows <= geometry.rows:
+        raise ValueError(f"{op}: k_ring must hold n_prefix + ring_rows * width slots with ring_rows > rows = "
+                         f"{geometry.rows}, got {k_ring.shape[2]} slots for n_prefix {geometry.n_prefix}, width {geometry.width}")
+    for name, idx in (("rows_idx", rows_idx), ("cols_idx", cols_idx)):
+        check_tensor(op, name, idx, ("n",), (torch.int64, torch.int32))
+        if idx.shape[0] != n or idx.device != qkv.device:
+            raise ValueError(f"{op}: {name} must hold one index per new token ({n}) on qkv's device, got "
+                             f"{tuple(idx.shape)} on {idx.device}")
+    _check_positions(op, rows_idx, cols_idx, geometry.width)
+    if rope is not None:
+        if d % 4:
+            raise ValueError(f"{op}: rope needs a head_dim that is a multiple of 4, got {d}")
+        want = (n, 2, d // 4)
+        if (not isinstance(rope, tuple) or len(rope) != 2
+                or any(not isinstance(t, torch.Tensor) or t.shape != want or t.dtype != torch.float32
+                       or t.device != qkv.device for t in rope)):
+            raise ValueError(f"{op}: rope must be None or (cos, sin) fp32 tensors of shape {want} on qkv's device "
+                             "(fastvq.ops.rope.axial_rope_tables)")
+    scale = _check_scale(scale, d, op)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, k_ring, v_ring)):
+        raise RuntimeError(f"{op}: inference only (no backend has a backward); call it under torch.no_grad()")
+    name = _backend_for(op, backend, qkv.device)
+    return KERNELS[name].decode_qkv(qkv, k_ring, v_ring, rows_idx.long(), cols_idx.long(), geometry, scale, rope)
