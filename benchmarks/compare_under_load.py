@@ -40,7 +40,13 @@ LABELS = {
     "sdpa_mask_window": "SDPA with the dense window mask fwd+bwd",
     "fastvq_vqgan": "fastvq.VQGAN training step",
     "taming_vqgan": "the same VQGAN on taming's VectorQuantizer2, training step",
+    "fastvq_window_fair": "fastvq.sliding_window_attention fwd+bwd (cpp), fastvq.FairThreads called per call",
+    "fastvq_vqgan_fair": "fastvq.VQGAN training step, fastvq.FairThreads called per step (the trainers' --fair-threads)",
 }
+# fastvq with FairThreads (fastvq/threads.py): torch's thread count gives way to lasting load from
+# other processes. Opt-in in the trainers (it makes float results depend on the load), so it is a
+# row of its own beside fastvq as it runs by default.
+FAIR = {"window_attention": "fastvq_window_fair", "vqgan_step": "fastvq_vqgan_fair"}
 PAIRS = {"sampling": ("fastvq_sampling", "taming_sampling"), "window_attention": ("fastvq_window", "sdpa_mask_window"),
          "vqgan_step": ("fastvq_vqgan", "taming_vqgan")}
 _FULL = {"gpt": {"vocab": 1024, "n_layer": 8, "n_head": 8, "n_embd": 512, "steps": 128},
@@ -60,6 +66,7 @@ def plan(args) -> list[dict]:
     for suite, impls in PAIRS.items():
         if args.suites and suite not in args.suites:
             continue
+        impls = (*impls, FAIR[suite]) if suite in FAIR and not args.no_fair else impls
         for busy in args.busy or BUSY:
             out += [{"suite": suite, "impl": impl, "device": "cpu", "busy": busy, "sizes": args.sizes[_part(suite)]}
                     for impl in impls]
@@ -139,7 +146,7 @@ def _vqgan_call(impl: str, s: dict):
 
 def case_call(case: dict):
     make = {"sampling": _sampling_call, "window_attention": _window_call, "vqgan_step": _vqgan_call}[case["suite"]]
-    return make(case["impl"], case["sizes"])
+    return make(case["impl"].removesuffix("_fair"), case["sizes"])
 
 
 def _busy_loops(n: int) -> list[subprocess.Popen]:
@@ -150,7 +157,15 @@ def measure(case: dict) -> dict:
     from fastvq import _backend
     from fastvq.bench import time_call
 
-    fn = case_call(case)
+    from fastvq.threads import FairThreads
+
+    fn, fair = case_call(case), None
+    if case["impl"].endswith("_fair"):
+        fair, step = FairThreads(), fn
+
+        def fn():
+            fair()
+            return step()
     procs = _busy_loops(case["busy"])
     try:
         timing = time_call(fn, warmup=2, min_runs=7, max_runs=25, target_s=4.0, slow_s=4.0, slow_runs=5)
@@ -158,7 +173,11 @@ def measure(case: dict) -> dict:
         for p in procs:
             p.kill()
             p.wait()
-    return {**timing, "parallel": _backend.parallel_mode()}
+        threads = None if fair is None else fair.threads
+        if fair is not None:
+            fair.restore()
+    return {**timing, "parallel": _backend.parallel_mode(),
+            **({} if fair is None else {"fair_threads_at_end": threads, "fair_changes": fair.changes})}
 
 
 def method(args) -> dict:
@@ -171,12 +190,14 @@ def method(args) -> dict:
 
 
 def summary(r: dict) -> str:
-    return f"beside {r['busy']} busy"
+    fair = f", FairThreads ended at {r['fair_threads_at_end']} threads" if "fair_threads_at_end" in r else ""
+    return f"beside {r['busy']} busy{fair}"
 
 
 def options(p) -> None:
     p.add_argument("--busy", type=int, nargs="+", choices=BUSY, help="which loads to run (default 0 1 2)")
     p.add_argument("--suites", nargs="+", choices=tuple(PAIRS), help="which suites (default all)")
+    p.add_argument("--no-fair", action="store_true", help="without the FairThreads rows")
 
 
 COMPARISON = common.Comparison(

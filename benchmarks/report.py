@@ -897,6 +897,18 @@ def gs_plot(doc: dict, out: Path) -> Path | None:
 UL_GOALS = {"slowdown": 3.0, "retained": 0.8, "ratio": 1.0}
 UL_PAIRS = {"sampling": ("fastvq_sampling", "taming_sampling"), "window_attention": ("fastvq_window", "sdpa_mask_window"),
             "vqgan_step": ("fastvq_vqgan", "taming_vqgan")}
+# fastvq with FairThreads (opt-in: the trainers' --fair-threads) against the same anchor runs
+UL_FAIR = {"window_attention": "fastvq_window_fair", "vqgan_step": "fastvq_vqgan_fair"}
+
+
+def ul_variants(doc: dict) -> list[tuple[str, str, str, str]]:
+    """(row label, suite, fastvq impl, anchor impl): each suite as fastvq runs by default, then with
+    FairThreads where the file measured it."""
+    impls = {r["impl"] for r in doc["results"]}
+    out = [(suite.replace("_", " "), suite, mine, anchor) for suite, (mine, anchor) in UL_PAIRS.items()]
+    out += [(f"{suite.replace('_', ' ')}, FairThreads", suite, fair, UL_PAIRS[suite][1])
+            for suite, fair in UL_FAIR.items() if fair in impls]
+    return out
 
 
 def ul_times(doc: dict) -> dict:
@@ -907,13 +919,13 @@ def ul_times(doc: dict) -> dict:
 def ul_rows(doc: dict) -> list[dict]:
     """One row per (suite, busy): both times, slow-downs against the quiet run, the ratio and its share kept."""
     t, rows = ul_times(doc), []
-    for suite, (mine, anchor) in UL_PAIRS.items():
+    for label, suite, mine, anchor in ul_variants(doc):
         q_mine, q_anchor = t.get((suite, mine, 0)), t.get((suite, anchor, 0))
         for busy in sorted({b for s, _, b in t if s == suite}):
             a, b = t.get((suite, mine, busy)), t.get((suite, anchor, busy))
             r = b / a if a and b else None
             q = q_anchor / q_mine if q_mine and q_anchor else None
-            rows.append({"suite": suite, "busy": busy, "mine": a, "anchor": b,
+            rows.append({"suite": label, "fair": mine in UL_FAIR.values(), "busy": busy, "mine": a, "anchor": b,
                          "slow_mine": a / q_mine if a and q_mine else None,
                          "slow_anchor": b / q_anchor if b and q_anchor else None,
                          "ratio": r, "retained": r / q if r and q else None})
@@ -921,6 +933,19 @@ def ul_rows(doc: dict) -> list[dict]:
 
 
 def ul_goals(rows: list[dict]) -> list[str]:
+    """The goals for fastvq as it runs by default, then (where measured) with FairThreads in place of
+    its default rows."""
+    default = [r for r in rows if not r["fair"]]
+    lines = _ul_goal_lines(default)
+    fair = {r["suite"].split(",")[0]: r for r in rows if r["fair"]}
+    if fair:
+        with_fair = [r for r in default if r["suite"] not in {s for s in fair}] + [r for r in rows if r["fair"]]
+        lines += ["", "With FairThreads (fastvq.FairThreads, the trainers' --fair-threads) in the suites that have "
+                      "it, the other suites as above:", ""] + _ul_goal_lines(with_fair)
+    return lines
+
+
+def _ul_goal_lines(rows: list[dict]) -> list[str]:
     busiest = max((r["busy"] for r in rows), default=0)
     top = [r for r in rows if r["busy"] == busiest and busiest > 0]
     slow = [r["slow_mine"] for r in top if r["slow_mine"]]
@@ -951,7 +976,7 @@ def ul_markdown(path: Path, doc: dict, png: Path | None) -> str:
                   "fastvq / anchor | share of the quiet ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     x = lambda v: f"{v:.2f}×" if v else "–"  # noqa: E731
     for r in rows:
-        parts.append(f"| {r['suite'].replace('_', ' ')} | {r['busy']} | {fmt_time(r['mine'])} | {fmt_time(r['anchor'])} | "
+        parts.append(f"| {r['suite']} | {r['busy']} | {fmt_time(r['mine'])} | {fmt_time(r['anchor'])} | "
                      f"{x(r['slow_mine'])} | {x(r['slow_anchor'])} | {x(r['ratio'])} | "
                      + (f"{r['retained']:.0%}" if r["retained"] else "–") + " |")
     parts += ["", "Goals (issue H §3):", *ul_goals(rows)]
@@ -964,7 +989,7 @@ def ul_plot(doc: dict, out: Path) -> Path | None:
     if plt is None or not rows:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for suite in UL_PAIRS:
+    for suite in dict.fromkeys(r["suite"] for r in rows):
         rs = [r for r in rows if r["suite"] == suite and r["slow_mine"]]
         if rs:
             line = ax.plot([r["busy"] for r in rs], [r["slow_mine"] for r in rs], "o-", label=f"fastvq {suite}")[0]

@@ -129,7 +129,7 @@ def _train_vqgan(args, parser) -> int:
 
     overrides = {**_train_overrides(args), "train.size": args.size}
     train_vqgan(config_for(args.config, overrides), args.out, data=args.data, resume=args.resume, device=args.device,
-                show_progress=not args.no_progress)
+                show_progress=not args.no_progress, fair_threads=args.fair_threads)
     return 0
 
 
@@ -139,7 +139,7 @@ def _train_gpt(args, parser) -> int:
     overrides = {**_train_overrides(args), "train.pkeep": args.pkeep, "train.cond": args.cond,
                  "train.conditional": None if args.conditional is None else args.conditional == "yes"}
     train_gpt(config_for(args.config, overrides), args.out, args.vqgan, data=args.data, resume=args.resume,
-              device=args.device, show_progress=not args.no_progress)
+              device=args.device, show_progress=not args.no_progress, fair_threads=args.fair_threads)
     return 0
 
 
@@ -232,6 +232,10 @@ def _add_common_training_flags(p, default_out: str) -> None:
                    help="continue from DIR/last.ckpt (or the checkpoint given)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--fair-threads", action="store_true",
+                   help="use fewer torch threads while other processes keep the cores busy (fastvq.FairThreads): "
+                        "faster on a busy machine, but the float results then depend on the load (a run is no "
+                        "longer bit-reproducible)")
 
 
 def _add_training_parsers(sub) -> None:

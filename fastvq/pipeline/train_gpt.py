@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..models.gpt import GPT
 from ..models.gpt2d import GPT2D
+from ..threads import FairThreads
 from . import distributed
 from .checkpoint import (gather_rng_states, restore_training_rng, resume_path, resume_training, save_checkpoint,
                          seed_rng, training_state)
@@ -135,16 +136,18 @@ def build_gpt(config, layout: dict) -> GPT | GPT2D:
 
 
 def train_gpt(config, out_dir, vqgan_path, *, data: str | None = None, resume=None, device: str | None = None,
-              show_progress: bool = True, log=print) -> dict:
+              show_progress: bool = True, log=print, fair_threads: bool = False) -> dict:
     """Train (or resume) the prior on the codes of the VQGAN in vqgan_path as `config` (a
     TrainGPTConfig or load_config's dict) says; returns final metrics. data None: the data the
     VQGAN was trained on, as its checkpoint records it (the embedded textures for a checkpoint
     that predates the record); a line says which."""
     config = TrainGPTConfig.from_dict(config)
     runtime = distributed.setup(device)
+    fair = FairThreads(enabled=fair_threads and runtime.device.type == "cpu")
     try:
-        return _train(config, Path(out_dir), Path(vqgan_path), data, resume, runtime, show_progress, log)
+        return _train(config, Path(out_dir), Path(vqgan_path), data, resume, runtime, show_progress, log, fair)
     finally:
+        fair.restore()
         distributed.teardown(runtime)
 
 
@@ -221,7 +224,7 @@ def _encode_banks(config, vqgan, train_set, heldout, layout, runtime, show_progr
 
 
 def _train(config: TrainGPTConfig, out_dir: Path, vqgan_path: Path, data, resume, runtime, show_progress,
-           log) -> dict:
+           log, fair: FairThreads) -> dict:
     cfg = config.train
     dev = runtime.device
     vqgan, vqgan_data = load_vqgan_and_data(vqgan_path, map_location=dev)
@@ -265,6 +268,7 @@ def _train(config: TrainGPTConfig, out_dir: Path, vqgan_path: Path, data, resume
     bar = progress(total=cfg.steps, initial=start, desc="train-gpt", enabled=show_progress and runtime.is_main)
     t0, result, step = time.perf_counter(), {}, start
     for step in range(start, cfg.steps):
+        fair()  # give way to lasting load from other processes (--fair-threads; a time check otherwise)
         index = torch.randint(0, len(bank), (cfg.batch_size,), device=dev, generator=gen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)

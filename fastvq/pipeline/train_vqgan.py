@@ -25,6 +25,7 @@ from torch import nn
 
 from ..models.vqgan import VQGAN, VQGANConfig
 from ..models.vqgan_loss import VQGANLoss
+from ..threads import FairThreads
 from . import distributed
 from .checkpoint import (gather_rng_states, load_checkpoint, load_weights, restore_training_rng, resume_path,
                          resume_training, save_checkpoint, seed_rng, training_state)
@@ -94,18 +95,21 @@ def _scalars(log: dict) -> dict:
 
 
 def train_vqgan(config, out_dir, *, data: str | None = None, resume=None, device: str | None = None,
-                show_progress: bool = True, log=print) -> dict:
+                show_progress: bool = True, log=print, fair_threads: bool = False) -> dict:
     """Train (or resume) a VQGAN as `config` (a TrainVQGANConfig or load_config's dict) says; returns
     the final metrics. See the module doc."""
     config = TrainVQGANConfig.from_dict(config)
     runtime = distributed.setup(device)
+    fair = FairThreads(enabled=fair_threads and runtime.device.type == "cpu")
     try:
-        return _train(config, Path(out_dir), data, resume, runtime, show_progress, log)
+        return _train(config, Path(out_dir), data, resume, runtime, show_progress, log, fair)
     finally:
+        fair.restore()
         distributed.teardown(runtime)
 
 
-def _train(config: TrainVQGANConfig, out_dir: Path, data, resume, runtime, show_progress, log) -> dict:
+def _train(config: TrainVQGANConfig, out_dir: Path, data, resume, runtime, show_progress, log,
+           fair: FairThreads) -> dict:
     train_cfg = config.train
     dev = runtime.device
     source = data_source(data)  # recorded in the checkpoints: train-gpt's default data
@@ -150,6 +154,7 @@ def _train(config: TrainVQGANConfig, out_dir: Path, data, resume, runtime, show_
     bar = progress(total=steps, initial=start, desc="train-vqgan", enabled=show_progress and runtime.is_main)
     last_eval, t0, step = {}, time.perf_counter(), start
     for step in range(start, steps):
+        fair()  # give way to lasting load from other processes (--fair-threads; a time check otherwise)
         x = next(batches)[0].to(dev, non_blocking=True)
         with autocast:
             ae_loss, ae_log, xrec = stepper(x, 0, step)
