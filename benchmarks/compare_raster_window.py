@@ -27,8 +27,8 @@ measures the whole grid. Both orders draw the same codes (counter-based uniforms
 case records a hash of the first rows to show it.
 
 Scaling (suite "scaling"): fastvq at grid side g and 2g (forward, and forward + backward) in one
-process, timed in turns after warm-up rounds; the median over rounds of time(2g) / time(g) is the
-figure report.py judges the T-scaling goal by (the tables' medians come from separate processes
+process, timed in alternating blocks (a few untimed calls, then timed ones); the median over rounds
+of the blocks' time(2g) / time(g) is the figure report.py judges the T-scaling goal by (the tables' medians come from separate processes
 minutes apart, and moved by ±15% between runs).
 
 CPU: q, k, v (B, H, T, Dh) = (1, 8, T, 64) fp32, grids 32x32, 64x64, 128x128 (T = 1024, 4096,
@@ -79,9 +79,9 @@ IMPLS = {"cpu": ("fastvq", "sliding_window", "sdpa_mask", "flex", "torch_referen
 FASTVQ_MIN_RUNS = 9  # a tight median for fastvq
 # The T-scaling goal compares two grid sizes; timed in separate processes minutes apart, their
 # ratio moved by ±15% between runs (4× the tokens: 3.6× to 4.8× the time). Suite "scaling" times
-# both sizes in one process, alternating, after warm-up rounds that reach the allocator's steady
-# state (the first calls of a 130 MB forward + backward page-fault fresh memory: 1.5× slower).
-SCALING_WARMUP_ROUNDS, SCALING_ROUNDS = 5, 15
+# both sizes in one process in alternating blocks, each after a few calls that bring the allocator
+# to that size's steady state (measure_scaling).
+SCALING_ROUNDS, SCALING_BLOCK_WARMUP, SCALING_BLOCK_RUNS = 7, 3, 3
 
 _GPT2D_26M = {"vocab_size": 1024, "n_layer": 8, "n_head": 8, "n_embd": 512, "rows": 8, "left": 8, "right": 7}
 _GPT2D_TINY = {"vocab_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32, "rows": 2, "left": 2, "right": 1}
@@ -187,10 +187,11 @@ def plan(args) -> list[dict]:
 def scaling_case(small: dict, large: dict, dry_run: bool) -> dict:
     """fastvq at grid side g and 2g in one process, alternating (suite "scaling", mode = the timed call)."""
     keep = ("impl", "device", "dtype", "B", "H", "Dh", "rows", "left", "right", "n_prefix", "backend")
-    rounds = (1, 2) if dry_run else (SCALING_WARMUP_ROUNDS, SCALING_ROUNDS)
+    rounds = (2, 1, 1) if dry_run else (SCALING_ROUNDS, SCALING_BLOCK_WARMUP, SCALING_BLOCK_RUNS)
     return {"suite": "scaling", "mode": small["suite"], **{k: small[k] for k in keep},
             "grid": f"{small['grid']}->{large['grid']}", "height": large["height"], "from_height": small["height"],
-            "T": large["T"], "from_T": small["T"], "warmup_rounds": rounds[0], "rounds": rounds[1],
+            "T": large["T"], "from_T": small["T"], "rounds": rounds[0], "block_warmup": rounds[1],
+            "block_runs": rounds[2],
             "pairs_ratio": large["window_pairs"] / small["window_pairs"]}
 
 
@@ -307,9 +308,11 @@ def measure_decode(case: dict) -> dict:
 
 
 def measure_scaling(case: dict) -> dict:
-    """Time the small and the large grid in turns (the order alternating by round), after warm-up
-    rounds: each round's ratio large / small sees the same machine state, and their median is the
-    scaling figure."""
+    """Time the small and the large grid in blocks, alternating which size goes first (ABBA): a
+    block's first `block_warmup` calls only bring the allocator back to that size's steady state
+    (after the other size's buffers, the first calls page-fault fresh memory: alternating single
+    calls made the large grid 1.8x slower than repeating it), the next `block_runs` are timed.
+    Each block pair's ratio of medians sees the same machine state; their median is the figure."""
     import statistics
 
     import torch
@@ -318,27 +321,29 @@ def measure_scaling(case: dict) -> dict:
         c = {**case, "suite": case["mode"], "height": height, "width": height, "T": t}
         return case_call(c, {})[0]
 
-    small, large = call(case["from_height"], case["from_T"]), call(case["height"], case["T"])
+    sizes = {"small": call(case["from_height"], case["from_T"]), "large": call(case["height"], case["T"])}
 
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        if case["device"] != "cpu":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    def block(name: str) -> list[float]:
+        fn, times = sizes[name], []
+        for i in range(case["block_warmup"] + case["block_runs"]):
+            t0 = time.perf_counter()
+            fn()
+            if case["device"] != "cpu":
+                torch.cuda.synchronize()
+            if i >= case["block_warmup"]:
+                times.append(time.perf_counter() - t0)
+        return times
 
-    for _ in range(case["warmup_rounds"]):
-        small(), large()
-    times_small, times_large = [], []
+    times = {"small": [], "large": []}
+    ratios = []
     for r in range(case["rounds"]):
-        first, second = (small, large) if r % 2 == 0 else (large, small)
-        a, b = timed(first), timed(second)
-        ts, tl = (a, b) if r % 2 == 0 else (b, a)
-        times_small.append(ts)
-        times_large.append(tl)
-    ratios = [tl / ts for ts, tl in zip(times_small, times_large)]
-    return {"median_s": statistics.median(times_large), "runs": case["rounds"], "times_s": times_large,
-            "median_small_s": statistics.median(times_small), "times_small_s": times_small, "ratios": ratios,
+        order = ("small", "large") if r % 2 == 0 else ("large", "small")
+        got = {name: block(name) for name in order}
+        for name in times:
+            times[name] += got[name]
+        ratios.append(statistics.median(got["large"]) / statistics.median(got["small"]))
+    return {"median_s": statistics.median(times["large"]), "runs": len(times["large"]), "times_s": times["large"],
+            "median_small_s": statistics.median(times["small"]), "times_small_s": times["small"], "ratios": ratios,
             "ratio_median": statistics.median(ratios)}
 
 
@@ -372,7 +377,7 @@ def measure(case: dict) -> dict:
 
 def summary(r: dict) -> str:
     if r["suite"] == "scaling":
-        return f"{r['mode']}: {r['ratio_median']:.2f}x the time (median of {r['runs']} paired rounds)"
+        return f"{r['mode']}: {r['ratio_median']:.2f}x the time (median of {r['rounds']} paired blocks)"
     if r["suite"] == "decode":
         extra = f" (first {r['rows_measured']} rows; full grid extrapolated)" if r["extrapolated"] else ""
         return f"{r['tokens_per_s']:.1f} tok/s, {r['steps']} steps{extra}"
@@ -408,9 +413,10 @@ def method(args) -> dict:
         "sliding_window": "sliding_window_attention with W = rows * width + left + 1 (query i sees keys "
                           "i - W < j <= i): the smallest 1-D window holding the 2-D one, more keys than it",
         "torch_reference": "fastvq's oracle, raster_window_attention(backend='torch'): chunked masked softmax",
-        "scaling": f"fastvq at grid side g and 2g in one process: {SCALING_WARMUP_ROUNDS} warm-up rounds of both, then "
-                   f"{SCALING_ROUNDS} rounds each timing both (which first alternates by round); ratio_median = the "
-                   "median over rounds of time(2g) / time(g)",
+        "scaling": f"fastvq at grid side g and 2g in one process, {SCALING_ROUNDS} rounds; a round runs a block of "
+                   f"each size ({SCALING_BLOCK_WARMUP} untimed calls, then {SCALING_BLOCK_RUNS} timed), which size "
+                   "first alternating by round; ratios = per round, median time(2g) / median time(g) of its blocks; "
+                   "ratio_median = their median",
         "window_tflop_per_s": "window_flops_forward (4 B H Dh x the rule's (query, key) pairs; x 3.5 for forward + "
                               "backward) / median time",
     }
