@@ -36,10 +36,11 @@ CPU: q, k, v (B, H, T, Dh) = (1, 8, T, 64) fp32, grids 32x32, 64x64, 128x128 (T 
 to T = 4096. CUDA: (1, 16, T, 64) bf16, grids 128x128, 256x256, 64x64 (most telling first), every
 implementation forward and forward + backward (FlexAttention included), the dense mask up to
 T = 16384, no decode cases. "forward" runs under torch.no_grad(), "forward_backward" backpropagates
-a fixed upstream gradient into q, k and v. Each case (benchmarks/common.py): one warm-up (three on
-CUDA), then the median of several timed calls (fastvq's at least 9; 3 for
-calls over 0.33 s; a decode call over 8 s is timed once), then the peak extra memory of one more
-call. Forward cases of the anchors that
+a fixed upstream gradient into q, k and v. Each case (benchmarks/common.py): untimed calls for at
+least a second on CPU (a 128 x 128 case ran 1.7x slower for its first half second in a fresh
+process; a decode case: one call; three on CUDA), then the median of several timed calls (fastvq's
+at least 9; 3 for calls over 0.33 s; a decode call over 8 s is timed once), then the peak extra
+memory of one more call. Forward cases of the anchors that
 compute the same attention record the largest difference from fastvq's output; every attention case
 records the FLOPs of the window's (query, key) pairs. Results:
 benchmarks/results/raster_window_<device>.json; `python benchmarks/report.py` draws the plot and
@@ -77,6 +78,7 @@ MODES = ("forward", "forward_backward")
 IMPLS = {"cpu": ("fastvq", "sliding_window", "sdpa_mask", "flex", "torch_reference"),
          "cuda": ("fastvq", "flex", "sdpa_mask", "sliding_window")}
 FASTVQ_MIN_RUNS = 9  # a tight median for fastvq
+WARMUP_S = 1.0       # untimed calls for at least this long before an attention case's timed ones (CPU)
 # The T-scaling goal compares two grid sizes; timed in separate processes minutes apart, their
 # ratio moved by ±15% between runs (4× the tokens: 3.6× to 4.8× the time). Suite "scaling" times
 # both sizes in one process in alternating blocks, each after a few calls that bring the allocator
@@ -364,7 +366,10 @@ def measure(case: dict) -> dict:
         t0 = time.perf_counter()
         fn()
         extras["compile_s"] = time.perf_counter() - t0
-    timing = time_call(fn, device=device, min_runs=case["min_runs"], slow_runs=1, slow_s=8.0)
+    # warm-up for a second: the 128 x 128 cases (32 MB outputs) ran 1.7x slower for their first
+    # half second in a fresh process, which one warm-up call left in the median
+    timing = time_call(fn, device=device, min_runs=case["min_runs"], slow_runs=1, slow_s=8.0,
+                       warmup_s=0.0 if case["device"] == "cuda" else WARMUP_S)
     peak = peak_memory(fn, device=device)
     flops = case["window_flops_forward"] * (1 if case["suite"] == "forward" else 3.5)
     result = {**timing, **extras, "peak_extra_bytes": peak, "window_tflop_per_s": flops / timing["median_s"] / 1e12}
@@ -399,7 +404,8 @@ def method(args) -> dict:
                  f"{s['right']}, n_prefix {s['n_prefix']}",
         "window": "grid token (i, j) sees (i', j') with i - rows <= i' < i and j - left <= j' <= j + right, or i' = i "
                   "and j - left <= j' <= j (columns outside the grid do not exist); the prefix is visible to all",
-        "time": "fastvq.bench.time_call: median time after one warm-up (three and CUDA-event timing on CUDA): up to "
+        "time": f"fastvq.bench.time_call: median time after warm-up calls for at least {WARMUP_S:g} s (attention "
+                "cases on CPU; decode: one call; on CUDA three calls and CUDA-event timing): up to "
                 "50 calls for fast cases, at least 3 (fastvq 9), 3 for calls over 0.33 s, 1 for calls over 8 s; "
                 "on CPU each case in a fresh process",
         "peak_memory": PEAK_MEMORY_METHOD[args.device],

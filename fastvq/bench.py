@@ -37,9 +37,11 @@ def _is_cuda(device) -> bool:
 
 
 def time_call(fn, *, device="cpu", warmup: int | None = None, min_runs: int = 5, max_runs: int = 50,
-              target_s: float = 1.0, slow_s: float = 2.0, slow_runs: int = 3) -> dict:
+              target_s: float = 1.0, slow_s: float = 2.0, slow_runs: int = 3, warmup_s: float = 0.0) -> dict:
     """Median time of fn() over several calls, after `warmup` untimed calls (default 1 on CPU, 3 on
-    CUDA, where the first calls also compile, autotune and fill the allocator's cache).
+    CUDA, where the first calls also compile, autotune and fill the allocator's cache), and more
+    until `warmup_s` seconds have passed: a call whose outputs are tens of MB runs slower for its
+    first half second or so (fresh pages from the system) than once the process has settled.
 
     The last warm-up call sets the number of timed calls: enough for about `target_s` seconds in
     all, at least `min_runs` and at most `max_runs`; `slow_runs` when it took over `slow_s` seconds.
@@ -53,7 +55,7 @@ def time_call(fn, *, device="cpu", warmup: int | None = None, min_runs: int = 5,
         raise ValueError(f"need warmup >= 1 and 1 <= min_runs <= max_runs and slow_runs >= 1, got warmup={warmup}, "
                          f"min_runs={min_runs}, max_runs={max_runs}, slow_runs={slow_runs}")
     warmups = []
-    for _ in range(warmup):
+    while len(warmups) < warmup or (sum(warmups) < warmup_s and len(warmups) < 1000):
         t0 = time.perf_counter()
         fn()
         if cuda:
@@ -75,7 +77,7 @@ def time_call(fn, *, device="cpu", warmup: int | None = None, min_runs: int = 5,
             fn()
             times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "runs": runs, "times_s": times,
-            "first_call_s": warmups[0], "warmup_s": last}
+            "first_call_s": warmups[0], "warmup_s": last, "warmup_calls": len(warmups)}
 
 
 def median_seconds(fn, *, runs: int = 5, device="cpu") -> float:
