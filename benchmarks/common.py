@@ -80,6 +80,7 @@ class Comparison:
     skip: Callable | None = None
     options: Callable | None = None
     shown: tuple = ()
+    worker_env: Callable | None = None  # case -> environment changes of its worker process (None: unset)
 
 
 # ----------------------------------------------------------------------------- machine description
@@ -198,6 +199,11 @@ def run_in_process(comparison: Comparison, case: dict, threads: int, timeout_s: 
     """Run `script --worker CASE` in a fresh process (clean allocator and peak RSS) and return the
     result it prints, or the case with an "error" saying why there is none."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for key, value in (comparison.worker_env(case) if comparison.worker_env else {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     cmd = [sys.executable, comparison.script, "--worker", json.dumps(case), "--threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO)

@@ -1,5 +1,8 @@
 """fastvq: fused kernels for VQGAN-style discrete image models."""
-from ._backend import available_backends
+from ._openmp import tune_spin as _tune_spin
+
+_tune_spin()  # before torch loads libgomp: see fastvq/_openmp.py
+from ._backend import available_backends  # noqa: E402
 from .ops import nearest_code, vector_quantize
 from .nn import KVCache, RasterKVCache, RasterWindowSelfAttention, SlidingWindowSelfAttention, VectorQuantizer
 from .ops.window_attention import empty_cache, sliding_window_attention, sliding_window_decode, sliding_window_decode_qkv

@@ -93,3 +93,22 @@ def test_disabled_or_without_proc_it_changes_nothing(threads_back, monkeypatch):
 def test_bad_arguments(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         FairThreads(**bad)
+
+
+def _spin_in_child(code: str, **env) -> str:
+    """GOMP_SPINCOUNT as a fresh interpreter running `code` sees it."""
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "FASTVQ_OPENMP_SPIN")}
+    out = subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                         env={**base, **env}, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("code, env, want", [
+    ("import fastvq", {}, "10000"),                            # before torch: fastvq sets the short spin
+    ("import torch, fastvq", {}, "None"),                      # torch first: its OpenMP already read the default
+    ("import fastvq", {"FASTVQ_OPENMP_SPIN": "0"}, "None"),    # the opt-out
+    ("import fastvq", {"GOMP_SPINCOUNT": "123"}, "123"),       # the user's own setting stays
+    ("import fastvq", {"OMP_WAIT_POLICY": "ACTIVE"}, "None"),  # so does a wait policy
+])
+def test_openmp_spin_is_set_only_before_torch_and_only_when_unset(code, env, want):
+    assert _spin_in_child(code, **env) == want
