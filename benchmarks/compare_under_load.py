@@ -200,9 +200,11 @@ def method(args) -> dict:
                     "warm-up, killed after the timed calls",
             "timing": "2 warm-up calls, then the median of 7 to 25 timed calls (about 4 s), 5 for calls over 4 s",
             "threads": f"{args.threads} torch threads in every case's own process",
-            "openmp_spin": "fastvq's cases import fastvq before torch, so fastvq sets GOMP_SPINCOUNT=10000 (as the "
-                           "fastvq command does, fastvq/_openmp.py); the anchors' processes keep libgomp's default "
-                           "(FASTVQ_OPENMP_SPIN=0); each result records its setting (openmp_spin)",
+            "openmp_spin": "fastvq's cases import fastvq before torch, so they run with fastvq's GOMP_SPINCOUNT=10000 "
+                           "(as the fastvq command does, fastvq/_openmp.py; set in this script's process and inherited "
+                           "by the worker, so the worker's set_by_fastvq reads false); the anchors' workers get the "
+                           "environment's own setting (FASTVQ_OPENMP_SPIN=0 and fastvq's value taken out: libgomp's "
+                           "default unless the user exported one); each result records its setting (openmp_spin)",
             "figures": "slow-down = time beside N busy / quiet time of the same implementation; ratio = anchor time / "
                        "fastvq time at the same load; retained = ratio under load / quiet ratio"}
 

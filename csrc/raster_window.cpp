@@ -693,7 +693,7 @@ at::Tensor raster_window_decode_qkv(const at::Tensor& qkv, at::Tensor& k_ring, a
               k_ring.sizes(), " and ", v_ring.sizes());
   const int64_t B = qkv.size(0), n = qkv.size(1), D = qkv.size(3), Hk = k_ring.size(1), H = qkv.size(2) - 2 * Hk;
   const int64_t slots = k_ring.size(2);
-  TORCH_CHECK(H >= Hk && H % Hk == 0 && k_ring.size(0) == B && k_ring.size(3) == D, op,
+  TORCH_CHECK(Hk >= 1 && H >= Hk && H % Hk == 0 && k_ring.size(0) == B && k_ring.size(3) == D, op,
               ": qkv's heads must be H query heads (a multiple of H_kv = ", Hk, ") and 2 H_kv, got ", qkv.sizes(),
               " for rings ", k_ring.sizes());
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kFloat && k_ring.scalar_type() == at::kFloat &&
@@ -707,8 +707,11 @@ at::Tensor raster_window_decode_qkv(const at::Tensor& qkv, at::Tensor& k_ring, a
                         cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat),
               op, ": the rope tables must be fp32 (n, 2, D / 4) or empty");
   const int64_t ring_rows = (slots - n_prefix) / width;
+  for (const auto* idx : {&rows_idx, &cols_idx})
+    TORCH_CHECK(idx->dim() == 1 && idx->size(0) == n && idx->device().is_cpu() && !idx->is_floating_point() &&
+                    !idx->is_complex() && idx->scalar_type() != at::kBool, op,
+                ": rows_idx and cols_idx must be 1-D integer CPU tensors of one index per new token (", n, ")");
   const auto ri = rows_idx.to(at::kLong).contiguous(), ci = cols_idx.to(at::kLong).contiguous();
-  TORCH_CHECK(ri.numel() == n && ci.numel() == n, op, ": one row and column index per new token");
   const int64_t* rp = ri.data_ptr<int64_t>();
   const int64_t* cp = ci.data_ptr<int64_t>();
   for (int64_t t = 0; t < n; ++t)

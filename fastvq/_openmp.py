@@ -33,6 +33,8 @@ def tune_spin() -> bool:
 
 def spin_setting() -> dict:
     """What the OpenMP threads of this process spin: GOMP_SPINCOUNT / OMP_WAIT_POLICY as the
-    environment has them, and whether fastvq set the spin count (before torch loaded)."""
+    environment has them, and whether fastvq set the spin count in this process (a child of a
+    process that did inherits the value, not the flag). It took effect only if libgomp loaded
+    after that (torch imported after fastvq, and no other library loaded libgomp before)."""
     return {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             "set_by_fastvq": state["set_by_fastvq"]}

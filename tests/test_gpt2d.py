@@ -285,6 +285,16 @@ def test_sample_grid_row_uniforms_are_the_position_uniforms():
         assert torch.equal(table.at(i, j), position_uniforms(5, 2, i, j))
 
 
+def test_step_refuses_positions_that_do_not_match_the_tokens():
+    m = model()
+    cache = m.new_cache(1, 3)
+    m.prefill(None, cache)
+    before = cache.k.clone()
+    with pytest.raises(ValueError, match="tokens holds 1 tokens a row but positions 2"):
+        m.step(torch.zeros(1, 1, dtype=torch.long), [(0, 0), (0, 1)], cache)
+    assert torch.equal(cache.k, before)
+
+
 def test_bad_arguments():
     m = model()
     codes = torch.zeros(1, 2, 2, dtype=torch.long)

@@ -96,6 +96,12 @@ def test_refused_steps_leave_the_ring_as_it_was():
         with pytest.raises(ValueError, match=words):
             m.forward_cached(torch.randn(1, len(positions), 32), cache, torch.tensor([p[0] for p in positions]),
                              torch.tensor([p[1] for p in positions]))
+    # two positions for one token of x: refused by name before any ring write (a composed step would
+    # otherwise broadcast the keys over both slots)
+    with pytest.raises(ValueError, match=r"rows_idx must be an integer tensor of shape \(1,\)"):
+        m.forward_cached(torch.randn(1, 1, 32), cache, torch.tensor([1, 1]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="cols_idx must be an integer tensor"):
+        m.forward_cached(torch.randn(1, 1, 32), cache, torch.tensor([1]), torch.tensor([1.0]))
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
     assert (cache.row_held, cache.columns_written) == (before[2], before[3])
 

@@ -380,6 +380,31 @@ def test_decode_qkv_refuses_bad_arguments_and_leaves_the_rings_as_they_were(back
     assert torch.equal(k_ring, k_before) and torch.equal(v_ring, v_before)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 16), (torch.float16, 16), (torch.float32, 12)])
+@pytest.mark.parametrize("b, n", [(0, 2), (2, 0)])
+def test_decode_qkv_of_an_empty_batch_or_step(backend, dtype, d, b, n):
+    """B = 0 or n = 0: an empty (B, n, H * Dh) result on every path (fused, composed), the rings
+    untouched."""
+    dev = device_of(backend)
+    qkv = torch.randn(b, n, 4 + 2 * 2, d).to(dev, dtype)
+    k_ring, v_ring = (torch.randn(b, 2, 1 + 3 * 5, d).to(dev, dtype) for _ in range(2))
+    before = k_ring.clone()
+    idx = torch.zeros(n, dtype=torch.long, device=dev)
+    with torch.no_grad():
+        out = fastvq.raster_window_decode_qkv(qkv, k_ring, v_ring, idx, idx, width=5, rows=1, left=1, right=1,
+                                              n_prefix=1, backend=backend)
+    assert out.shape == (b, n, 4 * d) and out.dtype == dtype
+    assert torch.equal(k_ring, before)
+
+
+def test_decode_qkv_without_kv_heads_is_refused():
+    ring = torch.zeros(1, 0, 1 + 3 * 4, 8)
+    with pytest.raises(ValueError, match="qkv's 4 heads must be H query heads"):
+        fastvq.raster_window_decode_qkv(torch.randn(1, 1, 4, 8), ring, ring, torch.tensor([0]), torch.tensor([0]),
+                                        width=4, rows=1, left=1, right=1, n_prefix=1)
+
+
 def test_non_contiguous_inputs_and_a_long_grid_in_chunks():
     # 40 x 13 grid: the reference's chunks start mid-row; q is a transposed view
     width, grid, rows, left, right, n_prefix, d = 13, 520, 3, 2, 4, 1, 16

@@ -311,6 +311,9 @@ class GPT2D(nn.Module):
             a cache of another batch, dtype or device, bad cond / cond_keep.
         """
         b, n = tokens.shape
+        if len(positions) != n:
+            raise ValueError(f"{_WHERE}.step: tokens holds {n} tokens a row but positions {len(positions)}; "
+                             "one position per token")
         cache.check_step(positions, rows=self.rows, left=self.left, right=self.right)
         weights = self.decode_weights()
         if cache.k.shape[1] != b or cache.k.dtype != weights.head.dtype or cache.k.device != weights.head.device:

@@ -273,6 +273,12 @@ class RasterWindowSelfAttention(nn.Module):
         attends (fastvq.raster_window_decode_qkv's kernel). Call cache.commit(positions) once every layer has run
         the step. Returns (B, n, n_embd)."""
         self._check_x(x)
+        for name, idx in (("rows_idx", rows_idx), ("cols_idx", cols_idx)):  # before anything is written
+            if (not isinstance(idx, torch.Tensor) or idx.shape != (x.shape[1],) or idx.dtype.is_floating_point
+                    or idx.dtype.is_complex or idx.dtype == torch.bool):
+                got = (idx.dtype, tuple(idx.shape)) if isinstance(idx, torch.Tensor) else type(idx).__name__
+                raise ValueError(f"{_WHERE}.forward_cached: {name} must be an integer tensor of shape "
+                                 f"({x.shape[1]},), one index per token of x, got {got}")
         positions = list(zip(rows_idx.tolist(), cols_idx.tolist()))
         cache.check_step(positions, **self._window())
         ring_k, ring_v = cache[layer]
@@ -281,7 +287,8 @@ class RasterWindowSelfAttention(nn.Module):
                              f"{ring_k.device}; x is batch {x.shape[0]}, {x.dtype} on {x.device}")
         step = self.step_context(rows_idx, cols_idx, x.dtype, x.device, None)
         b, n, _ = x.shape
-        qkv = torch.cat([lin(x).view(b, n, -1, self.head_dim) for lin in (self.query, self.key, self.value)], dim=2)
+        qkv = torch.cat([lin(x).unflatten(-1, (-1, self.head_dim)) for lin in (self.query, self.key, self.value)],
+                        dim=2)
         return self.resid_drop(self.proj(self._write_and_attend(qkv, cache, step, layer)))
 
     def step_context(self, rows_idx: torch.Tensor, cols_idx: torch.Tensor, dtype: torch.dtype, device,

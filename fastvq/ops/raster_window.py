@@ -168,7 +168,7 @@ def _decode_qkv_with(decode: Callable) -> Callable:
         k_ring.index_copy_(2, slots, k.transpose(1, 2))
         v_ring.index_copy_(2, slots, v.transpose(1, 2))
         out = decode(q.transpose(1, 2), k_ring, v_ring, rows_idx, cols_idx, geometry, scale)
-        return out.transpose(1, 2).reshape(b, n, -1)
+        return out.transpose(1, 2).reshape(b, n, q.shape[2] * d)  # no -1: B or n may be 0
     return run
 
 
@@ -401,7 +401,7 @@ def raster_window_decode_qkv(qkv: torch.Tensor, k_ring: torch.Tensor, v_ring: to
                         "they must match")
     b, n, heads, d = qkv.shape
     hk = k_ring.shape[1]
-    if heads <= 2 * hk or (heads - 2 * hk) % hk:
+    if hk < 1 or heads <= 2 * hk or (heads - 2 * hk) % hk:
         raise ValueError(f"{op}: qkv's {heads} heads must be H query heads (a multiple of k_ring's {hk}) followed "
                          f"by {hk} key and {hk} value heads, got qkv of shape {tuple(qkv.shape)}")
     if v_ring.shape != k_ring.shape or k_ring.shape[0] != b or k_ring.shape[3] != d or d == 0:
