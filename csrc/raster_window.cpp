@@ -604,6 +604,28 @@ int64_t visible_slots(const Geom& g, int64_t ring_rows, int64_t i, int64_t j, in
   return n;
 }
 
+// The window of each of n new queries at (ri[t], ci[t]) as ring slots (visible_slots), max_keys
+// apart in `slot`, count[t] of them; each position checked to lie on the grid first.
+struct VisibleLists {
+  int64_t max_keys;
+  std::vector<int32_t> slot;
+  std::vector<int64_t> count;
+};
+
+VisibleLists visible_lists(const char* op, const Geom& g, int64_t ring_rows, const int64_t* ri, const int64_t* ci,
+                           int64_t n) {
+  VisibleLists v;
+  v.max_keys = g.P + (g.rows + 1) * std::min(g.W, g.left + g.right + 1);
+  v.slot.resize(std::max<int64_t>(1, n * v.max_keys));
+  v.count.resize(n);
+  for (int64_t t = 0; t < n; ++t) {
+    TORCH_CHECK(ri[t] >= 0 && ci[t] >= 0 && ci[t] < g.W, op, ": query ", t, " is at (", ri[t], ", ", ci[t],
+                "): rows must be >= 0 and columns in [0, width = ", g.W, ")");
+    v.count[t] = visible_slots(g, ring_rows, ri[t], ci[t], v.slot.data() + t * v.max_keys);
+  }
+  return v;
+}
+
 at::Tensor raster_window_decode(const at::Tensor& q, const at::Tensor& k_ring, const at::Tensor& v_ring,
                                 const at::Tensor& rows_idx, const at::Tensor& cols_idx, int64_t width, int64_t rows,
                                 int64_t left, int64_t right, int64_t n_prefix, double scale) {
@@ -622,15 +644,10 @@ at::Tensor raster_window_decode(const at::Tensor& q, const at::Tensor& k_ring, c
                 ": rows_idx and cols_idx must be 1-D integer CPU tensors of one index per query (", n, ")");
   const auto ri = rows_idx.to(at::kLong).contiguous(), ci = cols_idx.to(at::kLong).contiguous();
   const Geom g{slots, n_prefix, width, rows, std::min(left, width - 1), std::min(right, width - 1)};
-  const int64_t max_keys = n_prefix + (rows + 1) * std::min(width, g.left + g.right + 1);
-  std::vector<int32_t> slot(std::max<int64_t>(1, n * max_keys));
-  std::vector<int64_t> count(n);
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t i = ri.data_ptr<int64_t>()[t], j = ci.data_ptr<int64_t>()[t];
-    TORCH_CHECK(i >= 0 && j >= 0 && j < width, op, ": query ", t, " is at (", i, ", ", j,
-                "): rows must be >= 0 and columns in [0, width = ", width, ")");
-    count[t] = visible_slots(g, ring_rows, i, j, slot.data() + t * max_keys);
-  }
+  const VisibleLists lists = visible_lists(op, g, ring_rows, ri.data_ptr<int64_t>(), ci.data_ptr<int64_t>(), n);
+  const int64_t max_keys = lists.max_keys;  // named, not structured bindings: lambdas capture them (C++17)
+  const auto& slot = lists.slot;
+  const auto& count = lists.count;
   if (q.numel() == 0) return at::empty_like(q, at::MemoryFormat::Contiguous);
   const auto qr = as_rows(q, Dp);
   auto out = at::empty({B, H, n, Dp}, qr.options());
@@ -714,9 +731,12 @@ at::Tensor raster_window_decode_qkv(const at::Tensor& qkv, at::Tensor& k_ring, a
   const auto ri = rows_idx.to(at::kLong).contiguous(), ci = cols_idx.to(at::kLong).contiguous();
   const int64_t* rp = ri.data_ptr<int64_t>();
   const int64_t* cp = ci.data_ptr<int64_t>();
-  for (int64_t t = 0; t < n; ++t)
-    TORCH_CHECK(rp[t] >= 0 && cp[t] >= 0 && cp[t] < width, op, ": query ", t, " is at (", rp[t], ", ", cp[t],
-                "): rows must be >= 0 and columns in [0, width = ", width, ")");
+  const Geom g{slots, n_prefix, width, rows, std::min(left, width - 1), std::min(right, width - 1)};
+  // the positions checked (and the windows listed) before any ring write
+  const VisibleLists lists = visible_lists(op, g, ring_rows, rp, cp, n);
+  const int64_t max_keys = lists.max_keys;
+  const auto& slot = lists.slot;
+  const auto& count = lists.count;
   const auto x = qkv.contiguous();
   const auto cs = rope ? cos.contiguous() : cos, sn = rope ? sin.contiguous() : sin;
   const float* src = x.data_ptr<float>();
@@ -751,11 +771,6 @@ at::Tensor raster_window_decode_qkv(const at::Tensor& qkv, at::Tensor& k_ring, a
         std::memcpy(vdata + b * v_ring.stride(0) + h * v_ring.stride(1) + slot * D, kv + Hk * D, D * sizeof(float));
       }
     }
-  const Geom g{slots, n_prefix, width, rows, std::min(left, width - 1), std::min(right, width - 1)};
-  const int64_t max_keys = n_prefix + (rows + 1) * std::min(width, g.left + g.right + 1);
-  std::vector<int32_t> slot(std::max<int64_t>(1, n * max_keys));
-  std::vector<int64_t> count(n);
-  for (int64_t t = 0; t < n; ++t) count[t] = visible_slots(g, ring_rows, rp[t], cp[t], slot.data() + t * max_keys);
   auto out = at::empty({B, n, H * D}, x.options());
   const int64_t group = H / Hk, scores = (max_keys + VL - 1) / VL * VL;
   const float c = static_cast<float>(scale) * kLog2e;

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_int, check_prob

@@ -79,6 +79,23 @@ def _check_positions(op: str, rows_idx: torch.Tensor, cols_idx: torch.Tensor, wi
                          f"rows_idx must be >= 0 and cols_idx in [0, width = {width})")
 
 
+def _check_ring_and_indices(op: str, k_ring, rows_idx, cols_idx, n: int, device, per: str, on: str,
+                            width, rows, left, right, n_prefix) -> Geometry:
+    """The decode ops' checks of the ring's slot count and of the (n,) index tensors (one per
+    `per` on `on`'s device); returns the checked Geometry."""
+    geometry = _check_geometry(op, k_ring.shape[2], width, rows, left, right, n_prefix)
+    ring_rows, rest = divmod(k_ring.shape[2] - geometry.n_prefix, geometry.width)
+    if rest or ring_rows <= geometry.rows:
+        raise ValueError(f"{op}: k_ring must hold n_prefix + ring_rows * width slots with ring_rows > rows = "
+                         f"{geometry.rows}, got {k_ring.shape[2]} slots for n_prefix {geometry.n_prefix}, width {geometry.width}")
+    for name, idx in (("rows_idx", rows_idx), ("cols_idx", cols_idx)):
+        check_tensor(op, name, idx, ("n",), (torch.int64, torch.int32))
+        if idx.shape[0] != n or idx.device != device:
+            raise ValueError(f"{op}: {name} must hold one index per {per} ({n}) on {on}'s device, got "
+                             f"{tuple(idx.shape)} on {idx.device}")
+    return geometry
+
+
 # ----------------------------------------------------------------------------- the rule and the torch reference
 
 def raster_window_visible(query_pos: torch.Tensor, key_pos: torch.Tensor, *, width: int, rows: int, left: int,
@@ -331,17 +348,8 @@ def raster_window_decode(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Te
     op = "raster_window_decode"
     _check_tensors(op, q=q, k_ring=k_ring, v_ring=v_ring)
     _check_heads(op, q, k_ring, v_ring, "k_ring", "v_ring")
-    geometry = _check_geometry(op, k_ring.shape[2], width, rows, left, right, n_prefix)
-    ring_rows, rest = divmod(k_ring.shape[2] - geometry.n_prefix, geometry.width)
-    if rest or ring_rows <= geometry.rows:
-        raise ValueError(f"{op}: k_ring must hold n_prefix + ring_rows * width slots with ring_rows > rows = "
-                         f"{geometry.rows}, got {k_ring.shape[2]} slots for n_prefix {geometry.n_prefix}, width {geometry.width}")
-    n = q.shape[2]
-    for name, idx in (("rows_idx", rows_idx), ("cols_idx", cols_idx)):
-        check_tensor(op, name, idx, ("n",), (torch.int64, torch.int32))
-        if idx.shape[0] != n or idx.device != q.device:
-            raise ValueError(f"{op}: {name} must hold one index per query ({n}) on q's device, got "
-                             f"{tuple(idx.shape)} on {idx.device}")
+    geometry = _check_ring_and_indices(op, k_ring, rows_idx, cols_idx, q.shape[2], q.device, "query", "q",
+                                       width, rows, left, right, n_prefix)
     if check_positions:
         _check_positions(op, rows_idx, cols_idx, geometry.width)
     scale = _check_scale(scale, q.shape[3], op)
@@ -407,16 +415,8 @@ def raster_window_decode_qkv(qkv: torch.Tensor, k_ring: torch.Tensor, v_ring: to
     if v_ring.shape != k_ring.shape or k_ring.shape[0] != b or k_ring.shape[3] != d or d == 0:
         raise ValueError(f"{op}: k_ring and v_ring must both be (B={b}, H_kv, slots, Dh={d}) with Dh >= 1, got "
                          f"{tuple(k_ring.shape)} and {tuple(v_ring.shape)}")
-    geometry = _check_geometry(op, k_ring.shape[2], width, rows, left, right, n_prefix)
-    ring_rows, rest = divmod(k_ring.shape[2] - geometry.n_prefix, geometry.width)
-    if rest or ring_rows <= geometry.rows:
-        raise ValueError(f"{op}: k_ring must hold n_prefix + ring_rows * width slots with ring_rows > rows = "
-                         f"{geometry.rows}, got {k_ring.shape[2]} slots for n_prefix {geometry.n_prefix}, width {geometry.width}")
-    for name, idx in (("rows_idx", rows_idx), ("cols_idx", cols_idx)):
-        check_tensor(op, name, idx, ("n",), (torch.int64, torch.int32))
-        if idx.shape[0] != n or idx.device != qkv.device:
-            raise ValueError(f"{op}: {name} must hold one index per new token ({n}) on qkv's device, got "
-                             f"{tuple(idx.shape)} on {idx.device}")
+    geometry = _check_ring_and_indices(op, k_ring, rows_idx, cols_idx, n, qkv.device, "new token", "qkv",
+                                       width, rows, left, right, n_prefix)
     _check_positions(op, rows_idx, cols_idx, geometry.width)
     if rope is not None:
         if d % 4:
